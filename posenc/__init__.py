@@ -1,0 +1,1 @@
+"""posenc: position encodings for transformers, in JAX/Flax NNX."""

@@ -1,0 +1,12 @@
+"""Position encodings: one NNX module per kind, one registry.
+
+    enc = posenc.encodings.make("rope_mixed", dim=192, num_heads=3, num_layers=12,
+                                geometry=Geometry.grid(7, 7, num_prefix=1), rngs=nnx.Rngs(0))
+"""
+from posenc.encodings.base import Encoding, Geometry
+from posenc.encodings.registry import CONTEXT_KEYS, get, make, names, register
+
+# Importing the family modules registers their encodings.
+from posenc.encodings import absolute, conditional, relative, rotary  # noqa: E402,F401
+
+__all__ = ["CONTEXT_KEYS", "Encoding", "Geometry", "get", "make", "names", "register"]

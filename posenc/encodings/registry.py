@@ -1,0 +1,54 @@
+"""The one encoding registry: ``make(name, **kwargs)``."""
+from __future__ import annotations
+
+import inspect
+
+from posenc.encodings.base import Encoding
+
+_REGISTRY: dict[str, type[Encoding]] = {}
+
+# What a model always offers; an encoding takes the ones its __init__ names.
+CONTEXT_KEYS = frozenset({"dim", "num_heads", "num_layers", "geometry", "param_dtype", "rngs"})
+
+
+def register(name: str):
+  """Class decorator: make the encoding available as ``make(name)``."""
+
+  def decorator(cls: type[Encoding]) -> type[Encoding]:
+    if name in _REGISTRY:
+      raise ValueError(f"position encoding '{name}' is registered twice")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return decorator
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Encoding]:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown position encoding '{name}'; choose one of: {', '.join(names())}.")
+  return _REGISTRY[name]
+
+
+def make(name: str, **kwargs) -> Encoding:
+  """Build encoding ``name``.
+
+  Context keys (``CONTEXT_KEYS``) the encoding does not use are dropped; any
+  other key must be an argument of the encoding, else a clear error.
+  """
+  cls = get(name)
+  params = inspect.signature(cls.__init__).parameters
+  accepted = {p for p in params if p != "self"}
+  unknown = sorted(k for k in kwargs if k not in accepted and k not in CONTEXT_KEYS)
+  if unknown:
+    options = sorted(accepted - CONTEXT_KEYS)
+    raise ValueError(f"position encoding '{name}' has no option(s) {unknown}; "
+                     f"its options are {options or 'none'}.")
+  enc = cls(**{k: v for k, v in kwargs.items() if k in accepted})
+  if "geometry" in kwargs:
+    enc.check(kwargs["geometry"])
+  return enc
