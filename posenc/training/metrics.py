@@ -1,0 +1,67 @@
+"""Metrics to the console (tqdm bar with steps/s and ETA), TensorBoard and JSONL.
+
+Only process 0 writes; other processes get a silent logger.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+
+class MetricLogger:
+  """``log(step, metrics, prefix)`` writes one record to every sink."""
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.tb_dir = os.path.join(workdir, "tb")
+    self._last = (start_step, time.perf_counter())
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+    self._tb = SummaryWriter(self.tb_dir)
+    tty = sys.stderr.isatty()
+    self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                     mininterval=0.5 if tty else 30.0, smoothing=0.1)
+
+  def print(self, message: str) -> None:
+    if self.enabled:
+      tqdm.write(message)
+
+  def advance(self, step: int) -> None:
+    """Move the progress bar to ``step``."""
+    if self.enabled:
+      self._bar.update(step - self._bar.n)
+
+  def restart_clock(self, step: int) -> None:
+    self._last = (step, time.perf_counter())
+
+  def log(self, step: int, metrics: dict[str, float], prefix: str) -> None:
+    if not self.enabled:
+      return
+    record = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+    if prefix == "train":
+      last_step, last_time = self._last
+      now = time.perf_counter()
+      if step > last_step:
+        record["train/steps_per_sec"] = (step - last_step) / (now - last_time)
+      self._last = (step, now)
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+    else:
+      self.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+    for k, v in record.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._bar.close()
+      self._tb.close()
+      self._jsonl.close()
