@@ -125,6 +125,7 @@ class GutenbergNovels(tfds.core.GeneratorBasedBuilder):
             "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),  # WordPiece ids
         }),
         homepage="https://www.gutenberg.org/",
+        disable_shuffling=True,  # stored in corpus order
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
