@@ -1,1 +1,189 @@
-"""(being written)"""
+"""Rotary position embeddings: ``rope`` (1D text, 2D axial images) and ``rope_mixed``.
+
+A rotary encoding turns each pair of features of q and k by an angle that is a
+linear function of the token's position, so q·k depends on positions only
+through their offset (Su et al. 2021, "RoFormer").
+
+Pairing convention: rotate-half (GPT-NeoX / HF Llama): feature ``i`` turns
+together with feature ``i + Dh/2`` by ``angle[i]``, ``i < Dh/2``. (RoFormer and
+rope-vit pair neighbours ``(2i, 2i+1)``; that is the same rotation after a fixed
+permutation of the head features, which the learned q/k projections absorb.)
+
+Angles: ``angle[n, h, i] = sum_a pos[n, a] * freqs[a, h, i]`` with
+``pos = (t,)`` in 1D and ``pos = (x, y) = (column, row)`` on a 2D grid, times
+the static position-interpolation factor ``scale``; computed in float32.
+
+- ``rope`` 1D: ``freqs[0, i] = theta**(-2i/Dh)``, theta 10000.
+- ``rope`` 2D, RoPE-Axial (Heo et al. 2024, "Rotary Position Embedding for
+  Vision Transformer"): the first Dh/4 pairs turn with x, the last Dh/4 with y,
+  both at ``theta**(-4k/Dh)``, ``k < Dh/4``, theta 100.
+- ``rope_mixed``, RoPE-Mixed (same paper): learned ``freqs`` of shape
+  ``(num_layers, 2, H, Dh/2)``: per layer and head, x and y components of each
+  pair's frequency, so a pair can turn along any direction of the grid.
+
+No tables: both work at any sequence length or grid size. Prefix tokens (class
+token, registers) are not rotated.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from posenc.encodings.base import Encoding, Geometry, split_prefix
+from posenc.encodings.registry import register
+
+
+def rotate_half_pairs(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Turn features ``(i, i + Dh/2)`` of ``x [..., Dh]`` by ``angles [..., Dh/2]``.
+
+  Computed in float32, returned in ``x.dtype``.
+  """
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def grid_positions(geometry: Geometry, scale: float = 1.0) -> jax.Array:
+  """float32 ``[N, ndim]`` positions: ``t`` in 1D, ``(x, y) = (column, row)`` in 2D."""
+  coords = geometry.coords()[:, ::-1]  # coords() is (row, col); rope-vit orders (x, y)
+  return coords.astype(jnp.float32) * jnp.float32(scale)
+
+
+def axial_frequencies(head_dim: int, ndim: int, theta: float) -> np.ndarray:
+  """Fixed RoPE frequencies ``[ndim, 1, Dh/2]`` (1D: RoFormer; 2D: RoPE-Axial)."""
+  half = head_dim // 2
+  if ndim == 1:
+    return (theta ** (-np.arange(0, head_dim, 2) / head_dim)).reshape(1, 1, half)
+  mag = theta ** (-np.arange(0, head_dim, 4) / head_dim)  # Dh/4 magnitudes per axis
+  zeros = np.zeros_like(mag)
+  return np.stack([np.concatenate([mag, zeros]), np.concatenate([zeros, mag])])[:, None, :]
+
+
+def random_mixed_frequencies(key: jax.Array, num_layers: int, num_heads: int, head_dim: int,
+                             theta: float = 10.0) -> jax.Array:
+  """RoPE-Mixed initialisation ``(num_layers, 2, H, Dh/2)`` float32.
+
+  Per layer and head, a random angle ``a``; the first Dh/4 pairs point along
+  ``a``, the last Dh/4 along ``a + pi/2``, with magnitudes ``theta**(-4k/Dh)``
+  (rope-vit's ``init_random_2d_freqs``).
+  """
+  mag = jnp.asarray(theta ** (-np.arange(0, head_dim, 4) / head_dim), jnp.float32)
+  a = jax.random.uniform(key, (num_layers, num_heads, 1), jnp.float32, 0.0, 2 * math.pi)
+  direction = jnp.concatenate([jnp.broadcast_to(a, a.shape[:-1] + mag.shape),
+                               jnp.broadcast_to(a + math.pi / 2, a.shape[:-1] + mag.shape)], -1)
+  mag2 = jnp.concatenate([mag, mag])
+  return jnp.stack([mag2 * jnp.cos(direction), mag2 * jnp.sin(direction)], axis=1)
+
+
+class _Rotary(Encoding):
+  """Shared ``rotate``: subclasses say the frequencies ``[ndim, H or 1, Dh/2]``."""
+
+  scale: float = 1.0
+
+  def _frequencies(self, geometry: Geometry, layer, head_dim: int, num_heads: int) -> jax.Array:
+    raise NotImplementedError
+
+  def _check_head_dim(self, head_dim: int, ndim: int) -> None:
+    step = 2 * ndim  # a pair per frequency; in 2D half the pairs for x, half for y
+    if head_dim % step:
+      why = "even" if ndim == 1 else "divisible by 4 (half the feature pairs for x, half for y)"
+      raise ValueError(f"position encoding '{self.name}' needs a head dimension that is {why} "
+                       f"for {ndim}D inputs; got head_dim={head_dim}. Choose width and num_heads "
+                       f"so that width / num_heads is a multiple of {step}.")
+
+  def rotate(self, q: jax.Array, k: jax.Array, geometry: Geometry, layer):
+    self.check(geometry)
+    if q.ndim != 4 or q.shape != k.shape or q.shape[1] != geometry.num_tokens:
+      raise ValueError(f"position encoding '{self.name}' expects q and k of equal shape "
+                       f"[batch, {geometry.num_tokens} tokens ({geometry}), heads, head_dim]; "
+                       f"got q {q.shape}, k {k.shape}.")
+    _, _, num_heads, head_dim = q.shape
+    self._check_head_dim(head_dim, geometry.ndim)
+    freqs = self._frequencies(geometry, layer, head_dim, num_heads).astype(jnp.float32)
+    pos = grid_positions(geometry, self.scale)  # [N, ndim]
+    angles = jnp.sum(pos[:, :, None, None] * freqs[None], axis=1)  # [N, H or 1, Dh/2]
+
+    def apply(x):
+      prefix, tokens = split_prefix(x, geometry)
+      tokens = rotate_half_pairs(tokens, angles)
+      return jnp.concatenate([prefix, tokens], axis=1) if geometry.num_prefix else tokens
+
+    return apply(q), apply(k)
+
+
+def _check_scale(name: str, scale: float) -> float:
+  scale = float(scale)
+  if not (math.isfinite(scale) and scale > 0):
+    raise ValueError(f"position encoding '{name}': scale (position interpolation factor) must "
+                     f"be a positive number, got {scale}.")
+  return scale
+
+
+@register("rope")
+class RoPE(_Rotary):
+  """Fixed rotary embedding: RoFormer in 1D, RoPE-Axial on 2D grids. No parameters.
+
+  Options: ``theta`` (frequency base; default 10000 in 1D, 100 in 2D as in
+  RoPE-ViT), ``scale`` (positions are multiplied by it: position interpolation,
+  e.g. 0.5 maps a twice longer sequence onto the trained range).
+  """
+
+  def __init__(self, *, dim: int | None = None, num_heads: int | None = None,
+               theta: float | None = None, scale: float = 1.0):
+    self.head_dim = dim // num_heads if dim and num_heads else None
+    if theta is not None and not float(theta) > 1:
+      raise ValueError(f"position encoding 'rope': theta must be > 1, got {theta}.")
+    self.theta = None if theta is None else float(theta)
+    self.scale = _check_scale("rope", scale)
+
+  def check(self, geometry: Geometry) -> None:
+    super().check(geometry)
+    if self.head_dim is not None:
+      self._check_head_dim(self.head_dim, geometry.ndim)
+
+  def _frequencies(self, geometry, layer, head_dim, num_heads):
+    theta = self.theta or (10000.0 if geometry.ndim == 1 else 100.0)
+    return jnp.asarray(axial_frequencies(head_dim, geometry.ndim, theta), jnp.float32)
+
+
+@register("rope_mixed")
+class RoPEMixed(_Rotary):
+  """RoPE-Mixed: learned per-layer, per-head 2D frequencies (Heo et al. 2024).
+
+  ``freqs`` ``(num_layers, 2, H, Dh/2)``; the angle of pair ``i`` of head ``h`` at
+  ``(x, y)`` in layer ``l`` is ``x * freqs[l, 0, h, i] + y * freqs[l, 1, h, i]``.
+  Options: ``theta`` (base of the initial magnitudes, 10 as in rope-vit),
+  ``scale`` (position interpolation, as for ``rope``).
+  """
+
+  supported_ndims = (2,)
+
+  def __init__(self, *, dim: int, num_heads: int, num_layers: int, theta: float = 10.0,
+               scale: float = 1.0, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"position encoding 'rope_mixed': dim={dim} is not divisible by "
+                       f"num_heads={num_heads}.")
+    self.head_dim = dim // num_heads
+    self._check_head_dim(self.head_dim, 2)
+    self.scale = _check_scale("rope_mixed", scale)
+    init = random_mixed_frequencies(rngs.params(), num_layers, num_heads, self.head_dim, theta)
+    self.freqs = nnx.Param(init.astype(param_dtype), out_sharding=("layers", None, "heads", "kv"))
+
+  def check(self, geometry: Geometry) -> None:
+    if geometry.ndim != 2:
+      raise ValueError(f"position encoding 'rope_mixed' learns 2D (x, y) frequencies and supports "
+                       f"only 2D grids, not {geometry}; use 'rope' for 1D sequences.")
+
+  def _frequencies(self, geometry, layer, head_dim, num_heads):
+    freqs = self.freqs[...]
+    num_layers, _, heads, half = freqs.shape
+    if (heads, 2 * half) != (num_heads, head_dim):
+      raise ValueError(f"position encoding 'rope_mixed' was built for {heads} heads of dim "
+                       f"{2 * half}; got q/k with {num_heads} heads of dim {head_dim}.")
+    if isinstance(layer, int) and not 0 <= layer < num_layers:
+      raise ValueError(f"position encoding 'rope_mixed' has {num_layers} layers; got layer={layer}.")
+    return jax.lax.dynamic_index_in_dim(freqs, jnp.asarray(layer, jnp.int32), 0, keepdims=False)
