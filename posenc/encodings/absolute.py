@@ -24,6 +24,7 @@ from flax import nnx
 
 from posenc.encodings.base import Encoding, Geometry, split_prefix
 from posenc.encodings.registry import register
+from posenc.resize import resize_1d, resize_grid
 
 _TABLE_AXES = ("posn", "embed")  # logical axis names of every table here
 
@@ -85,6 +86,22 @@ class Learned(Encoding):
   def embed(self, x: jax.Array, geometry: Geometry) -> jax.Array:
     return _add_to_positions(self, x, geometry, self.table[:geometry.num_positions])
 
+  def transfer(self, params, source, target, options):
+    """2D grids resample; 1D tables are cut, or extended by interpolation or by
+    copying the trained table (``options.extend``: "interpolate" | "copy")."""
+    table = params["table"]
+    if source.ndim != target.ndim:
+      raise ValueError(f"position encoding 'learned' cannot transfer a {source} table to {target}.")
+    if source.ndim == 2:
+      return {"table": resize_grid(table, source.shape, target.shape, method=options.method,
+                                   antialias=options.antialias)}
+    old, new = source.shape[0], target.shape[0]
+    if new <= old:
+      return {"table": table[:new]}
+    if options.extend == "copy":  # Longformer: position i takes the trained row i % old
+      return {"table": jnp.tile(table, (-(-new // old), 1))[:new]}
+    return {"table": resize_1d(table, new, method=options.method, antialias=options.antialias)}
+
 
 @register("factorized")
 class Factorized(Encoding):
@@ -119,6 +136,12 @@ class Factorized(Encoding):
     cols = self.col_table[:w].astype(x.dtype)
     pe = (rows[:, None, :] + cols[None, :, :]).reshape(h * w, -1)
     return _add_to_positions(self, x, geometry, pe)
+
+  def transfer(self, params, source, target, options):
+    """Row and column tables resample in 1D to the new grid's height and width."""
+    kw = dict(method=options.method, antialias=options.antialias)
+    return {"row_table": resize_1d(params["row_table"], target.shape[0], **kw),
+            "col_table": resize_1d(params["col_table"], target.shape[1], **kw)}
 
 
 def sinusoidal_table(length: int, dim: int, temperature: float = 10_000.) -> jax.Array:

@@ -102,6 +102,21 @@ class Encoding(nnx.Module):
     """Called on ``x`` ``[B, T, D]`` after block ``layer`` (0-based)."""
     return x
 
+  # Resolution transfer (posenc.transfer calls these; ``self`` is the encoding
+  # built at the new geometry).
+
+  def transfer(self, params: dict, source: Geometry, target: Geometry, options) -> dict:
+    """This encoding's parameters (a nested dict of arrays) built at ``source``,
+    mapped to ``target``: pure jnp, traceable under ``jax.jit``. By default
+    nothing depends on the geometry, so they pass unchanged."""
+    return params
+
+  @classmethod
+  def interpolation_options(cls, source: Geometry, target: Geometry) -> dict:
+    """Encoding options that map ``target``'s positions onto the trained range of
+    ``source`` (position interpolation), or ``{}`` where that means nothing."""
+    return {}
+
 
 def split_prefix(x: jax.Array, geometry: Geometry, axis: int = 1):
   """``x`` -> (prefix tokens, position tokens) along the token ``axis``."""

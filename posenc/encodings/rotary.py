@@ -114,6 +114,11 @@ class _Rotary(Encoding):
 
     return apply(q), apply(k)
 
+  @classmethod
+  def interpolation_options(cls, source: Geometry, target: Geometry) -> dict:
+    """Position interpolation: scale positions so the largest side fits the trained one."""
+    return {"scale": min(1.0, *(s / t for s, t in zip(source.shape, target.shape)))}
+
 
 def _check_scale(name: str, scale: float) -> float:
   scale = float(scale)
