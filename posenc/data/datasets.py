@@ -12,7 +12,7 @@ Directories (environment variables, with defaults):
 Split names: "train", "validation", "test" (table SPLITS). Fashion-MNIST's
 validation split is the LAST 5,000 of the official 60,000 training images and its
 "train" the first 55,000. Any TFDS split string ("train[:10%]", "test") is
-passed through unchanged, e.g. "train[:]" for all 60,000.
+passed through unchanged, e.g. "train[:100%]" for all 60,000.
 """
 from __future__ import annotations
 

@@ -22,8 +22,9 @@ then normalises (x - mean) / std with the train split's statistics (Fashion-MNIS
 mean 0.2858, std 0.3529 over its 55,000 train images; other datasets 0.5 / 0.5).
 
 Text (int32 [b, L]): each split's paragraphs, in corpus order, are packed into
-rows "[CLS] p1 [SEP] p2 [SEP] ..." of exactly max_len tokens (a paragraph that does
-not fit continues in the next row; only the split's last row has padding). The
+rows "[CLS] p1 [SEP] p2 [SEP] ..." of exactly max_len tokens: a paragraph that does
+not fit fills the row and continues in the next one; [SEP] ends every paragraph
+that ends inside a row; only the split's last row has padding. The
 segment_ids alternate 0/1 per packed paragraph (BERT's sentence A/B types).
 BERT masking: each non-special token is selected with probability 0.15; a selected
 token becomes [MASK] (80%), a random regular vocabulary token (10%) or stays
@@ -85,16 +86,16 @@ class PackedText:
     for paragraph in paragraphs:
       start = 0
       while start < len(paragraph):
-        room = max_len - len(ids) - 1  # keep a slot for the [SEP]
-        if room < 1:
+        piece = paragraph[start:start + max_len - len(ids)].tolist()
+        ids += piece
+        seg += [kind] * len(piece)
+        pos += range(offset + start, offset + start + len(piece))
+        start += len(piece)
+        if start == len(paragraph) and len(ids) < max_len:  # the paragraph ends in this row
+          ids, seg, pos, kind = ids + [SEP], seg + [kind], pos + [-1], 1 - kind
+        if len(ids) == max_len:
           rows.append((ids, seg, pos))
           ids, seg, pos, kind = [CLS], [0], [-1], 0
-          continue
-        piece = paragraph[start:start + room].tolist()
-        ids += piece + [SEP]
-        seg += [kind] * (len(piece) + 1)
-        pos += list(range(offset + start, offset + start + len(piece))) + [-1]
-        start, kind = start + len(piece), 1 - kind
       offset += len(paragraph)
     if len(ids) > 1:
       rows.append((ids, seg, pos))
@@ -255,7 +256,7 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   if dataset == "text":
     if image_size is not None or augment:
       raise ValueError("image_size/augment are for image datasets, not 'text'; use max_len.")
-    max_len = _check_int("max_len", DEFAULT_MAX_LEN if max_len is None else max_len, 3)
+    max_len = _check_int("max_len", DEFAULT_MAX_LEN if max_len is None else max_len, 2)
     records = packed_text(split, max_len, directory)
     fixed = None
     if not train:  # one draw per token of the stream: the same masks at every max_len

@@ -7,9 +7,11 @@ as one string), fetched with `apt-get download` and unpacked with `dpkg -x`
 lazy-load databases are read by posenc.data.rdata.
 
 Paragraphs are runs of non-blank lines, joined with single spaces. Moby Dick's
-Project Gutenberg header, "Produced by" credit and license are stripped (the
-Austen texts carry none). Split rule, per document: paragraph i belongs to block
-i // 20; block % 20 == 18 is "validation", block % 20 == 19 is "test", the rest
+Project Gutenberg header and license are stripped, and so are paragraphs of
+e-text boilerplate (mentioning Project Gutenberg, e-texts, "Produced by",
+transcribers); the Austen texts carry none.
+
+Split rule, per document: paragraph i belongs to block i // 20; block % 20 == 18 is "validation", block % 20 == 19 is "test", the rest
 "train" (~90/5/5 in every novel, whole paragraphs, contiguous blocks). A paragraph
 whose exact text already occurred earlier in the corpus (documents in DOCUMENTS
 order; e.g. "CHAPTER I") goes to the split of its first occurrence, so no text is
@@ -67,14 +69,18 @@ def strip_gutenberg(text: str) -> str:
   start = re.search(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", text, re.M)
   end = re.search(r"^(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG|End of (the )?Project "
                   r"Gutenberg)", text, re.M)
-  text = text[start.end() if start else 0:end.start() if end else len(text)]
-  return re.sub(r"\A\s*Produced by[^\n]*(\n[^\n]*\S[^\n]*)*", "", text)  # credit paragraph
+  return text[start.end() if start else 0:end.start() if end else len(text)]
+
+
+# E-text production notes, not the author's words ("Produced by ...", transcriber's notes).
+BOILERPLATE = re.compile(r"gutenberg|\be-?texts?\b|^produced by|transcriber", re.IGNORECASE)
 
 
 def to_paragraphs(text: str) -> list[str]:
-  """Splits text into paragraphs at blank lines; whitespace inside is collapsed."""
-  blocks = re.split(r"\n\s*\n", text)
-  return [" ".join(block.split()) for block in blocks if block.strip()]
+  """Splits text into paragraphs at blank lines (whitespace inside collapsed), without
+  e-text boilerplate paragraphs."""
+  paragraphs = (" ".join(block.split()) for block in re.split(r"\n\s*\n", text))
+  return [p for p in paragraphs if p and not BOILERPLATE.search(p)]
 
 
 def read_documents(debian_dir: str | os.PathLike) -> dict[str, list[str]]:
