@@ -1,0 +1,45 @@
+"""Models that take any position encoding by name: a ViT and a BERT-style encoder.
+
+    vit = posenc.models.create("vit-ti", posenc="rope_mixed", rngs=nnx.Rngs(0), num_classes=10,
+                               image_size=32, patch_size=4)
+    bert = posenc.models.create("bert-mini", posenc="alibi", rngs=nnx.Rngs(0), vocab_size=30522)
+
+Sizes: ``vit-mu`` (CPU-sized), ``vit-ti``, ``vit-s``, ``vit-b``; ``bert-mini``,
+``bert-small``, ``bert-base``. ``width`` / ``depth`` / ``num_heads`` /
+``mlp_dim`` keyword arguments override the named size.
+"""
+from __future__ import annotations
+
+import inspect
+
+import jax.numpy as jnp
+from flax import nnx
+
+from posenc.models.bert import BERT, BERT_SIZES
+from posenc.models.vit import VIT_SIZES, ViT
+
+_FAMILIES = {"vit": (ViT, VIT_SIZES), "bert": (BERT, BERT_SIZES)}
+MODEL_NAMES = tuple(f"{family}-{size}" for family, (_, sizes) in _FAMILIES.items() for size in sizes)
+
+
+def create(name: str, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
+           dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> nnx.Module:
+  """Build model ``name`` (e.g. ``"vit-ti"``) with position encoding ``posenc``."""
+  family, _, size = name.partition("-")
+  if family not in _FAMILIES or size not in _FAMILIES[family][1]:
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}.")
+  cls, sizes = _FAMILIES[family]
+  options = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "posenc", "rngs")]
+  unknown = sorted(set(kwargs) - set(options))
+  if unknown:
+    raise ValueError(f"model {name!r} has no option(s) {unknown}; its options are {options}.")
+
+  def build(rngs):
+    return cls(posenc=posenc, rngs=rngs, posenc_options=posenc_options, dtype=dtype, param_dtype=param_dtype,
+               **{**sizes[size], **kwargs})
+
+  # One compiled initialiser instead of one eager dispatch (and compile) per parameter.
+  return nnx.jit(build)(rngs)
+
+
+__all__ = ["BERT", "BERT_SIZES", "MODEL_NAMES", "VIT_SIZES", "ViT", "create"]

@@ -1,0 +1,181 @@
+"""Transformer layers that call every position hook, and the scanned block stack.
+
+Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
+``layers``) in their ``out_sharding`` metadata; ``posenc.models.sharding`` maps
+them to a mesh. ``dtype`` is the compute dtype, ``param_dtype`` the storage
+dtype; attention logits and softmax are always float32.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from posenc.encodings.base import Encoding, Geometry
+
+Initializer = Callable[..., jax.Array]
+# Where a mask is False the logit becomes this; exp() of it (after the row max is
+# subtracted) is exactly 0 in float32, so masked keys get exactly zero weight.
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param(init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype, names: tuple) -> nnx.Param:
+  """An ``nnx.Param`` initialised by ``init`` whose axes carry logical ``names``."""
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm over ``embed`` with float32 statistics (Flax computes them in >= float32)."""
+  names = {"out_sharding": ("embed",)}
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+                       scale_metadata=names, bias_metadata=names, rngs=rngs)
+
+
+def apply_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity when ``key`` is None (evaluation) or ``rate`` is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def apply_drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drop a whole residual branch per example. ``rate`` may be traced."""
+  if key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with one fused q/k/v projection and the position hooks.
+
+  The query scale ``1/sqrt(head_dim)`` is folded into the query weights at
+  compute time (a ``[D, D]`` multiply instead of a ``[B, H, T, T]`` one). The
+  encoding's ``rotate`` therefore sees a scaled query; rotations are linear, so
+  this changes nothing.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer, bias_init: Initializer,
+               dtype, param_dtype, rngs: nnx.Rngs, attention_dropout: float = 0.0):
+    if dim % num_heads:
+      raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}; pick a width that is "
+                       f"a multiple of num_heads.")
+    head_dim = dim // num_heads
+    self.num_heads, self.head_dim = num_heads, head_dim
+    self.dtype, self.attention_dropout = dtype, attention_dropout
+    # Kernels are [in, 3, heads, head_dim] and [heads, head_dim, out]: no reshapes in the hot path.
+    qkv_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(2, 3),
+                                                    batch_axis=(1,)) if kernel_init is None else kernel_init
+    self.qkv = param(qkv_init, rngs, (dim, 3, num_heads, head_dim), param_dtype, ("embed", None, "heads", "kv"))
+    self.qkv_bias = param(bias_init, rngs, (3, num_heads, head_dim), param_dtype, (None, "heads", "kv"))
+    out_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
+                                                    out_axis=2) if kernel_init is None else kernel_init
+    self.out = param(out_init, rngs, (num_heads, head_dim, dim), param_dtype, ("heads", "kv", "embed"))
+    self.out_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
+
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, layer, mask: jax.Array | None,
+               key: jax.Array | None = None) -> jax.Array:
+    """``x [B, T, D]``; ``mask`` broadcastable to ``[B, H, T, T]`` (True = may attend) or None."""
+    dt = self.dtype
+    scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None, None]
+    w = self.qkv[...].astype(dt) * scale
+    b = self.qkv_bias[...].astype(dt) * scale
+    qkv = jnp.einsum("btd,dshk->btshk", x.astype(dt), w) + b
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = encoding.rotate(q, k, geometry, layer)
+    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+    bias = encoding.attention_bias(geometry, layer)
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    if key is not None:
+      probs = apply_dropout(probs, self.attention_dropout, key)
+    out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+    return jnp.einsum("bqhk,hkd->bqd", out, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+class Mlp(nnx.Module):
+  """Dense -> GELU -> Dense (GELU exact/erf or tanh-approximate)."""
+
+  def __init__(self, dim: int, mlp_dim: int, *, kernel_init: Initializer, bias_init: Initializer,
+               gelu_approximate: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    init = jax.nn.initializers.xavier_uniform() if kernel_init is None else kernel_init
+    self.fc1 = param(init, rngs, (dim, mlp_dim), param_dtype, ("embed", "mlp"))
+    self.fc1_bias = param(bias_init, rngs, (mlp_dim,), param_dtype, ("mlp",))
+    self.fc2 = param(init, rngs, (mlp_dim, dim), param_dtype, ("mlp", "embed"))
+    self.fc2_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
+    self.dtype, self.gelu_approximate = dtype, gelu_approximate
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    h = x.astype(dt) @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt)
+    h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+    return h @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Attention + MLP with residuals; pre-LN (ViT) or post-LN (original BERT)."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
+               gelu_approximate: bool, kernel_init: Initializer | None, bias_init: Initializer,
+               dropout: float, attention_dropout: float, drop_path: float, num_layers: int,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    self.attn = Attention(dim, num_heads, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                          param_dtype=param_dtype, attention_dropout=attention_dropout, rngs=rngs)
+    self.mlp = Mlp(dim, mlp_dim, kernel_init=kernel_init, bias_init=bias_init,
+                   gelu_approximate=gelu_approximate, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ln1 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
+    self.ln2 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
+    self.pre_ln, self.dropout, self.drop_path = pre_ln, dropout, drop_path
+    self.num_layers = num_layers
+
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, layer, mask, key):
+    keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
+    # Stochastic depth grows linearly with depth, 0 at the first block (as in DeiT / timm).
+    path_rate = self.drop_path * layer / max(self.num_layers - 1, 1)
+    path_keys = keys[3:] if self.drop_path else [None, None]
+
+    def branch(y, k_drop, k_path):
+      return apply_drop_path(apply_dropout(y, self.dropout, k_drop), path_rate, k_path)
+
+    if self.pre_ln:
+      x = x + branch(self.attn(self.ln1(x), encoding, geometry, layer, mask, keys[0]), keys[1], path_keys[0])
+      x = x + branch(self.mlp(self.ln2(x)), keys[2], path_keys[1])
+    else:
+      x = self.ln1(x + branch(self.attn(x, encoding, geometry, layer, mask, keys[0]), keys[1], path_keys[0]))
+      x = self.ln2(x + branch(self.mlp(x), keys[2], path_keys[1]))
+    return encoding.after_block(x, geometry, layer)
+
+
+class BlockStack(nnx.Module):
+  """``num_layers`` blocks with parameters stacked on a leading ``layers`` axis, run by ``nnx.scan``.
+
+  Compile time does not grow with depth. ``unroll`` (an int, or True for all
+  layers) trades compile time for a little speed; the layer index goes into the
+  scan as an int32 so encodings can index their per-layer parameters.
+  """
+
+  def __init__(self, num_layers: int, *, rngs: nnx.Rngs, unroll: int | bool = 1, **block_kwargs):
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return Block(num_layers=num_layers, rngs=rngs, **block_kwargs)
+
+    self.layers = make(rngs)
+    self.num_layers, self.unroll = num_layers, unroll
+
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, mask: jax.Array | None,
+               key: jax.Array | None) -> jax.Array:
+    keys = None if key is None else jax.random.split(key, self.num_layers)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=nnx.Carry, unroll=self.unroll,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def run(x, block, layer, key, encoding):
+      return block(x, encoding, geometry, layer, mask, key)
+
+    return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)

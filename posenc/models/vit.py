@@ -1,0 +1,114 @@
+"""Vision Transformer that runs at any image size its patch size divides.
+
+    vit = ViT(posenc="rope_mixed", image_size=32, patch_size=4, num_classes=10, rngs=nnx.Rngs(0),
+              **VIT_SIZES["ti"])
+    logits = vit(images)                  # images [B, H, W, C]; any H, W divisible by 4
+
+The geometry (patch grid + prefix tokens) is derived statically from the
+input's shape, so each new size compiles once. Fixed encodings recompute for a
+new grid; a learned grid raises the encoding's error asking for ``posenc.transfer``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from posenc import encodings
+from posenc.encodings.base import Geometry
+from posenc.models.attention import BlockStack, apply_dropout, layer_norm, param
+
+# Standard sizes (ViT paper / DeiT); "mu" is a CPU-sized model for quick experiments.
+VIT_SIZES = {
+    "mu": dict(width=64, depth=4, num_heads=4, mlp_dim=256),
+    "ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+}
+
+
+def _pair(size) -> tuple[int, int]:
+  return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+class ViT(nnx.Module):
+  """Patch embedding -> [class token, registers, patches] -> pre-LN blocks -> LayerNorm -> pool -> head.
+
+  ``image_size`` is the size the model is BUILT at (it fixes the geometry given
+  to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
+  class token, ``pool="gap"`` averages the patch tokens (no class token).
+  ``unroll`` is passed to the layer scan (True = fully unrolled).
+  """
+
+  def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
+               num_classes: int = 10, image_size=32, patch_size: int = 4, channels: int = 3,
+               width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
+               pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
+               attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
+               unroll: int | bool = 1, dtype=jnp.float32, param_dtype=jnp.float32):
+    if pool not in ("cls", "gap"):
+      raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}.")
+    for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout), ("drop_path", drop_path)):
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}.")
+    self.patch_size, self.channels, self.pool = int(patch_size), int(channels), pool
+    self.num_prefix = (1 if pool == "cls" else 0) + int(num_registers)
+    self.dtype, self.dropout = dtype, dropout
+    self.any_dropout = bool(dropout or attention_dropout or drop_path)
+    self.geometry = self.geometry_for(_pair(image_size))
+
+    self.patch_embed = param(
+        jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3),
+        rngs, (patch_size, patch_size, channels, width), param_dtype, (None, None, None, "embed"))
+    self.patch_bias = param(jax.nn.initializers.zeros, rngs, (width,), param_dtype, ("embed",))
+    self.cls_token = (param(jax.nn.initializers.zeros, rngs, (1, width), param_dtype, (None, "embed"))
+                      if pool == "cls" else None)
+    self.registers = (param(jax.nn.initializers.normal(0.02), rngs, (num_registers, width), param_dtype,
+                            (None, "embed")) if num_registers else None)
+    self.posenc = encodings.make(posenc, dim=width, num_heads=num_heads, num_layers=depth,
+                                 geometry=self.geometry, param_dtype=param_dtype, rngs=rngs,
+                                 **(posenc_options or {}))
+    self.blocks = BlockStack(
+        depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-6,
+        gelu_approximate=gelu_approximate, kernel_init=None,
+        bias_init=jax.nn.initializers.normal(1e-6), dropout=dropout, attention_dropout=attention_dropout,
+        drop_path=drop_path, unroll=unroll, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = layer_norm(width, 1e-6, dtype, param_dtype, rngs)
+    self.head = param(jax.nn.initializers.truncated_normal(0.02), rngs, (width, num_classes), param_dtype,
+                      ("embed", "vocab"))
+    self.head_bias = param(jax.nn.initializers.zeros, rngs, (num_classes,), param_dtype, ("vocab",))
+    self.rngs = nnx.Rngs(dropout=rngs.dropout())
+
+  def geometry_for(self, image_hw: tuple[int, int]) -> Geometry:
+    """The token geometry for images of size ``image_hw`` (a clear error if the patch doesn't divide it)."""
+    h, w = image_hw
+    p = self.patch_size
+    if h % p or w % p or h < p or w < p:
+      raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}; resize or crop the "
+                       f"images to multiples of {p} (e.g. {max(p, h // p * p)}x{max(p, w // p * p)}).")
+    return Geometry.grid(h // p, w // p, num_prefix=self.num_prefix)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """``images [B, H, W, C]`` -> float32 logits ``[B, num_classes]``."""
+    if images.ndim != 4 or images.shape[-1] != self.channels:
+      raise ValueError(f"ViT expects images [batch, height, width, {self.channels}], got shape {images.shape}.")
+    geometry = self.geometry_for(images.shape[1:3])
+    self.posenc.check(geometry)
+    key = self.rngs.dropout() if train and self.any_dropout else None
+    embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
+
+    b, (h, w), p, dt = images.shape[0], geometry.shape, self.patch_size, self.dtype
+    patches = images.astype(dt).reshape(b, h, p, w, p, self.channels)
+    x = jnp.einsum("bipjqc,pqcd->bijd", patches, self.patch_embed[...].astype(dt))
+    x = x.reshape(b, h * w, -1) + self.patch_bias[...].astype(dt)
+    prefix = [t[...] for t in (self.cls_token, self.registers) if t is not None]
+    if prefix:
+      prefix = jnp.concatenate(prefix, axis=0).astype(dt)
+      x = jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape), x], axis=1)
+
+    x = self.posenc.embed(x, geometry)
+    x = apply_dropout(x, self.dropout, embed_key)
+    x = self.blocks(x, self.posenc, geometry, None, blocks_key)
+    x = self.norm(x)
+    pooled = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix:].mean(axis=1)
+    return (pooled @ self.head[...].astype(dt) + self.head_bias[...].astype(dt)).astype(jnp.float32)
