@@ -1,1 +1,229 @@
-"""(being written)"""
+"""Relative position encodings: a per-head bias added to the attention logits.
+
+All three return ``attention_bias(geometry, layer) -> [H, T, T]`` float32 whose
+entry ``[h, i, j]`` depends only on ``pos_i - pos_j`` (translation invariant);
+rows and columns of prefix tokens are 0.
+
+- ``rel_bias``: a learned table per head. 1D uses T5's log-spaced buckets of
+  ``key - query`` (any length). 2D uses Swin's table of ``(2h-1)(2w-1)`` rows,
+  one per offset ``query - key`` on the built ``(h, w)`` grid.
+- ``cpb``: Swin-V2's continuous position bias, an MLP of log-spaced offsets.
+- ``alibi``: fixed per-head slopes times minus the distance (ALiBi).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from posenc.encodings.base import Encoding, Geometry, pad_prefix_bias
+from posenc.encodings.registry import register
+
+_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def t5_bucket(relative_position: jax.Array, num_buckets: int = 32,
+              max_distance: int = 128) -> jax.Array:
+  """T5's bidirectional bucket of ``relative_position = key - query`` (int32).
+
+  Half the buckets are for ``key > query``. Within each half, distances below
+  ``num_buckets // 4`` get their own bucket, larger ones share log-spaced
+  buckets up to ``max_distance``; everything further shares the last bucket.
+  As in T5, bucket ``num_buckets // 2`` is never used (offset 0 is in the lower half).
+  """
+  half = num_buckets // 2
+  bucket = jnp.where(relative_position > 0, half, 0)
+  distance = jnp.abs(relative_position)
+  max_exact = half // 2
+  # max(distance, 1) keeps log finite where the exact branch is taken anyway.
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                       * (half - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, half - 1)
+  return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+def grid_offsets(geometry: Geometry) -> jax.Array:
+  """``[N, N, ndim]`` int32 offsets ``pos_i - pos_j`` (query minus key)."""
+  coords = geometry.coords()
+  return coords[:, None, :] - coords[None, :, :]
+
+
+def table_index(geometry: Geometry, table_hw: tuple[int, int]) -> jax.Array:
+  """``[N, N]`` row of each pair's offset in a Swin table for grid ``table_hw``.
+
+  Row ``(dy + th-1) * (2tw-1) + (dx + tw-1)`` for ``(dy, dx) = query - key``.
+  """
+  th, tw = table_hw
+  offsets = grid_offsets(geometry)
+  return (offsets[..., 0] + th - 1) * (2 * tw - 1) + offsets[..., 1] + tw - 1
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """ALiBi's head slopes: ``2**(-8 i / H)``, i = 1..H, for ``H`` a power of 2.
+
+  Otherwise (Press et al.'s rule) the slopes of the closest smaller power of 2
+  ``c``, then every other slope of ``2c`` heads for the remaining ``H - c``.
+  """
+  def power_of_2(n):
+    return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+  closest = 2 ** int(math.floor(math.log2(num_heads)))
+  slopes = power_of_2(closest)
+  if closest != num_heads:
+    slopes += power_of_2(2 * closest)[0::2][:num_heads - closest]
+  return np.asarray(slopes, np.float32)
+
+
+def _layer_params(value: jax.Array, per_layer: bool, num_layers: int, layer) -> jax.Array:
+  """``layer``'s slice of a per-layer parameter (a traced ``layer`` is clamped to range)."""
+  if not per_layer:
+    return value
+  if isinstance(layer, (int, np.integer)) and not 0 <= layer < num_layers:
+    raise ValueError(f"layer {layer} is out of range for {num_layers} per-layer tables.")
+  return jax.lax.dynamic_index_in_dim(value, layer, axis=0, keepdims=False)
+
+
+def _require_geometry(name: str, geometry: Geometry | None) -> Geometry:
+  if not isinstance(geometry, Geometry):
+    raise ValueError(f"position encoding '{name}' needs geometry=Geometry(...) "
+                     f"(the geometry the model is built at); got {geometry!r}.")
+  return geometry
+
+
+@register("rel_bias")
+class RelativeBias(Encoding):
+  """Learned relative position bias per head (T5 buckets in 1D, Swin table in 2D).
+
+  Parameter ``table``: 1D ``(num_buckets, H)``; 2D ``((2h-1)(2w-1), H)`` for the
+  built grid ``(h, w)``, row ``(dy + h-1) * (2w-1) + (dx + w-1)`` for offset
+  ``(dy, dx) = query - key`` (Swin's layout). With ``per_layer=True`` a leading
+  ``num_layers`` axis. Init: truncated normal, std 0.02 (as Swin).
+
+  A 2D grid larger than the built one needs offsets the table lacks: transfer
+  the parameters (``posenc.transfer`` resamples the table). A smaller grid uses
+  the central part of the table, which is exactly the same bias for the
+  offsets it has, so it stays translation invariant.
+  """
+
+  def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
+               num_layers: int = 1, num_buckets: int = 32, max_distance: int = 128,
+               per_layer: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.built = _require_geometry(self.name, geometry)
+    self.num_layers, self.per_layer = num_layers, per_layer
+    self.num_buckets, self.max_distance = num_buckets, max_distance
+    if self.built.ndim == 1:
+      if num_buckets < 4 or num_buckets % 2 or max_distance <= num_buckets // 4:
+        raise ValueError(f"rel_bias needs an even num_buckets >= 4 and max_distance > "
+                         f"num_buckets // 4; got num_buckets={num_buckets}, "
+                         f"max_distance={max_distance}.")
+      rows = num_buckets
+    else:
+      h, w = self.built.shape
+      rows = (2 * h - 1) * (2 * w - 1)
+    shape, names = (rows, num_heads), ("posn", "heads")
+    if per_layer:
+      shape, names = (num_layers, *shape), ("layers", *names)
+    self.table = nnx.Param(_trunc_normal(rngs.params(), shape, param_dtype),
+                           out_sharding=names)
+
+  def check(self, geometry: Geometry) -> None:
+    super().check(geometry)
+    if geometry.ndim != self.built.ndim:
+      raise ValueError(f"rel_bias was built for {self.built} and cannot serve {geometry}; "
+                       f"build it at a {geometry.ndim}D geometry.")
+    if geometry.ndim == 2 and any(n > b for n, b in zip(geometry.shape, self.built.shape)):
+      raise ValueError(
+          f"rel_bias was built for the {self.built} grid; its table has no entries for the "
+          f"offsets of the larger {geometry} grid. Transfer the parameters to the new grid "
+          f"with posenc.transfer (or --config.init_from), which resamples the table.")
+
+  def attention_bias(self, geometry: Geometry, layer) -> jax.Array:
+    self.check(geometry)
+    table = _layer_params(self.table[...], self.per_layer, self.num_layers, layer)
+    if geometry.ndim == 1:
+      pos = jnp.arange(geometry.shape[0])
+      index = t5_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
+    else:
+      index = table_index(geometry, self.built.shape)
+    bias = jnp.take(table.T.astype(jnp.float32), index, axis=1, mode="clip")
+    return pad_prefix_bias(bias, geometry)
+
+
+@register("cpb")
+class ContinuousPositionBias(Encoding):
+  """Swin-V2's log-spaced continuous position bias (2D only, any grid).
+
+  The offset ``(dy, dx) = query - key`` is divided by ``(built grid - 1)`` per
+  axis (1 where the built size is 1), times 8, then mapped to
+  ``sign(x) * log2(|x| + 1) / log2(8)``; an MLP ``2 -> hidden_dim (ReLU) -> H``
+  (no bias on the last layer) gives the bias, squashed to ``16 * sigmoid``.
+  At another grid the offsets stay normalised by the BUILT grid, as Swin-V2
+  does with ``pretrained_window_size`` when it transfers, so a larger grid
+  extrapolates the MLP in log space. Init: truncated normal 0.02, zero bias
+  (as Swin-V2). ``per_layer=True`` gives each layer its own MLP.
+  """
+
+  supported_ndims = (2,)
+
+  def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
+               num_layers: int = 1, hidden_dim: int = 512, per_layer: bool = False,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.built = _require_geometry(self.name, geometry)
+    self.check(self.built)
+    self.num_layers, self.per_layer = num_layers, per_layer
+    lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
+
+    def param(shape, names, init):
+      return nnx.Param(init(rngs.params(), (*lead, *shape), param_dtype),
+                       out_sharding=(*lead_name, *names))
+
+    zeros = nnx.initializers.zeros
+    self.w1 = param((2, hidden_dim), (None, "mlp"), _trunc_normal)
+    self.b1 = param((hidden_dim,), ("mlp",), zeros)
+    self.w2 = param((hidden_dim, num_heads), ("mlp", "heads"), _trunc_normal)
+
+  def check(self, geometry: Geometry) -> None:
+    if geometry.ndim != 2:
+      raise ValueError(f"position encoding 'cpb' (Swin-V2 continuous bias) supports 2D grids "
+                       f"only, not {geometry}; for 1D use rel_bias, alibi or rope.")
+
+  def attention_bias(self, geometry: Geometry, layer) -> jax.Array:
+    self.check(geometry)
+    w1, b1, w2 = (_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
+                  for p in (self.w1, self.b1, self.w2))
+    # The MLP runs once per offset of this grid; the pairs gather from its output.
+    h, w = geometry.shape
+    dy, dx = jnp.meshgrid(jnp.arange(1 - h, h), jnp.arange(1 - w, w), indexing="ij")
+    scale = jnp.asarray([max(n - 1, 1) for n in self.built.shape], jnp.float32)
+    coords = jnp.stack([dy, dx], axis=-1).reshape(-1, 2).astype(jnp.float32) / scale * 8.0
+    coords = jnp.sign(coords) * jnp.log2(jnp.abs(coords) + 1.0) / math.log2(8.0)
+    hidden = jax.nn.relu(jnp.dot(coords, w1, precision="highest") + b1)
+    table = jnp.dot(hidden, w2, precision="highest")  # [(2h-1)(2w-1), H]
+    bias = 16.0 * jax.nn.sigmoid(jnp.take(table.T, table_index(geometry, (h, w)), axis=1,
+                                             mode="clip"))
+    return pad_prefix_bias(bias, geometry)
+
+
+@register("alibi")
+class ALiBi(Encoding):
+  """ALiBi: ``bias[h, i, j] = -slope_h * distance(pos_i, pos_j)``, no parameters.
+
+  Distance is ``|i - j|`` in 1D (symmetric, for a bidirectional encoder) and
+  the Euclidean distance between patch coordinates in 2D.
+  """
+
+  def __init__(self, *, num_heads: int):
+    if num_heads < 1:
+      raise ValueError(f"alibi needs num_heads >= 1; got {num_heads}.")
+    self.num_heads = num_heads
+
+  def attention_bias(self, geometry: Geometry, layer) -> jax.Array:
+    self.check(geometry)
+    offsets = grid_offsets(geometry).astype(jnp.float32)
+    distance = jnp.sqrt(jnp.sum(offsets * offsets, axis=-1))
+    slopes = jnp.asarray(alibi_slopes(self.num_heads))
+    return pad_prefix_bias(-slopes[:, None, None] * distance, geometry)

@@ -1,0 +1,351 @@
+"""Relative (rel_bias, cpb, alibi) and conditional (cpe) position encodings.
+
+Checked against HF transformers' T5 / Swin / Swin-V2 / BLOOM code, torch's
+depthwise conv2d and numpy closed forms, plus translation invariance.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import Swinv2Config, T5Config
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+from transformers.models.swin.modeling_swin import SwinRelativePositionBias
+from transformers.models.swinv2.modeling_swinv2 import Swinv2SelfAttention
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from posenc.encodings import Geometry, make
+from posenc.encodings.relative import alibi_slopes, t5_bucket
+
+H, C = 4, 8
+GRID = Geometry.grid(3, 4, num_prefix=1)
+SEQ = Geometry.seq(9, num_prefix=1)
+
+
+def build(name, geometry=GRID, **options):
+  return make(name, dim=C, num_heads=H, num_layers=3, geometry=geometry,
+              rngs=nnx.Rngs(0), **options)
+
+
+@functools.partial(nnx.jit, static_argnums=(1, 2))
+def bias_of(enc, geometry, layer=0):
+  """The bias of ``layer`` (a Python int here), computed in one compiled call."""
+  return enc.attention_bias(geometry, layer)
+
+
+@functools.partial(nnx.jit, static_argnums=(2, 3))
+def peg_of(enc, x, geometry, layer=0):
+  return enc.after_block(x, geometry, layer)
+
+
+def num_params(enc) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(enc, nnx.Param)))
+
+
+def randomize(enc, seed=1, scale=1.0):
+  """Give every parameter random values, so no check passes by a flat init."""
+  rng = np.random.default_rng(seed)
+  for _, p in nnx.iter_graph(enc):
+    if isinstance(p, nnx.Param):
+      p[...] = jnp.asarray(scale * rng.normal(size=p.shape), p.dtype)
+  return enc
+
+
+def positions(bias, geometry):
+  """Drop the prefix rows/cols after checking they are zero."""
+  n = geometry.num_prefix
+  bias = np.asarray(bias)
+  assert bias.shape == (H, geometry.num_tokens, geometry.num_tokens)
+  assert not bias[:, :n, :].any() and not bias[:, :, :n].any()
+  return bias[:, n:, n:]
+
+
+# --- parameter counts -------------------------------------------------------
+
+def test_parameter_counts():
+  h, w = GRID.shape
+  count = lambda *a, **k: num_params(nnx.eval_shape(lambda: build(*a, **k)))  # noqa: E731
+  assert count("rel_bias") == (2 * h - 1) * (2 * w - 1) * H
+  assert count("rel_bias", per_layer=True) == 3 * (2 * h - 1) * (2 * w - 1) * H
+  assert count("rel_bias", SEQ) == 32 * H
+  assert count("rel_bias", SEQ, num_buckets=16) == 16 * H
+  assert count("cpe") == 9 * C + C
+  assert count("cpb") == 2 * 512 + 512 + 512 * H
+  assert count("cpb", hidden_dim=16, per_layer=True) == 3 * (2 * 16 + 16 + 16 * H)
+  assert count("alibi") == 0
+
+
+# --- rel_bias -----------------------------------------------------------------
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (16, 64), (8, 20)])
+def test_t5_buckets_match_transformers(num_buckets, max_distance):
+  rel = np.arange(-400, 401)
+  ours = np.asarray(jax.jit(t5_bucket, static_argnums=(1, 2))(jnp.asarray(rel), num_buckets,
+                                                              max_distance))
+  theirs = T5Attention._relative_position_bucket(torch.from_numpy(rel), bidirectional=True,
+                                                 num_buckets=num_buckets,
+                                                 max_distance=max_distance).numpy()
+  np.testing.assert_array_equal(ours, theirs)
+  # Every bucket is used but num_buckets // 2 (offset 0 always falls in the lower half).
+  assert len(np.unique(ours)) == num_buckets - 1 and num_buckets // 2 not in ours
+
+
+def test_rel_bias_1d_matches_t5_compute_bias():
+  enc = randomize(build("rel_bias", SEQ, num_buckets=16, max_distance=20))
+  geometry = Geometry.seq(40, num_prefix=2)  # any length, longer than built
+  ours = positions(bias_of(enc, geometry), geometry)
+  config = T5Config(d_model=16, d_kv=4, num_heads=H, relative_attention_num_buckets=16,
+                    relative_attention_max_distance=20, is_decoder=False)
+  t5 = T5Attention(config, has_relative_attention_bias=True)
+  with torch.no_grad():
+    t5.relative_attention_bias.weight.copy_(torch.tensor(np.asarray(enc.table[...])))
+    theirs = t5.compute_bias(40, 40)[0].numpy()
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def test_rel_bias_2d_matches_swin():
+  enc = randomize(build("rel_bias"))
+  ours = positions(bias_of(enc, GRID, 0), GRID)
+  swin = SwinRelativePositionBias(H, GRID.shape)
+  with torch.no_grad():
+    swin.relative_position_bias_table.copy_(torch.tensor(np.asarray(enc.table[...])))
+    theirs = swin()[0].numpy()
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def test_rel_bias_smaller_grid_uses_same_offsets():
+  enc = randomize(build("rel_bias"))
+  full = positions(bias_of(enc, GRID, 0), GRID)
+  small = Geometry.grid(2, 3)
+  coords = np.asarray(GRID.coords())
+  keep = np.flatnonzero((coords[:, 0] < 2) & (coords[:, 1] < 3))
+  np.testing.assert_array_equal(positions(bias_of(enc, small, 0), small),
+                                full[:, keep][:, :, keep])
+
+
+def test_rel_bias_per_layer_traced_layer():
+  enc = randomize(build("rel_bias", per_layer=True))
+  traced = nnx.jit(lambda e, layer: e.attention_bias(GRID, layer))
+  biases = [np.asarray(traced(enc, jnp.int32(l))) for l in range(3)]
+  for l in range(3):
+    np.testing.assert_array_equal(biases[l], np.asarray(bias_of(enc, GRID, l)))
+  assert not np.allclose(biases[0], biases[1])
+  shared = randomize(build("rel_bias"))
+  np.testing.assert_array_equal(bias_of(shared, GRID, 0), bias_of(shared, GRID, 2))
+
+
+# --- cpb ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(3, 4), (5, 6), (2, 3)])
+def test_cpb_matches_swinv2(grid):
+  """Built at 3x4; at another grid Swin-V2 normalises by pretrained_window_size."""
+  enc = randomize(build("cpb"), scale=0.3)  # pre-sigmoid values O(1), not saturated
+  geometry = Geometry.grid(*grid, num_prefix=1)
+  ours = positions(bias_of(enc, geometry), geometry)
+  attn = Swinv2SelfAttention(Swinv2Config(), dim=16, num_heads=H, window_size=list(grid),
+                             pretrained_window_size=list(GRID.shape))
+  mlp = attn.continuous_position_bias_mlp
+  with torch.no_grad():
+    mlp[0].weight.copy_(torch.from_numpy(np.asarray(enc.w1[...]).T))
+    mlp[0].bias.copy_(torch.from_numpy(np.asarray(enc.b1[...])))
+    mlp[2].weight.copy_(torch.from_numpy(np.asarray(enc.w2[...]).T))
+    table = mlp(attn.relative_coords_table).view(-1, H)
+    n = grid[0] * grid[1]
+    theirs = table[attn.relative_position_index.view(-1)].view(n, n, H).permute(2, 0, 1)
+    theirs = (16 * torch.sigmoid(theirs)).numpy()
+  assert np.ptp(theirs) > 1.0
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# --- translation invariance -------------------------------------------------------
+
+@pytest.mark.parametrize("name,geometry", [
+    ("rel_bias", Geometry.seq(40, num_prefix=1)), ("alibi", Geometry.seq(12)),
+    ("rel_bias", GRID), ("alibi", GRID), ("cpb", GRID), ("cpb", Geometry.grid(5, 6))])
+def test_bias_depends_only_on_offset(name, geometry):
+  enc = randomize(build(name, geometry if name != "cpb" else GRID), scale=0.3)
+  bias = positions(bias_of(enc, geometry, 0), geometry)
+  coords = np.asarray(geometry.coords())
+  offsets = (coords[:, None, :] - coords[None, :, :]).reshape(-1, geometry.ndim)
+  _, first, group = np.unique(offsets, axis=0, return_index=True, return_inverse=True)
+  flat = bias.reshape(H, -1)
+  # Every pair takes the value of the first pair with its offset: any shift, same bias.
+  np.testing.assert_array_equal(flat, flat[:, first[group.reshape(-1)]])
+  assert len(np.unique(flat[:, first], axis=1)) > 1  # and the bias does vary with offset
+
+
+# --- alibi ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 6, 8, 12, 16])
+def test_alibi_slopes_follow_paper(num_heads):
+  ours = alibi_slopes(num_heads)
+  np.testing.assert_allclose(ours, _get_alibi_slopes(num_heads, "cpu").numpy(), rtol=1e-6)
+  if num_heads & (num_heads - 1) == 0:  # power of 2: 2**(-8 i / H)
+    np.testing.assert_allclose(ours, 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads))
+
+
+def test_alibi_slopes_non_power_of_two():
+  # H = 6: the 4-head slopes 2^-2, 2^-4, 2^-6, 2^-8, then 8-head slopes 1 and 3: 2^-1, 2^-3.
+  expected = [2.0 ** (-8 * i / 4) for i in (1, 2, 3, 4)] + [2.0 ** (-8 * i / 8) for i in (1, 3)]
+  np.testing.assert_allclose(alibi_slopes(6), expected)
+
+
+def test_alibi_matches_closed_form():
+  enc = build("alibi")
+  slopes = 2.0 ** (-8.0 * np.arange(1, H + 1) / H)
+  coords = np.asarray(GRID.coords(), np.float64)
+  euclid = np.linalg.norm(coords[:, None] - coords[None], axis=-1)
+  np.testing.assert_allclose(positions(bias_of(enc, GRID, 0), GRID),
+                             -slopes[:, None, None] * euclid, rtol=1e-6)
+  i = np.arange(SEQ.shape[0])
+  np.testing.assert_allclose(positions(bias_of(enc, SEQ, 0), SEQ),
+                             -slopes[:, None, None] * np.abs(i[:, None] - i[None]), rtol=1e-6)
+
+
+# --- cpe ------------------------------------------------------------------------
+
+def grid_input(geometry, seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(2, geometry.num_tokens, C)), dtype)
+
+
+def test_cpe_matches_torch_depthwise_conv():
+  enc = randomize(build("cpe"))
+  geometry = Geometry.grid(5, 6, num_prefix=2)
+  x = grid_input(geometry)
+  out = np.asarray(peg_of(enc, x, geometry))
+  np.testing.assert_array_equal(out[:, :2], np.asarray(x)[:, :2])  # prefix passes through
+  grid = torch.from_numpy(np.asarray(x)[:, 2:].reshape(2, 5, 6, C)).permute(0, 3, 1, 2)
+  kernel = torch.from_numpy(np.asarray(enc.kernel[...]).transpose(3, 2, 0, 1).copy())
+  bias = torch.from_numpy(np.asarray(enc.bias[...]))
+  conv = torch.nn.functional.conv2d(grid, kernel, bias, padding=1, groups=C)
+  expected = (grid + conv).permute(0, 2, 3, 1).reshape(2, 30, C).numpy()
+  np.testing.assert_allclose(out[:, 2:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpe_translation_equivariant_away_from_borders():
+  enc = randomize(build("cpe"))
+  geometry, (h, w), (sy, sx) = Geometry.grid(7, 8), (7, 8), (1, 2)
+  x = grid_input(geometry)
+  shifted = jnp.roll(x.reshape(2, h, w, C), (sy, sx), axis=(1, 2)).reshape(x.shape)
+  out = np.asarray(peg_of(enc, x, geometry)).reshape(2, h, w, C)
+  out_shifted = np.asarray(peg_of(enc, shifted, geometry)).reshape(2, h, w, C)
+  # Interior of the shifted grid whose 3x3 windows touch neither border nor wrap.
+  np.testing.assert_allclose(out_shifted[:, sy + 1:h - 1, sx + 1:w - 1],
+                             out[:, 1:h - 1 - sy, 1:w - 1 - sx], rtol=1e-6, atol=1e-6)
+  # At the border the zero padding breaks equivariance: that is where position enters.
+  assert not np.allclose(out_shifted[:, sy:sy + 1, sx:], out[:, :1, :w - sx], atol=1e-3)
+
+
+@pytest.mark.parametrize("layers", [(0,), (0, 2)])
+def test_cpe_acts_only_in_chosen_layers(layers):
+  enc = randomize(build("cpe", layers=layers))
+  x = grid_input(GRID)
+  peg = lambda v: peg_of(enc, v, GRID)  # noqa: E731
+  for layer in range(3):  # Python ints
+    got = peg_of(enc, x, GRID, layer)
+    np.testing.assert_array_equal(got, peg(x) if layer in layers else x)
+  traced = nnx.jit(lambda e, v, layer: e.after_block(v, GRID, layer))
+  for layer in range(3):  # traced scalar under jit
+    np.testing.assert_allclose(traced(enc, x, jnp.int32(layer)),
+                               peg(x) if layer in layers else x, rtol=1e-6, atol=1e-6)
+
+  @nnx.jit
+  def scanned(e, v):  # blocks under scan: the layer is a traced loop index
+    step = lambda carry, layer: (e.after_block(carry, GRID, layer), None)  # noqa: E731
+    return jax.lax.scan(step, v, jnp.arange(3))[0]
+
+  expected = x
+  for layer in range(3):
+    expected = peg_of(enc, expected, GRID, layer)
+  assert not np.allclose(expected, x)
+  np.testing.assert_allclose(scanned(enc, x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- errors ---------------------------------------------------------------------
+
+def test_clear_errors():
+  with pytest.raises(ValueError, match=r"'cpe'.*2D.*not 1D 9.*rel_bias"):
+    build("cpe").after_block(jnp.zeros((1, 10, C)), SEQ, 0)
+  with pytest.raises(ValueError, match=r"'cpe'.*2D"):
+    build("cpe", SEQ)
+  with pytest.raises(ValueError, match=r"'cpb'.*2D.*not 1D"):
+    build("cpb", SEQ)
+  with pytest.raises(ValueError, match=r"larger .*5x4.*posenc.transfer"):
+    build("rel_bias").attention_bias(Geometry.grid(5, 4), 0)
+  with pytest.raises(ValueError, match=r"built for 2D 3x4.*cannot serve 1D"):
+    build("rel_bias").attention_bias(SEQ, 0)
+  with pytest.raises(ValueError, match=r"layer 3 is out of range for 3"):
+    build("rel_bias", per_layer=True).attention_bias(GRID, 3)
+  with pytest.raises(ValueError, match=r"layers=\(5,\).*num_layers=3"):
+    build("cpe", layers=(5,))
+  with pytest.raises(ValueError, match=r"even num_buckets"):
+    build("rel_bias", SEQ, num_buckets=7)
+  with pytest.raises(ValueError, match=r"'rel_bias' needs geometry"):
+    make("rel_bias", num_heads=H, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"num_heads >= 1"):
+    make("alibi", num_heads=0)
+
+
+# --- jit, gradients, bfloat16 -----------------------------------------------------
+
+CASES = [("rel_bias", GRID, [GRID, Geometry.grid(2, 3)]),
+         ("rel_bias", SEQ, [SEQ, Geometry.seq(300, num_prefix=1)]),
+         ("cpb", GRID, [GRID, Geometry.grid(6, 5, num_prefix=2)]),
+         ("alibi", GRID, [GRID, Geometry.grid(6, 5)]),
+         ("alibi", SEQ, [SEQ, Geometry.seq(20)])]
+
+
+@pytest.mark.parametrize("name,built,geometries", CASES)
+def test_bias_jit_finite_and_differentiable(name, built, geometries):
+  enc = build(name, built, per_layer=True) if name != "alibi" else build(name, built)
+  for geometry in geometries:
+    weights = jnp.asarray(np.random.default_rng(0).normal(
+        size=(H, geometry.num_tokens, geometry.num_tokens)), jnp.float32)
+
+    def loss(e, layer):
+      bias = e.attention_bias(geometry, layer)
+      return jnp.sum(bias * weights), bias
+
+    grads, bias = nnx.jit(nnx.grad(loss, has_aux=True))(enc, jnp.int32(1))
+    assert bias.shape == weights.shape and bias.dtype == jnp.float32
+    assert np.isfinite(np.asarray(bias)).all()
+    leaves = jax.tree.leaves(grads)
+    assert (not leaves) == (name == "alibi")  # alibi has no parameters
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert all(np.abs(np.asarray(g)).sum() > 0 for g in leaves)
+
+
+@pytest.mark.parametrize("name,built", [("rel_bias", GRID), ("rel_bias", SEQ), ("cpb", GRID)])
+def test_bias_bf16_params_give_float32_bias(name, built):
+  f32 = randomize(build(name, built), scale=0.3)
+  bf16 = randomize(build(name, built, param_dtype=jnp.bfloat16), scale=0.3)
+  bias = nnx.jit(lambda e: e.attention_bias(built, 0))(bf16)
+  assert bias.dtype == jnp.float32
+  np.testing.assert_allclose(bias, bias_of(f32, built, 0), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpe_jit_dtypes_and_gradients(dtype):
+  enc = randomize(build("cpe", param_dtype=dtype))
+  reference = randomize(build("cpe"))
+  for geometry in [GRID, Geometry.grid(9, 7, num_prefix=0)]:
+    x = grid_input(geometry).astype(dtype)
+
+    def loss(e, v):
+      out = e.after_block(v, geometry, jnp.int32(0))
+      return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+    (grads, dx), out = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))(enc, x)
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               peg_of(reference, x.astype(jnp.float32), geometry),
+                               rtol=5e-2, atol=1e-1)
+    assert dx.dtype == dtype
+    for g in [*jax.tree.leaves(grads), dx]:
+      g = np.asarray(g, np.float32)
+      assert np.isfinite(g).all() and np.abs(g).sum() > 0
