@@ -21,6 +21,7 @@ from flax import nnx
 
 from posenc.encodings.base import Encoding, Geometry, pad_prefix_bias
 from posenc.encodings.registry import register
+from posenc.resize import resize_table
 
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
@@ -151,6 +152,13 @@ class RelativeBias(Encoding):
       index = table_index(geometry, self.built.shape)
     bias = jnp.take(table.T.astype(jnp.float32), index, axis=1, mode="clip")
     return pad_prefix_bias(bias, geometry)
+
+  def transfer(self, params, source, target, options):
+    """2D: resample the ``(2h-1) x (2w-1)`` table (Swin); 1D buckets fit any length."""
+    if source.ndim == 1:
+      return params
+    return {"table": resize_table(params["table"], source.shape, target.shape,
+                                  method=options.method, antialias=options.antialias)}
 
 
 @register("cpb")
