@@ -16,6 +16,11 @@ import ml_collections
 from posenc import encodings
 
 MESH_AXES = ("data", "fsdp", "model")
+FIELDS = frozenset({
+    "model", "model_options", "posenc", "posenc_options", "dtype", "dataset", "image_size",
+    "patch_size", "max_len", "eval_image_sizes", "batch_size", "eval_batch_size", "total_steps",
+    "warmup_steps", "lr", "weight_decay", "grad_clip_norm", "posenc_lr_mult", "seed", "log_every",
+    "eval_every", "checkpoint_every", "keep_checkpoints", "init_from", "mesh", "logical_axis_rules"})
 DTYPES = ("float32", "bfloat16")
 # Model families and the input dimensionality their encodings must support.
 FAMILIES = {"vit": 2, "bert": 1}
@@ -63,12 +68,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     node = config
     for p in parents:
       node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    open_dict = bool(parents) and parents[-1].endswith("_options")  # model/posenc kwargs
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_dict):
       raise ConfigError(f"config has no field '{key}'; fields: {', '.join(sorted(config))}.")
     value = _parse_value(text)
-    if isinstance(node[leaf], float) and isinstance(value, int):
+    if isinstance(node.get(leaf), float) and isinstance(value, int):
       value = float(value)
-    if isinstance(node[leaf], tuple) and isinstance(value, (int, list)):
+    if isinstance(node.get(leaf), tuple) and isinstance(value, (int, list)):
       value = tuple(value) if isinstance(value, list) else (value,)
     try:
       node[leaf] = value
@@ -203,6 +209,11 @@ def _check_dataset(config, family: str) -> None:
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
              check_dataset: bool = True) -> tuple[int, ...]:
   """Raise ``ConfigError`` for the first problem found; return the resolved mesh shape."""
+  unknown = sorted(set(config) - FIELDS) + [f"mesh.{k}" for k in sorted(set(config.mesh) - set(MESH_AXES))]
+  missing = sorted(FIELDS - set(config))
+  if unknown or missing:
+    raise ConfigError(f"config has unknown field(s) {unknown} / lacks field(s) {missing}; the fields "
+                      f"are: {', '.join(sorted(FIELDS))} (mesh: {', '.join(MESH_AXES)}).")
   family = model_family(config.model)
   _check_encoding(config, FAMILIES[family])
   _check_geometry(config, family)

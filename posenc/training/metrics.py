@@ -16,19 +16,39 @@ from tqdm import tqdm
 class MetricLogger:
   """``log(step, metrics, prefix)`` writes one record to every sink."""
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool = True):
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.tb_dir = os.path.join(workdir, "tb")
     self._last = (start_step, time.perf_counter())
+    self._bar = None  # started by the first advance(), after compilation, so the ETA is honest
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
     self._tb = SummaryWriter(self.tb_dir)
+    self._total = total_steps
+
+  @property
+  def started(self) -> bool:
+    return not self.enabled or self._bar is not None
+
+  def _start_bar(self, step: int) -> None:
     tty = sys.stderr.isatty()
-    self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+    self._bar = tqdm(total=self._total, initial=step, unit="step", dynamic_ncols=True,
                      mininterval=0.5 if tty else 30.0, smoothing=0.1)
+
+  def drop_after(self, step: int) -> None:
+    """On resume: forget JSONL records of steps after ``step`` (they will be redone)."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    with open(self.jsonl_path, encoding="utf-8") as f:
+      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.jsonl_path, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+    self._last = (step, time.perf_counter())
 
   def print(self, message: str) -> None:
     if self.enabled:
@@ -36,8 +56,11 @@ class MetricLogger:
 
   def advance(self, step: int) -> None:
     """Move the progress bar to ``step``."""
-    if self.enabled:
-      self._bar.update(step - self._bar.n)
+    if not self.enabled:
+      return
+    if self._bar is None:
+      self._start_bar(step)
+    self._bar.update(step - self._bar.n)
 
   def restart_clock(self, step: int) -> None:
     self._last = (step, time.perf_counter())
@@ -52,7 +75,8 @@ class MetricLogger:
       if step > last_step:
         record["train/steps_per_sec"] = (step - last_step) / (now - last_time)
       self._last = (step, now)
-      self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+      if self._bar is not None:
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
     else:
       self.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
     for k, v in record.items():
@@ -62,6 +86,7 @@ class MetricLogger:
 
   def close(self) -> None:
     if self.enabled:
-      self._bar.close()
+      if self._bar is not None:
+        self._bar.close()
       self._tb.close()
       self._jsonl.close()

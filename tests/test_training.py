@@ -1,0 +1,383 @@
+"""Training: config validation, sharding rules, optimizer, checkpoints, and end-to-end runs.
+
+End-to-end runs use train.py in subprocesses (as a user would) on tiny models:
+kill-and-resume must give bit-identical parameters, 1 and 8 devices the same loss
+curve, and two processes (jax.distributed on 127.0.0.1, gloo) the same run again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from posenc.training import ConfigError, NonFiniteLossError, train, validate
+from posenc.training import checkpoint as ckpt_lib
+from posenc.training import config as config_lib
+from posenc.training import distributed, optim, sharding
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = ("model_options.width=32,model_options.depth=2,model_options.num_heads=2,"
+            "model_options.mlp_dim=64,patch_size=7,batch_size=32,eval_batch_size=1000,"
+            "total_steps=12,warmup_steps=2,log_every=1,eval_every=0,checkpoint_every=4")
+TINY_BERT = ("model_options.width=32,model_options.depth=2,model_options.num_heads=2,"
+             "model_options.mlp_dim=64,max_len=32,batch_size=16,eval_batch_size=256,"
+             "total_steps=8,warmup_steps=2,log_every=1,eval_every=0,checkpoint_every=4")
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_get_config_short_overrides_and_presets():
+  c = load_config("vit_tiny", "full,posenc=rope_mixed,eval_image_sizes=(14,28),lr=1,mesh.data=2")
+  base = load_config("vit_tiny")
+  assert c.posenc == "rope_mixed" and c.eval_image_sizes == (14, 28) and c.mesh.data == 2
+  assert c.lr == 1.0 and isinstance(c.lr, float)
+  assert c.total_steps > base.total_steps  # the full-length preset
+  with pytest.raises(ConfigError, match="'lrr'"):
+    load_config("vit_tiny", "lrr=1")
+  with pytest.raises(ConfigError, match="'total_steps'"):
+    load_config("vit_tiny", "total_steps=many")
+  with pytest.raises(ConfigError, match="preset 'fast'"):
+    load_config("vit_tiny", "fast")
+
+
+def test_every_config_field_is_documented():
+  for name in ("vit_tiny", "bert_small"):
+    source = (REPO / "configs" / f"{name}.py").read_text()
+    config = load_config(name)
+    assert set(config) == config_lib.FIELDS
+    for field in config:
+      line = next(l for l in source.splitlines() if l.strip().startswith(f"c.{field} ="))
+      assert "#" in line, f"{name}: field {field} has no comment"
+
+
+@pytest.mark.parametrize("name,arg,field", [
+    ("vit_tiny", "posenc=bogus", "'posenc'"),
+    ("vit_tiny", "posenc=sinusoidal", "'posenc'"),          # 1D-only encoding on a ViT
+    ("bert_small", "posenc=cpe", "'posenc'"),               # 2D-only encodings on BERT
+    ("bert_small", "posenc=rope_mixed", "'posenc'"),
+    ("bert_small", "posenc=sincos2d", "'posenc'"),
+    ("vit_tiny", "patch_size=5", "'patch_size'"),
+    ("vit_tiny", "eval_image_sizes=(30,)", "'patch_size'"),
+    ("vit_tiny", "batch_size=12", "'batch_size'"),          # 8 devices
+    ("vit_tiny", "total_steps=-5", "'total_steps'"),
+    ("vit_tiny", "warmup_steps=-1", "'warmup_steps'"),
+    ("vit_tiny", "checkpoint_every=-1", "'checkpoint_every'"),
+    ("vit_tiny", "lr=0", "'lr'"),
+    ("vit_tiny", "mesh.model=3", "'mesh'"),
+    ("vit_tiny", "mesh.model=2,mesh.fsdp=2,mesh.data=1", "'mesh'"),
+    ("vit_tiny", "dtype=float16", "'dtype'"),
+    ("vit_tiny", "dataset=text", "'dataset'"),
+    ("vit_tiny", "init_from=/no/such/run", "'init_from'"),
+    ("vit_tiny", "posenc_options.no_such_option=1", "'posenc_options'"),
+    ("bert_small", "max_len=0", "'max_len'"),
+])
+def test_bad_config_gives_one_clear_error(name, arg, field):
+  config = load_config(name, arg)
+  with pytest.raises(ConfigError, match=field):
+    validate(config, num_devices=8)
+
+
+def test_good_configs_validate_and_resolve_the_mesh():
+  assert validate(load_config("vit_tiny"), num_devices=8) == (8, 1, 1)
+  assert validate(load_config("bert_small", "mesh.model=2,mesh.fsdp=2"), num_devices=8) == (2, 2, 2)
+  assert validate(load_config("vit_tiny", "batch_size=12"), num_devices=4) == (4, 1, 1)
+
+
+def test_cli_prints_config_error_without_traceback(tmp_path):
+  out = run_train(["--config=configs/vit_tiny.py:patch_size=5", f"--workdir={tmp_path}/w"], 1)
+  assert out.returncode == 2
+  assert "patch_size" in out.stderr and "Traceback" not in out.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- mesh, optimizer
+
+
+def test_logical_rules_shard_what_divides_and_never_reuse_an_axis():
+  mesh = sharding.make_mesh((2, 2, 2))
+  rules = load_config("vit_tiny").logical_axis_rules
+  P = jax.sharding.PartitionSpec
+  assert sharding.logical_to_spec(("embed", "mlp"), (64, 256), rules, mesh) == P("fsdp", "model")
+  assert sharding.logical_to_spec(("embed", "heads", "kv"), (64, 3, 16), rules, mesh) == P("fsdp", None, None)
+  assert sharding.logical_to_spec(("embed", "embed"), (64, 64), rules, mesh) == P("fsdp", None)
+  assert sharding.logical_to_spec(("posn", "embed"), (49, 64), rules, mesh) == P(None, "fsdp")
+  assert sharding.logical_to_spec(None, (5,), rules, mesh) == P()
+  batch = sharding.global_batch({"x": np.arange(48).reshape(16, 3)}, sharding.batch_sharding(mesh, rules))
+  assert batch["x"].sharding.spec == P(("data", "fsdp"), None)
+  np.testing.assert_array_equal(batch["x"], np.arange(48).reshape(16, 3))
+
+
+def _opt_config(**kw):
+  c = load_config("vit_tiny")
+  for k, v in {"lr": 1e-2, "warmup_steps": 3, "total_steps": 10, **kw}.items():
+    c[k] = v
+  return c
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_zero():
+  c = _opt_config()
+  schedule = optim.make_schedule(c)
+  for t in range(11):
+    want = c.lr * t / 3 if t < 3 else 0.5 * c.lr * (1 + math.cos(math.pi * (t - 3) / 7))
+    np.testing.assert_allclose(schedule(t), want, rtol=1e-6, atol=1e-12)
+
+
+def test_posenc_lr_mult_scales_exactly_the_posenc_updates():
+  rng = np.random.default_rng(0)
+  params = {"posenc": {"table": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+            "w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+
+  def updates(mult):
+    tx = optim.make_optimizer(_opt_config(posenc_lr_mult=mult, grad_clip_norm=0.0))
+    state = tx.init(params)
+    for _ in range(4):  # past warmup
+      u, state = tx.update(grads, state, params)
+    return u
+
+  one, tenth = updates(1.0), updates(0.1)
+  np.testing.assert_allclose(tenth["posenc"]["table"], 0.1 * one["posenc"]["table"], rtol=1e-6)
+  np.testing.assert_array_equal(tenth["w"], one["w"])
+  np.testing.assert_array_equal(tenth["b"], one["b"])
+
+
+def test_weight_decay_hits_matrices_only():
+  params = {"posenc": {"table": jnp.ones((4, 3))}, "w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  c = _opt_config(weight_decay=0.5, warmup_steps=0)
+  tx = optim.make_optimizer(c)
+  u, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(u["w"], -c.lr * 0.5 * np.ones((3, 3)), rtol=1e-6)
+  np.testing.assert_array_equal(u["b"], 0.0)
+  np.testing.assert_array_equal(u["posenc"]["table"], 0.0)
+
+
+def test_cluster_detection():
+  assert not distributed.cluster_detected({})
+  assert distributed.cluster_detected({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert distributed.cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+  assert not distributed.cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
+  assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a"})
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _toy_state(scale: float, n: int = 3) -> dict:
+  return {"step": jnp.int32(0), "params": {"posenc": {"table": jnp.full((n, 2), scale)},
+                                         "w": jnp.full((2,), scale)},
+          "opt_state": {"mu": jnp.full((2,), -scale)}, "model_state": {"key": jax.random.key(1)}}
+
+
+def test_checkpointer_keeps_last_k_and_best_and_restores_iterator(tmp_path):
+  data_iter = iter(grain.MapDataset.range(100).to_iter_dataset())
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+  accuracies = {2: 0.9, 4: 0.5, 5: 0.6}
+  for step in range(1, 6):
+    next(data_iter)
+    acc = accuracies.get(step)
+    ck.save(step, _toy_state(step), data_iter, {"config": {"step": step}},
+            metrics=None if acc is None else {"accuracy": acc, "loss": 1.0})
+  ck.wait()
+  assert ck.manager.all_steps() == [2, 4, 5]  # the last two, and the best (step 2)
+
+  fresh = iter(grain.MapDataset.range(100).to_iter_dataset())
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _toy_state(0.0))
+  restored = ck.restore(4, abstract, fresh)
+  assert next(fresh) == 4  # the iterator continues after the 4 elements seen by step 4
+  np.testing.assert_array_equal(restored["params"]["posenc"]["table"], np.full((3, 2), 4.0))
+  np.testing.assert_array_equal(restored["opt_state"]["mu"], np.full((2,), -4.0))
+  assert ck.meta(4) == {"config": {"step": 4}}
+
+  wrong = jax.tree.map(ocp.utils.to_shape_dtype_struct, _toy_state(0.0, n=5))
+  with pytest.raises(ConfigError, match=r"posenc/table': stored \(3, 2\), wanted \(5, 2\).*init_from"):
+    ck.restore(4, wrong, fresh)
+  ck.close()
+
+
+def test_restore_params_transfers_only_changed_leaves(tmp_path):
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
+  ck.save(7, _toy_state(3.0), iter(grain.MapDataset.range(4).to_iter_dataset()),
+          {"config": {"image_size": 28}})
+  ck.wait()
+  mesh = sharding.make_mesh((8, 1, 1))
+  rep = sharding.replicated(mesh)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                        _toy_state(0.0, n=5)["params"])
+  with pytest.raises(ConfigError, match=r"init_from.*posenc/table': stored \(3, 2\), wanted \(5, 2\)"):
+    ck.restore_params(7, target)
+  seen = {}
+
+  def transfer(params, source_config, abstract):
+    seen.update(shape=params["posenc"]["table"].shape, config=source_config)
+    table = jnp.pad(params["posenc"]["table"], ((0, 2), (0, 0)))  # any rule of the right shape
+    return {**params, "posenc": {"table": table}}
+
+  params, changed = ck.restore_params(7, target, transfer)
+  assert changed == ["posenc/table"] and seen == {"shape": (3, 2), "config": {"image_size": 28}}
+  np.testing.assert_array_equal(params["posenc"]["table"][:3], np.full((3, 2), 3.0))
+  np.testing.assert_array_equal(params["w"], np.full((2,), 3.0))
+  assert params["w"].sharding == rep
+  ck.close()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def run_train(args: list[str], devices: int, *, wait: bool = True, extra_env: dict | None = None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(extra_env or {})}
+  cmd = [sys.executable, str(REPO / "train.py"), *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def kill_after_checkpoint(procs: list, workdir: Path, step: int) -> None:
+  """SIGKILL ``procs`` as soon as checkpoint ``step`` is committed (renamed into place)."""
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / str(step)).is_dir():
+    assert time.time() < deadline and all(p.poll() is None for p in procs), [
+        p.communicate()[0][-3000:] for p in procs if p.poll() is not None]
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  for p in procs:
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def read_params(workdir: Path, step: int) -> dict:
+  path = (workdir / "checkpoints" / str(step) / "params").resolve()
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def train_losses(workdir: Path) -> np.ndarray:
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return np.array([r["train/loss"] for r in records if "train/loss" in r])
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The reference: tiny ViT, 12 steps on 8 devices, no interruption."""
+  workdir = tmp_path_factory.mktemp("vit") / "a"
+  out = run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={workdir}"], 8)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out
+
+
+@pytest.mark.slow
+def test_vit_run_logs_evaluates_and_checkpoints(uninterrupted):
+  workdir, out = uninterrupted
+  assert f"workdir: {workdir}" in out.stdout and "final: loss=" in out.stdout
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 13))
+  test = [r for r in records if "test/accuracy" in r]
+  assert len(test) == 1 and 0.3 < test[0]["test/accuracy"] <= 1.0  # 10 classes: chance is 0.1
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 12]
+  losses = train_losses(workdir)
+  assert np.all(np.isfinite(losses)) and losses[-3:].mean() < losses[:3].mean()
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_bit_identical_params(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  args = [f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}"]
+  kill_after_checkpoint([run_train(args, 8, wait=False)], tmp_path, 4)
+  out = run_train(args, 8)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resuming from" in out.stdout + out.stderr
+  want, got = read_params(reference, 12), read_params(tmp_path, 12)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  np.testing.assert_array_equal(train_losses(tmp_path), train_losses(reference))
+
+
+@pytest.mark.slow
+def test_one_device_gives_the_same_loss_curve_as_eight(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  out = run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}"], 1)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "over 1 devices" in out.stdout + out.stderr
+  np.testing.assert_allclose(train_losses(tmp_path), train_losses(reference), rtol=2e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4),
+               read_params(tmp_path, 12), read_params(reference, 12))
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume(uninterrupted, tmp_path):
+  reference, _ = uninterrupted
+  port = free_port()
+
+  def launch():
+    return [run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}",
+                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                       f"--process_id={i}"], 2, wait=False) for i in range(2)]
+
+  kill_after_checkpoint(launch(), tmp_path, 4)
+  procs = launch()
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+  assert "Resuming from" in outs[0] and "2 process(es)" in outs[0]
+  data_state = tmp_path / "checkpoints" / "12" / "data"
+  assert {p.name for p in data_state.glob("process_*.json")} == {"process_0-of-2.json",
+                                                                  "process_1-of-2.json"}
+  # Two processes x 2 devices read the same global batches as one process x 8 devices.
+  np.testing.assert_allclose(train_losses(tmp_path), train_losses(reference), rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = load_config("vit_tiny", TINY_VIT + ",lr=1e30,warmup_steps=1,checkpoint_every=1,"
+                       "grad_clip_norm=0")
+  with pytest.raises(NonFiniteLossError, match="non-finite at step") as info:
+    train(config, str(tmp_path))
+  failed = int(str(info.value).split("non-finite at step ")[1].split()[0])
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=1, read_only=True)
+  last = ck.latest_step()
+  assert last is not None and last < failed and f"checkpoints/{last}" in str(info.value)
+  params = read_params(tmp_path, last)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_bert_mlm_run(tmp_path):
+  results = train(load_config("bert_small", TINY_BERT), str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert len(losses) == 8 and np.all(np.isfinite(losses))
+  assert losses[0] > math.log(30522) - 1.0 and losses[-1] < losses[0]  # starts near chance, learns
+  assert 0.0 <= results["accuracy"] <= 1.0 and np.isfinite(results["loss"])
+  assert results["loss"] < math.log(30522)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 8]

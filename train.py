@@ -1,0 +1,53 @@
+"""Train a model: ``python train.py --config=configs/vit_tiny.py [--workdir=DIR] [--config.FIELD=V]``.
+
+Resumes automatically from the latest checkpoint in the workdir. Multi-host:
+runs ``jax.distributed.initialize`` when a cluster is detected (see
+posenc/training/distributed.py) or when --coordinator_address is given.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from posenc.training import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':preset,field=value,...' (e.g. "
+    "configs/vit_tiny.py:full,posenc=rope_mixed).", lock_config=False,
+    accept_new_attributes=True)  # e.g. --config.posenc_options.base=100; unknown fields: ConfigError
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/. Default: "
+                    "runs/<config>-<posenc>-<size>.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if logging.get_verbosity() == logging.INFO and "--verbosity" not in " ".join(sys.argv):
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+  from posenc.training import ConfigError, NonFiniteLossError, default_workdir, train
+  config = FLAGS.config
+  try:
+    workdir = FLAGS.workdir or default_workdir(config, config_flags.get_config_filename(FLAGS["config"]))
+    print(f"workdir: {workdir}", flush=True)
+    results = train(config, workdir)
+  except ConfigError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(str(e), file=sys.stderr)
+    return 1
+  print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
