@@ -71,7 +71,7 @@ def resolve_split(dataset: str, split: str) -> str:
   table = SPLITS.get(dataset, {})
   if split in table:
     return table[split]
-  if dataset in SPLITS and split not in ("train", "test") and "[" not in split and "+" not in split:
+  if dataset in SPLITS and "[" not in split and "+" not in split:
     raise ValueError(f"Unknown split {split!r} of {dataset!r}: use one of {sorted(table)} or a "
                      "TFDS split string such as 'train[:1000]'.")
   return split
@@ -109,13 +109,12 @@ def builder(dataset: str, directory: str | None = None, source_dir: str | None =
     make = functools.partial(OURS[dataset], data_dir=directory)
     source_dir = source_dir or (fashion_mnist_dir() if dataset == "fashion_mnist" else debian_dir())
   else:
-    try:
-      make = functools.partial(tfds.builder, dataset, data_dir=directory)
-      make()
-    except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f"Unknown dataset {dataset!r}: use 'fashion_mnist', 'text' or a TFDS "
-                       f"dataset name (see tfds.list_builders()).") from e
-  b = make()
+    make = functools.partial(tfds.builder, dataset, data_dir=directory)
+  try:
+    b = make()
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"Unknown dataset {dataset!r}: use 'fashion_mnist', 'text' or a TFDS "
+                     f"dataset name (see tfds.list_builders()).") from e
   if b.is_prepared():
     return b
   with _lock(os.path.join(directory, f".{b.name}.lock")):
@@ -134,7 +133,13 @@ def builder(dataset: str, directory: str | None = None, source_dir: str | None =
           "and copy the directory over, or set POSENC_DATA_DIR to where it is prepared.")
     else:
       config = None
-    b.download_and_prepare(file_format="array_record", download_config=config)
+    try:
+      b.download_and_prepare(file_format="array_record", download_config=config)
+    except ImportError as e:  # e.g. TFDS encodes some image datasets with TensorFlow
+      raise RuntimeError(f"Preparing TFDS dataset {dataset!r} needs a package that is not "
+                         f"installed ({e}). Install it (for TensorFlow: `pip install "
+                         "tensorflow-cpu`) or prepare the dataset elsewhere and copy it to "
+                         f"{directory}.") from e
   return b
 
 
@@ -159,6 +164,10 @@ def info(dataset: str, directory: str | None = None) -> DatasetInfo:
   if "image" not in features or "label" not in features:
     raise ValueError(f"Dataset {dataset!r} has features {sorted(features)}; posenc reads image "
                      "datasets with 'image' and 'label' features.")
-  height, width, channels = features["image"].shape
+  shape = features["image"].shape
+  if len(shape) != 3 or None in shape:
+    raise ValueError(f"Dataset {dataset!r} has images of shape {shape}; posenc's pipeline needs "
+                     "one fixed (height, width, channels).")
+  height, width, channels = shape
   return DatasetInfo(name=dataset, splits=splits, num_classes=features["label"].num_classes,
                      channels=channels, image_size=(height, width))

@@ -42,6 +42,7 @@ import math
 import re
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 import PIL.Image
@@ -58,22 +59,19 @@ READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
 class ImageRecords:
-  """Batched reads of a TFDS random-access source with "image" and "label" features."""
+  """Batched reads of a TFDS random-access source with "image" and "label" features
+  (images of one fixed size, as datasets.info checks)."""
 
-  def __init__(self, source, name: str):
-    self.source, self.name = source, name
+  def __init__(self, source):
+    self.source = source
 
   def __len__(self) -> int:
     return len(self.source)
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     records = self.source.__getitems__(indices.tolist())
-    try:
-      return {"image": np.stack([r["image"] for r in records]),
-              "label": np.array([r["label"] for r in records], np.int32)}
-    except KeyError as e:
-      raise ValueError(f"Dataset {self.name!r} has features {sorted(records[0])}; posenc reads "
-                       "image datasets with 'image' and 'label' features.") from e
+    return {"image": np.stack([r["image"] for r in records]),
+            "label": np.array([r["label"] for r in records], np.int32)}
 
 
 class PackedText:
@@ -266,7 +264,8 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
     if max_len is not None:
       raise ValueError(f"max_len is for dataset 'text', not {dataset!r}; use image_size.")
     size = _image_size(image_size)
-    records = ImageRecords(datasets.source(dataset, split, directory), dataset)
+    datasets.info(dataset, directory)  # a clear error unless it has fixed-size images + labels
+    records = ImageRecords(datasets.source(dataset, split, directory))
     mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
     transform = ImagePreprocess(size, mean, std, train if augment is None else bool(augment),
                                 **shard)
@@ -286,5 +285,7 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
              .random_map(transform, seed=seed)
              .to_iter_dataset(READ_OPTIONS))
   if worker_count:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app: defaults
+      flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return batches

@@ -1,0 +1,123 @@
+"""Input pipeline speed vs the CPU train step: does the data ever starve training?
+
+    python benchmarks/data_speed.py            # prints a markdown table
+    python benchmarks/data_speed.py --batches 30 --train-steps 5 --workers 0 2
+
+Columns: `data b/s` = batches/s of the loader alone; `step b/s` = train steps/s of
+the model on a fixed batch (no input pipeline); `loop b/s` = steps/s when the
+loader feeds the step (grain prefetches in a background thread). Training is not
+input-bound when `loop b/s` is close to `step b/s`, i.e. `data b/s` is well above it.
+`first s` = seconds to create the loader and get its first batch (in this process;
+TFDS data already prepared).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import posenc.models  # noqa: E402
+from posenc.data import make_loader  # noqa: E402
+from posenc.training import steps  # noqa: E402
+
+# (dataset, split, train, batch size, image size / max_len, model)
+CASES = [
+    ("fashion_mnist", "train", True, 128, 28, "vit-mu"),
+    ("fashion_mnist", "train", True, 128, 56, "vit-mu"),
+    ("fashion_mnist", "train", True, 128, (28, 40), "vit-mu"),
+    ("fashion_mnist", "test", False, 256, 28, "vit-mu"),
+    ("text", "train", True, 64, 128, "bert-mini"),
+    ("text", "validation", False, 16, 512, "bert-mini"),
+]
+
+
+def batches_for(dataset, split, train, batch_size, size, workers, seed=0):
+  """Endless batches (an eval loader is one pass: it starts again when exhausted)."""
+  key = "max_len" if dataset == "text" else "image_size"
+  while True:
+    yield from make_loader(dataset, split, batch_size=batch_size, train=train, seed=seed,
+                           worker_count=workers, **{key: size})
+
+
+def make_step(model_name, size, batch):
+  """A jitted train step (posenc.training.steps) of `model_name` with learned positions."""
+  if model_name.startswith("vit"):
+    model = posenc.models.create(model_name, posenc="learned", rngs=nnx.Rngs(0), num_classes=10,
+                                 image_size=size, patch_size=4, channels=1)
+  else:
+    model = posenc.models.create(model_name, posenc="learned", rngs=nnx.Rngs(0),
+                                 vocab_size=30522, max_len=size)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(1e-3)
+  state = {"step": 0, "params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
+  state["opt_state"] = tx.init(state["params"])
+  train_step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
+  state, metrics = train_step(state, batch)  # compile
+  jax.block_until_ready(metrics)
+  return train_step, state
+
+
+def rate(fn, n):
+  start = time.perf_counter()
+  for _ in range(n):
+    fn()
+  return n / (time.perf_counter() - start)
+
+
+def run(case, workers, n, train_steps):
+  dataset, split, train, batch_size, size, model_name = case
+  start = time.perf_counter()
+  it = batches_for(dataset, split, train, batch_size, size, workers)
+  batch = next(it)
+  first = time.perf_counter() - start
+  data = rate(lambda: next(it), n)
+  train_step, state = make_step(model_name, size, batch)
+  holder = {"state": state}
+
+  def fixed_step():
+    holder["state"], metrics = train_step(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  step = rate(fixed_step, train_steps)
+  it = batches_for(dataset, split, train, batch_size, size, workers, seed=1)
+  next(it)
+
+  def fed_step():
+    holder["state"], metrics = train_step(holder["state"], next(it))
+    jax.block_until_ready(metrics)
+
+  loop = rate(fed_step, train_steps)
+  mode = "train" if train else "eval"
+  size_text = "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
+  return (f"| {dataset} | {split} ({mode}) | {batch_size} | {size_text} | {workers} | "
+          f"{first:.1f} | {data:.1f} | {model_name} | {step:.2f} | {loop:.2f} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, default=30, help="loader batches timed")
+  parser.add_argument("--train-steps", type=int, default=5, help="train steps timed")
+  parser.add_argument("--workers", type=int, nargs="+", default=[0],
+                      help="grain worker processes to compare (0 = in-process)")
+  parser.add_argument("--cases", nargs="+", type=int, default=list(range(len(CASES))),
+                      help="indices into CASES to run")
+  args = parser.parse_args()
+  print(f"{os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}\n")
+  print("| dataset | split | batch | size / max_len | workers | first s | data b/s | model "
+        "| step b/s | loop b/s |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for case in (CASES[i] for i in args.cases):
+    for workers in args.workers:
+      print(run(case, workers, args.batches, args.train_steps), flush=True)
+
+
+if __name__ == "__main__":
+  main()
