@@ -1,0 +1,154 @@
+"""Measurement primitives for benchmarks/speed.py: compiled steps, FLOPs, memory, interleaved timing.
+
+Every step is compiled ahead of time (``jit(...).lower(...).compile()``) so the
+compile time is measured on its own, and timed one call at a time with
+``block_until_ready``. Steps that are compared are timed in interleaved rounds
+(A B C A B C ...) and summarised by their median, so a load spike from other
+jobs on a shared machine hits every contender alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Stepper = Callable[[], Any]  # runs one step; returns arrays to block on
+
+
+@dataclasses.dataclass
+class Timed:
+  """One compiled computation under test and what was measured about it."""
+
+  name: str
+  call: Stepper
+  compile_s: float
+  items: int                    # images or tokens processed per call
+  flops: float | None = None    # per call, from XLA's cost analysis
+  xla_bytes: int | None = None  # XLA buffer assignment: arguments + outputs + temporaries - donated
+  rss_bytes: int | None = None  # process RSS high-water mark over compile + first call
+  times: list[float] = dataclasses.field(default_factory=list)
+
+  @property
+  def seconds(self) -> float:
+    return statistics.median(self.times)
+
+  @property
+  def rate(self) -> float:
+    return self.items / self.seconds
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def reset_rss_peak() -> bool:
+  """Reset this process's RSS high-water mark (Linux ``clear_refs``); False where unsupported."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def rss_peak_bytes() -> int | None:
+  """This process's RSS high-water mark (``VmHWM``), or None off Linux."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def xla_bytes(compiled) -> int | None:
+  """Bytes XLA assigned to one call of ``compiled`` (None where the backend does not say)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def device_peak_bytes() -> int | None:
+  """Peak device memory in use since start (GPU/TPU allocators report it; CPU does not)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def xla_flops(lowered_or_compiled) -> float | None:
+  """FLOPs XLA's cost analysis counts for one call (a loop body counts once)."""
+  analysis = lowered_or_compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops else None
+
+
+# --------------------------------------------------------------------------- compiling and timing
+
+
+def compile_timed(name: str, jitted, args: tuple, items: int, make_call: Callable[[Any], Stepper],
+                  flops: float | None = None) -> Timed:
+  """Lower + compile ``jitted(*args)`` (timed), run it once, and measure its memory.
+
+  ``make_call(compiled)`` returns the stepper that calls the compiled function
+  with its (possibly donated) state. ``flops`` defaults to XLA's count for the
+  lowered program.
+  """
+  reset_rss_peak()
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  call = make_call(compiled)
+  jax.block_until_ready(call())  # first call: allocation, and warm caches
+  return Timed(name, call, seconds, items, flops if flops is not None else xla_flops(lowered),
+               xla_bytes(compiled), rss_peak_bytes())
+
+
+def time_interleaved(entries: list[Timed], rounds: int, calls_per_round: int = 1,
+                     on_round: Callable[[int], None] | None = None) -> None:
+  """Append per-call seconds to each entry's ``times``, round-robin over ``entries``."""
+  for r in range(rounds):
+    for entry in entries:
+      for _ in range(calls_per_round):
+        start = time.perf_counter()
+        jax.block_until_ready(entry.call())
+        entry.times.append(time.perf_counter() - start)
+    if on_round is not None:
+      on_round(r)
+
+
+def matmul_reference(n: int, dtype=jnp.float32) -> Timed:
+  """A ``[n, n] @ [n, n]`` matmul through ``jax.jit``: the machine's dense-FLOP rate."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  jitted = jax.jit(jnp.matmul)
+  return compile_timed(f"matmul {n}x{n} {jnp.dtype(dtype).name}", jitted, (a, b), n * n,
+                       lambda compiled: lambda: compiled(a, b), flops=2.0 * n ** 3)
+
+
+def machine_lines() -> list[str]:
+  """Where the numbers come from: devices, cores, versions, load, XLA flags."""
+  import flax
+  import jaxlib
+  import optax
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  load = os.getloadavg() if hasattr(os, "getloadavg") else None
+  return [
+      f"devices: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}); host CPU cores: {os.cpu_count()}",
+      f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+      f"flax {flax.__version__}, optax {optax.__version__}",
+      f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '(none)')}",
+      f"load average at start (1/5/15 min): {', '.join(f'{x:.1f}' for x in load) if load else '?'}",
+  ]
