@@ -1,0 +1,98 @@
+"""benchmarks/speed.py --quick runs end to end and writes well-formed, self-consistent tables.
+
+No timing is asserted (speed belongs in the benchmark's own output); the test
+checks that every section ran, that each table is rectangular and complete, and
+that the printed numbers are the ones derived from the recorded measurements.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+  """Every markdown table as rows of stripped cells (header first, separator dropped)."""
+  out, current = [], []
+  for line in markdown.splitlines() + [""]:
+    if line.startswith("|"):
+      current.append([c.strip() for c in line.strip().strip("|").split("|")])
+    elif current:
+      out.append(current)
+      current = []
+  for table in out:
+    assert all(re.fullmatch(r":?-+:?", c) for c in table[1]), table[1]
+    del table[1]
+  return out
+
+
+def number(cell: str) -> float:
+  return float(cell.replace(",", "").split()[0])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("speed")
+  env = dict(os.environ)
+  # The quick run's numbers are not used, so compile for speed instead of runtime.
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick",
+                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout, out
+
+
+@pytest.mark.slow
+def test_speed_quick_writes_well_formed_tables(quick_run):
+  stdout, out = quick_run
+  markdown = (out / "speed.md").read_text()
+  assert stdout.strip() == markdown.strip()
+  assert "shared with other jobs" in markdown
+  found = tables(markdown)
+  assert len(found) == 5, [t[0] for t in found]  # headline, ViT, BERT, eval, restore
+  for table in found:
+    assert len({len(row) for row in table}) == 1, table
+    assert all(cell for row in table for cell in row), table
+  headline, vit, bert, evaluation, restore = found
+  assert [row[0].split()[0] for row in headline[1:]] == ["posenc", "Flax"]
+  assert [row[2] for row in vit[1:]] == ["`learned`", "`none`"]
+  assert [row[2] for row in bert[1:]] == ["`learned`"]
+  assert [row[0] for row in evaluation[1:]] == ["8", "16"]
+  assert restore[1][0] == "`learned`" and "posenc/" in restore[1][2]
+  with open(out / "speed.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_speed_quick_numbers_follow_from_measurements(quick_run):
+  _, out = quick_run
+  markdown = (out / "speed.md").read_text()
+  results = json.loads((out / "speed.json").read_text())
+  vit_group = results["vit"][0]
+  entries = {e["name"]: e for e in vit_group["entries"]}
+  rate = lambda e: e["items"] / statistics.median(e["times"])
+  for e in entries.values():
+    assert len(e["times"]) == 2 and min(e["times"]) > 0  # two interleaved rounds, one call each
+    assert e["flops"] > 0 and e["compile_s"] > 0 and e["xla_bytes"] > 0
+  # Table cells are the medians' rates; the headline ratio is theirs.
+  vit_rows = {row[2]: row for row in tables(markdown)[1][1:]}
+  for name in ("learned", "none"):
+    assert number(vit_rows[f"`{name}`"][3]) == pytest.approx(rate(entries[name]), rel=1e-3, abs=0.06)
+  ratio = float(re.search(r"posenc / linen = ([\d.]+)×", markdown).group(1))
+  expected = rate(entries["learned"]) / rate(entries["Flax linen reference"])
+  assert ratio == pytest.approx(expected, abs=0.006)
+  overhead = number(vit_rows["`learned`"][5].rstrip("%"))
+  none_s = statistics.median(entries["none"]["times"])
+  assert overhead == pytest.approx(100 * (statistics.median(entries["learned"]["times"]) / none_s - 1), abs=0.6)
+  # Both ViTs do the same arithmetic: XLA's FLOP counts agree to within the extras of posenc's
+  # step (gradient clipping, metrics), which are a few elementwise passes over the parameters.
+  ours, linen = entries["learned"]["flops"], entries["Flax linen reference"]["flops"]
+  assert ours == pytest.approx(linen, rel=0.15)
