@@ -27,9 +27,9 @@ def param(init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype, name
 
 
 def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm over ``embed`` with float32 statistics (Flax computes them in >= float32)."""
+  """LayerNorm over ``embed``; statistics in float32 (one fused pass: var = E[x^2] - E[x]^2)."""
   names = {"out_sharding": ("embed",)}
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=True,
                        scale_metadata=names, bias_metadata=names, rngs=rngs)
 
 
@@ -55,7 +55,9 @@ class Attention(nnx.Module):
   The query scale ``1/sqrt(head_dim)`` is folded into the query weights at
   compute time (a ``[D, D]`` multiply instead of a ``[B, H, T, T]`` one). The
   encoding's ``rotate`` therefore sees a scaled query; rotations are linear, so
-  this changes nothing.
+  this changes nothing. Heads are attended one at a time: on CPU, per-head
+  ``[B, T, T]`` matmuls and softmaxes run about 1.5x faster than one batched
+  ``[B, H, T, T]`` einsum (whose operands XLA must transpose), in both passes.
   """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer, bias_init: Initializer,
@@ -78,7 +80,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, layer, mask: jax.Array | None,
                key: jax.Array | None = None) -> jax.Array:
-    """``x [B, T, D]``; ``mask`` broadcastable to ``[B, H, T, T]`` (True = may attend) or None."""
+    """``x [B, T, D]``; ``mask`` broadcastable to ``[B, T, T]`` (True = may attend) or None."""
     dt = self.dtype
     scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None, None]
     w = self.qkv[...].astype(dt) * scale
@@ -86,16 +88,19 @@ class Attention(nnx.Module):
     qkv = jnp.einsum("btd,dshk->btshk", x.astype(dt), w) + b
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = encoding.rotate(q, k, geometry, layer)
-    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
     bias = encoding.attention_bias(geometry, layer)
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    if key is not None:
-      probs = apply_dropout(probs, self.attention_dropout, key)
-    out = jnp.einsum("bhqt,bthk->bqhk", probs, v)
+    heads = []
+    for h in range(self.num_heads):
+      logits = jnp.einsum("bqk,btk->bqt", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32)
+      if bias is not None:
+        logits = logits + bias[h].astype(jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask, logits, MASKED_LOGIT)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      if key is not None:
+        probs = apply_dropout(probs, self.attention_dropout, jax.random.fold_in(key, h))
+      heads.append(jnp.einsum("bqt,btk->bqk", probs, v[:, :, h]))
+    out = jnp.stack(heads, axis=2)
     return jnp.einsum("bqhk,hkd->bqd", out, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
 
 
@@ -152,30 +157,62 @@ class Block(nnx.Module):
     return encoding.after_block(x, geometry, layer)
 
 
-class BlockStack(nnx.Module):
-  """``num_layers`` blocks with parameters stacked on a leading ``layers`` axis, run by ``nnx.scan``.
+@jax.custom_vjp
+def unstack_layers(leaves: list[jax.Array]) -> list[list[jax.Array]]:
+  """Arrays stacked on a leading layer axis -> one list of slices per layer.
 
-  Compile time does not grow with depth. ``unroll`` (an int, or True for all
-  layers) trades compile time for a little speed; the layer index goes into the
-  scan as an int32 so encodings can index their per-layer parameters.
+  Its gradient stacks the per-layer gradients in one op (plain indexing would
+  pad and add a full-size gradient per layer).
+  """
+  return [[a[i] for a in leaves] for i in range(leaves[0].shape[0])]
+
+
+def _unstack_fwd(leaves):
+  return unstack_layers(leaves), None
+
+
+def _unstack_bwd(_, grads):
+  return ([jnp.stack(per_leaf) for per_leaf in zip(*grads)],)
+
+
+unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+class BlockStack(nnx.Module):
+  """``num_layers`` blocks with parameters stacked on a leading ``layers`` axis.
+
+  ``scan_layers=True`` runs them with ``nnx.scan``: compile time does not grow
+  with depth, and the layer index enters as a traced int32 (encodings index
+  their per-layer parameters with it). ``scan_layers=False`` runs a Python loop
+  over per-layer slices (layer index a Python int): longer compiles for deep
+  models, but no scan bookkeeping (stacking residuals and gradients), which
+  makes a CPU train step markedly faster. The parameters are the same either way.
   """
 
-  def __init__(self, num_layers: int, *, rngs: nnx.Rngs, unroll: int | bool = 1, **block_kwargs):
+  def __init__(self, num_layers: int, *, rngs: nnx.Rngs, scan_layers: bool = True, **block_kwargs):
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
       return Block(num_layers=num_layers, rngs=rngs, **block_kwargs)
 
     self.layers = make(rngs)
-    self.num_layers, self.unroll = num_layers, unroll
+    self.num_layers, self.scan_layers = num_layers, scan_layers
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, mask: jax.Array | None,
                key: jax.Array | None) -> jax.Array:
-    keys = None if key is None else jax.random.split(key, self.num_layers)
+    keys = [None] * self.num_layers if key is None else jax.random.split(key, self.num_layers)
+    if not self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      leaves, treedef = jax.tree.flatten(state)
+      for layer, layer_leaves in enumerate(unstack_layers(leaves)):
+        block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
+        x = block(x, encoding, geometry, layer, mask, keys[layer])
+      return x
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=nnx.Carry, unroll=self.unroll,
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run(x, block, layer, key, encoding):
       return block(x, encoding, geometry, layer, mask, key)
 
+    keys = None if key is None else keys
     return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)

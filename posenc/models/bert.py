@@ -34,10 +34,10 @@ BERT_SIZES = {
 
 
 def attention_mask(padding_mask: jax.Array | None, packing_ids: jax.Array | None) -> jax.Array | None:
-  """``[B, 1, L or 1, L]`` bool (True = query may attend to key), or None when nothing is masked."""
-  mask = None if padding_mask is None else padding_mask[:, None, None, :]
+  """``[B, L or 1, L]`` bool (True = query may attend to key), or None when nothing is masked."""
+  mask = None if padding_mask is None else padding_mask[:, None, :]
   if packing_ids is not None:
-    same = packing_ids[:, None, :, None] == packing_ids[:, None, None, :]
+    same = packing_ids[:, :, None] == packing_ids[:, None, :]
     mask = same if mask is None else mask & same
   return mask
 
@@ -57,7 +57,7 @@ class BERT(nnx.Module):
                vocab_size: int = 30522, max_len: int = 512, type_vocab_size: int = 2,
                width: int = 256, depth: int = 4, num_heads: int = 4, mlp_dim: int = 1024,
                pre_ln: bool = False, dropout: float = 0.1, attention_dropout: float = 0.1,
-               ln_eps: float = 1e-12, gelu_approximate: bool = False, unroll: int | bool = 1,
+               ln_eps: float = 1e-12, gelu_approximate: bool = False, scan_layers: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32):
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
       if not 0.0 <= rate < 1.0:
@@ -80,7 +80,7 @@ class BERT(nnx.Module):
     self.blocks = BlockStack(
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=pre_ln, ln_eps=ln_eps,
         gelu_approximate=gelu_approximate, kernel_init=init, bias_init=zeros, dropout=dropout,
-        attention_dropout=attention_dropout, drop_path=0.0, unroll=unroll, dtype=dtype,
+        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     self.final_norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs) if pre_ln else None
     # MLM head (the decoder matrix is token_embed, transposed).

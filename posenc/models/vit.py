@@ -37,7 +37,7 @@ class ViT(nnx.Module):
   ``image_size`` is the size the model is BUILT at (it fixes the geometry given
   to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
   class token, ``pool="gap"`` averages the patch tokens (no class token).
-  ``unroll`` is passed to the layer scan (True = fully unrolled).
+  ``scan_layers``: see ``BlockStack`` (False: a faster CPU step, longer compile).
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
@@ -45,7 +45,7 @@ class ViT(nnx.Module):
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
                pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
-               unroll: int | bool = 1, dtype=jnp.float32, param_dtype=jnp.float32):
+               scan_layers: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
     if pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}.")
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout), ("drop_path", drop_path)):
@@ -72,7 +72,7 @@ class ViT(nnx.Module):
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-6,
         gelu_approximate=gelu_approximate, kernel_init=None,
         bias_init=jax.nn.initializers.normal(1e-6), dropout=dropout, attention_dropout=attention_dropout,
-        drop_path=drop_path, unroll=unroll, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        drop_path=drop_path, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = layer_norm(width, 1e-6, dtype, param_dtype, rngs)
     self.head = param(jax.nn.initializers.truncated_normal(0.02), rngs, (width, num_classes), param_dtype,
                       ("embed", "vocab"))
