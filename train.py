@@ -6,8 +6,10 @@ posenc/training/distributed.py) or when --coordinator_address is given.
 """
 from __future__ import annotations
 
+import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,6 +34,8 @@ def main(argv) -> int:
   if logging.get_verbosity() == logging.INFO and "--verbosity" not in " ".join(sys.argv):
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # resumed runs skip recompiling
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/posenc/jax"))
 
   from posenc.training import ConfigError, NonFiniteLossError, default_workdir, train
   config = FLAGS.config

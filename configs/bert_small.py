@@ -19,10 +19,11 @@ def base() -> ml_collections.ConfigDict:
   c.model_options = ml_collections.ConfigDict(dict(  # extra kwargs for posenc.models.create
       dropout=0.0))
   c.posenc = "learned"            # position encoding (posenc.encodings.names()), 1D-capable
-  c.posenc_options = ml_collections.ConfigDict()  # options of that encoding
+  c.posenc_options = ml_collections.ConfigDict()  # its options: --config.posenc_options.NAME=VALUE
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)
   # --- data ----------------------------------------------------------------------------
   c.dataset = "text"              # the packed, BERT-masked text corpus (WordPiece of MiniLM)
+  c.augment = False               # images only (text masking is always on for training)
   c.max_len = 128                 # tokens per packed row = the length the model is built at
   c.image_size = config_dict.placeholder(int)  # images only (unused for text)
   c.patch_size = config_dict.placeholder(int)  # images only (unused for text)
@@ -30,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
   # --- optimisation ----------------------------------------------------------------------
   c.batch_size = 32               # GLOBAL batch (divisible by mesh data x fsdp and by processes)
   c.eval_batch_size = 64          # GLOBAL eval batch (the last one is padded; padding is masked)
+  c.eval_max_batches = 0          # evaluate on this many batches of the split (0 = all of it)
   c.total_steps = 2000            # optimizer steps
   c.warmup_steps = 200            # linear warmup steps, then cosine decay to 0 at total_steps
   c.lr = 1e-3                     # peak AdamW learning rate
@@ -43,6 +45,11 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500        # steps between async checkpoints (0 = only at the end)
   c.keep_checkpoints = 2          # keep the last K checkpoints (plus the best by MLM accuracy)
   c.init_from = config_dict.placeholder(str)  # start from another run's params (workdir or step dir)
+  c.transfer = ml_collections.ConfigDict(dict(  # how init_from / eval sizes move position params
+      method="bicubic",           # posenc.resize method: bicubic | bicubic_torch | bilinear | ...
+      antialias=True,             # torch's antialias flag (bicubic / bilinear)
+      extend="interpolate",       # learned 1D tables growing to a longer max_len: interpolate | copy
+      interpolate_positions=False))  # RoPE: scale positions into the trained range (else extrapolate)
   # --- devices -------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # axis sizes; -1 = the rest
   c.logical_axis_rules = (        # logical parameter/batch axis -> mesh axes (None = replicated)

@@ -11,20 +11,36 @@ metadata first, so a shape mismatch is a clear error, never a silent re-init.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from posenc.training.config import ConfigError
 
 BEST_METRIC = "accuracy"
+# Orbax splits a replicated array into one slice per replica and writes the slices in
+# parallel; each slice of a new shape costs a compile, seconds of them for a small
+# model on many CPU devices. Only arrays with slices of at least this size are split.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 
-# (restored params, stored-run config, target abstract params) -> params at target shapes.
+# (restored params, stored run's config dict, target abstract params) -> params at the
+# target shapes. Pure and traceable: it runs under jax.jit with the target shardings.
 TransferFn = Callable[[dict, dict, dict], dict]
+
+
+@functools.cache
+def _register_array_handler() -> None:
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that it overrides its default handler
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+  logging.set_verbosity(verbosity)
 
 
 def _name(path) -> str:
@@ -52,6 +68,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    _register_array_handler()
     keep_policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
@@ -121,8 +138,10 @@ class Checkpointer:
     params = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(read)))["params"]
     if changed:
-      params = transfer(params, self.meta(step).get("config", {}), abstract_params)
-    return params, sorted(changed)
+      source = self.meta(step).get("config", {})
+      params = jax.jit(lambda p: transfer(p, source, abstract_params),
+                       out_shardings=jax.tree.map(lambda x: x.sharding, abstract_params))(params)
+    return params, [f"{k} {stored[k]} -> {target[k]}" for k in sorted(changed)]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -17,10 +17,11 @@ from posenc import encodings
 
 MESH_AXES = ("data", "fsdp", "model")
 FIELDS = frozenset({
-    "model", "model_options", "posenc", "posenc_options", "dtype", "dataset", "image_size",
-    "patch_size", "max_len", "eval_image_sizes", "batch_size", "eval_batch_size", "total_steps",
-    "warmup_steps", "lr", "weight_decay", "grad_clip_norm", "posenc_lr_mult", "seed", "log_every",
-    "eval_every", "checkpoint_every", "keep_checkpoints", "init_from", "mesh", "logical_axis_rules"})
+    "model", "model_options", "posenc", "posenc_options", "dtype", "dataset", "augment",
+    "image_size", "patch_size", "max_len", "eval_image_sizes", "batch_size", "eval_batch_size",
+    "eval_max_batches", "total_steps", "warmup_steps", "lr", "weight_decay", "grad_clip_norm",
+    "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "init_from", "transfer", "mesh", "logical_axis_rules"})
 DTYPES = ("float32", "bfloat16")
 # Model families and the input dimensionality their encodings must support.
 FAMILIES = {"vit": 2, "bert": 1}
@@ -166,7 +167,9 @@ def _check_encoding(config, ndim: int) -> None:
     fits = [n for n in names if ndim in encodings.get(n).supported_ndims]
     raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the "
                       f"{ndim}D inputs of model '{config.model}'; choose one of: {', '.join(fits)}.")
-  accepted = set(inspect.signature(cls.__init__).parameters) - {"self"} - encodings.CONTEXT_KEYS
+  params = inspect.signature(cls.__init__).parameters.values()
+  accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+  accepted -= {"self"} | encodings.CONTEXT_KEYS
   unknown = sorted(set(config.posenc_options) - accepted)
   if unknown:
     raise ConfigError(f"config field 'posenc_options': '{config.posenc}' has no option(s) "
@@ -219,8 +222,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   _check_geometry(config, family)
   _positive(config, "total_steps", "batch_size", "eval_batch_size", "lr", "keep_checkpoints")
   _positive(config, "warmup_steps", "weight_decay", "posenc_lr_mult", "grad_clip_norm",
-            "eval_every", "checkpoint_every", "log_every", allow_zero=True)
+            "eval_every", "checkpoint_every", "log_every", "eval_max_batches", allow_zero=True)
   for f in ("total_steps", "warmup_steps", "eval_every", "checkpoint_every", "log_every",
+            "eval_max_batches",
             "batch_size", "eval_batch_size", "keep_checkpoints", "seed"):
     if not isinstance(config[f], int):
       raise ConfigError(f"config field '{f}' must be an int, got {config[f]!r}.")

@@ -8,6 +8,7 @@ all in the checkpoint, and nothing else influences a step.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -16,7 +17,9 @@ import ml_collections
 import numpy as np
 
 from posenc.training import sharding
-from posenc.training.checkpoint import Checkpointer, TransferFn, flat_shapes, resolve_init_from
+from posenc import transfer
+from posenc.training import resolution
+from posenc.training.checkpoint import Checkpointer, flat_shapes, resolve_init_from
 from posenc.training.config import ConfigError, model_family, validate
 from posenc.training.metrics import MetricLogger
 from posenc.training.optim import make_optimizer
@@ -30,7 +33,7 @@ class NonFiniteLossError(RuntimeError):
 
 def _loader(config, split: str, *, train: bool, batch_size: int, image_size=None):
   from posenc import data  # imported late: data builders are heavy
-  geometry = ({"image_size": image_size or config.image_size}
+  geometry = ({"image_size": image_size or config.image_size, "augment": train and config.augment}
               if model_family(config.model) == "vit" else {"max_len": config.max_len})
   return data.make_loader(config.dataset, split, batch_size=batch_size, train=train,
                           seed=config.seed, process_index=jax.process_index(),
@@ -47,14 +50,16 @@ def _eval_splits(info) -> tuple[str, str]:
 class Trainer:
   """One run; ``run()`` trains to ``total_steps`` and returns the final eval metrics."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               transfer: TransferFn | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     from posenc import data
     self.shape = validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    self.config, self.workdir, self.transfer = config, os.path.abspath(workdir), transfer
+    self.transfer_options = resolution.options(config)
+    self.info = data.info(config.dataset)
+    if config.init_from:  # position interpolation (e.g. RoPE scale) for the stored geometry
+      config = resolution.interpolated(config, self._init_from_config(config), self.info)
+    self.config, self.workdir = config, os.path.abspath(workdir)
     self.mesh = sharding.make_mesh(self.shape)
     self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
-    self.info = data.info(config.dataset)
     self.eval_split, self.test_split = _eval_splits(self.info)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     try:  # builds the model abstractly: bad model/encoding options surface here, before compiling
@@ -80,14 +85,29 @@ class Trainer:
     for size in self.config.eval_image_sizes:
       graphdef, params, _ = abstract_params(model_factory(self.config, self.info, image_size=size),
                                             self.rules, self.mesh)
-      changed = flat_shapes(params) != flat_shapes(self.run.abstract["params"])
-      if changed and self.transfer is None:
-        raise ConfigError(f"config field 'eval_image_sizes': '{self.config.posenc}' parameters "
-                          f"change shape at image size {size}; evaluating there needs a transfer "
-                          f"function (posenc.transfer), which this run was not given.")
       shard = jax.tree.map(lambda x: x.sharding, params)
-      out[size] = (self._eval_step(graphdef, shard), params if changed else None)
+      move = None
+      if flat_shapes(params) != flat_shapes(self.run.abstract["params"]):
+        at_size = resolution.as_config(self.config.to_dict())
+        at_size.image_size = size
+        move = resolution.make_transfer(self.config, at_size, self.info, self.transfer_options,
+                                        out_shardings=shard)
+      out[size] = (self._eval_step(graphdef, shard), move)
     return out
+
+  @staticmethod
+  def _init_from_config(config) -> dict:
+    root, step = resolve_init_from(config.init_from)
+    return Checkpointer(root, keep=1, read_only=True).meta(step).get("config", {})
+
+  def _transfer_to_this_model(self, params, source_config: dict, _abstract):
+    """Pure: ``params`` of the run ``source_config`` describes, mapped onto this run's model."""
+    try:
+      return transfer.transfer_params(
+          params, source=resolution.abstract_model(source_config, self.info),
+          target=resolution.abstract_model(self.config, self.info), options=self.transfer_options)
+    except transfer.TransferError as e:
+      raise ConfigError(f"config field 'init_from': {e}") from None
 
   def _eval_step(self, graphdef, params_sharding):
     return jax.jit(make_eval_step(graphdef),
@@ -105,25 +125,25 @@ class Trainer:
       root, step = resolve_init_from(self.config.init_from)
       source = Checkpointer(root, keep=1, read_only=True)
       state["params"], changed = source.restore_params(step, self.run.abstract["params"],
-                                                       self.transfer)
+                                                       self._transfer_to_this_model)
       self.log.print(f"Initialised parameters from {root}/{step}"
-                     + (f"; transferred: {', '.join(changed)}" if changed else ""))
+                     + (f"; transferred ({self.config.transfer.method}): {', '.join(changed)}"
+                        if changed else ""))
     return state
 
   # ----------------------------------------------------------------------- eval
 
   def evaluate(self, state: dict, split: str) -> dict[str, float]:
-    """Loss and accuracy over ``split`` (at every eval image size), padding masked out."""
+    """Loss and accuracy over ``split`` (or its first ``eval_max_batches`` batches) at every
+    eval image size; padding rows are masked out."""
     results = {}
-    for size, (eval_step, target) in self.eval_sizes.items():
-      params = state["params"]
-      if target is not None:
-        params = jax.jit(lambda p: self.transfer(p, self.meta["config"], target),
-                         out_shardings=jax.tree.map(lambda x: x.sharding, target))(params)
+    for size, (eval_step, move) in self.eval_sizes.items():
+      params = state["params"] if move is None else move(state["params"])
       loader = _loader(self.config, split, train=False, batch_size=self.config.eval_batch_size,
                        image_size=size)
+      batches = itertools.islice(loader, self.config.eval_max_batches or None)
       stats = [eval_step(params, state["model_state"],
-                         sharding.global_batch(batch, self.batch_sharding)) for batch in loader]
+                         sharding.global_batch(batch, self.batch_sharding)) for batch in batches]
       totals = {k: np.sum([s[k] for s in jax.device_get(stats)]) for k in stats[0]}
       suffix = "" if size is None else f"_{size}"
       count = max(float(totals["count"]), 1.0)
@@ -199,10 +219,9 @@ class Trainer:
     self.log.close()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          transfer: TransferFn | None = None) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); final eval metrics."""
-  trainer = Trainer(config, workdir, transfer)
+  trainer = Trainer(config, workdir)
   try:
     return trainer.run_loop()
   finally:

@@ -9,7 +9,6 @@ import os
 import sys
 import time
 
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 
@@ -26,6 +25,7 @@ class MetricLogger:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter  # imported here: it imports torch when present
     self._tb = SummaryWriter(self.tb_dir)
     self._total = total_steps
 
