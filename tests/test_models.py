@@ -1,0 +1,290 @@
+"""Tests for posenc/models: ViT and BERT with every encoding they support.
+
+Models are tiny (width 32, 2 layers). Programs are compiled with XLA's backend
+optimisation level 0, which compiles a few times faster and computes the same
+functions.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import posenc  # noqa: F401  (flax config)
+from posenc import encodings, models
+from posenc.encodings.base import Encoding, Geometry
+
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+VIT = dict(num_classes=5, image_size=28, patch_size=7, channels=1, **TINY)
+BERT = dict(vocab_size=64, max_len=16, **TINY)
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def run_jit(fn, *args):
+  """``jax.jit(fn)(*args)``, compiled for speed of compilation."""
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def names_for(ndim: int) -> list[str]:
+  return [n for n in encodings.names() if ndim in encodings.get(n).supported_ndims]
+
+
+def images(batch=2, h=28, w=28, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, h, w, 1)), jnp.float32)
+
+
+def build(name: str, posenc_name: str, seed: int = 0, **kwargs):
+  """(graphdef, params, rest) of a model whose parameters are drawn on the host.
+
+  Nothing is compiled: the model is built abstractly (``nnx.eval_shape``),
+  every parameter is N(0, 0.3^2) and the dropout stream gets a fresh key.
+  Tests that need the model's own initialisation call ``models.create``.
+  """
+  model = nnx.eval_shape(lambda: models.create(name, posenc=posenc_name, rngs=nnx.Rngs(0), **kwargs))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape).astype(np.float32), nnx.to_pure_dict(params))
+  is_key = lambda a: jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+  rest = jax.tree.map(lambda a: jax.random.key(seed) if is_key(a) else np.zeros(a.shape, a.dtype),
+                      nnx.to_pure_dict(rest))
+  return graphdef, params, rest
+
+
+def forward_and_grads(name: str, posenc_name: str, kwargs: dict, inputs: dict, weights):
+  """The model's output and d(sum(output * weights))/d(params), in one jitted program."""
+  graphdef, params, rest = build(name, posenc_name, **kwargs)
+
+  def run(params, inputs, weights):
+    def loss(params):
+      out = nnx.merge(graphdef, params, rest)(**inputs)
+      return jnp.sum(out * weights), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads
+
+  return run_jit(run, params, inputs, weights)
+
+
+def check_grads(grads: dict):
+  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.traversals.flatten_mapping(grads).items()}
+  bad = [k for k, g in flat.items() if not np.all(np.isfinite(g))]
+  assert not bad, f"non-finite gradients: {bad}"
+  # Every parameter (the encoding's included) influences the output: a hook the
+  # model forgot to call would leave its parameters with a zero gradient.
+  dead = [k for k, g in flat.items() if not np.any(g)]
+  assert not dead, f"parameters with zero gradient: {dead}"
+
+
+@pytest.mark.parametrize("posenc_name", names_for(2))
+def test_vit_every_encoding(posenc_name):
+  x = images()
+  weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5)), jnp.float32)
+  out, grads = forward_and_grads("vit-mu", posenc_name, dict(VIT, num_registers=1), {"images": x}, weights)
+  assert out.shape == (2, 5) and out.dtype == jnp.float32
+  check_grads(grads)
+
+
+@pytest.mark.parametrize("posenc_name", names_for(1))
+def test_bert_every_encoding(posenc_name):
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1, 64, (2, 12)), jnp.int32)
+  inputs = {"input_ids": ids, "segment_ids": jnp.asarray(rng.integers(0, 2, (2, 12)), jnp.int32),
+            "padding_mask": jnp.arange(12)[None, :] < jnp.array([[12], [9]])}
+  weights = jnp.asarray(rng.standard_normal((2, 12, 64)), jnp.float32)
+  out, grads = forward_and_grads("bert-mini", posenc_name, BERT, inputs, weights)
+  assert out.shape == (2, 12, 64) and out.dtype == jnp.float32
+  check_grads(grads)
+
+
+@pytest.mark.parametrize("posenc_name", ["rope", "sincos2d", "cpe", "none"])
+def test_vit_runs_at_new_sizes_from_the_same_parameters(posenc_name):
+  graphdef, params, rest = build("vit-mu", posenc_name, **VIT)
+  # The same parameters in a model built at 42x42 define the same function there.
+  graphdef42 = nnx.graphdef(nnx.eval_shape(lambda: models.create("vit-mu", posenc=posenc_name, rngs=nnx.Rngs(0),
+                                                                 **dict(VIT, image_size=42))))
+  sizes = [(28, 28), (42, 42), (28, 56)]
+  batch = [images(h=h, w=w, seed=i) for i, (h, w) in enumerate(sizes)]
+
+  def run(params, xs):
+    model = nnx.merge(graphdef, params, rest)
+    return [model(x) for x in xs] + [nnx.merge(graphdef42, params, rest)(xs[1])]
+
+  *outs, built42 = run_jit(run, params, batch)
+  for out in outs:
+    assert out.shape == (2, 5) and np.all(np.isfinite(out))
+  assert not np.allclose(outs[0], outs[1])
+  np.testing.assert_allclose(built42, outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_learned_grid_at_new_size_is_a_clear_error():
+  vit = nnx.eval_shape(lambda: models.create("vit-mu", posenc="learned", rngs=nnx.Rngs(0), **VIT))
+  with pytest.raises(ValueError, match="posenc.transfer"):
+    nnx.eval_shape(lambda m, x: m(x), vit, jax.ShapeDtypeStruct((2, 42, 42, 1), jnp.float32))
+  with pytest.raises(ValueError, match=r"image size 30x28 is not divisible by the patch size 7"):
+    nnx.eval_shape(lambda m, x: m(x), vit, jax.ShapeDtypeStruct((2, 30, 28, 1), jnp.float32))
+
+
+def test_bad_model_arguments_are_clear_errors():
+  build = lambda name, **kw: nnx.eval_shape(lambda: models.create(name, posenc="none", rngs=nnx.Rngs(0), **kw))
+  with pytest.raises(ValueError, match="unknown model 'vit-xl'"):
+    build("vit-xl")
+  with pytest.raises(ValueError, match=r"no option\(s\) \['num_layers'\]"):
+    build("vit-mu", num_layers=3)
+  with pytest.raises(ValueError, match="pool must be"):
+    build("vit-mu", pool="max")
+  with pytest.raises(ValueError, match="not divisible by num_heads"):
+    build("bert-mini", width=30, num_heads=4)
+  with pytest.raises(ValueError, match="image size 30x30 is not divisible"):
+    build("vit-mu", image_size=30)
+  bert = build("bert-mini", **BERT)
+  ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+  with pytest.raises(ValueError, match="padding_mask has shape"):
+    nnx.eval_shape(lambda m, i, p: m(i, padding_mask=p), bert, ids, jax.ShapeDtypeStruct((2, 7), bool))
+  learned = nnx.eval_shape(lambda: models.create("bert-mini", posenc="learned", rngs=nnx.Rngs(0), **BERT))
+  with pytest.raises(ValueError, match="max_len=16"):  # the learned table's own error, at trace time
+    nnx.eval_shape(lambda m, i: m(i), learned, jax.ShapeDtypeStruct((2, 20), jnp.int32))
+
+
+CALLS: list[tuple] = []  # (hook, geometry, layer) appended by Recorder, at trace time
+
+
+class Recorder(Encoding):
+  """Records every hook call so the models' calling contract can be checked."""
+
+  def embed(self, x, geometry):
+    CALLS.append(("embed", geometry, None))
+    return x
+
+  def attention_bias(self, geometry, layer):
+    CALLS.append(("attention_bias", geometry, layer))
+
+  def rotate(self, q, k, geometry, layer):
+    CALLS.append(("rotate", geometry, layer))
+    return q, k
+
+  def after_block(self, x, geometry, layer):
+    CALLS.append(("after_block", geometry, layer))
+    return x
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_models_call_every_hook_with_the_input_geometry(scan_layers):
+  vit = nnx.eval_shape(lambda: models.ViT(posenc="none", rngs=nnx.Rngs(0), scan_layers=scan_layers,
+                                          num_registers=2, **dict(VIT, depth=3)))
+  vit.posenc = Recorder()
+  CALLS.clear()
+  nnx.eval_shape(lambda m, x: m(x), vit, jax.ShapeDtypeStruct((1, 28, 35, 1), jnp.float32))
+  kinds = [c[0] for c in CALLS]
+  assert kinds.count("embed") == 1
+  for hook in ("attention_bias", "rotate", "after_block"):
+    assert kinds.count(hook) == (1 if scan_layers else 3), hook  # a scan traces its body once
+  assert all(c[1] == Geometry.grid(4, 5, num_prefix=3) for c in CALLS)
+  if not scan_layers:
+    assert [c[2] for c in CALLS if c[0] == "after_block"] == [0, 1, 2]
+
+
+def test_scan_and_loop_compute_the_same_function():
+  """Per-layer encoding parameters indexed by a traced (scan) or Python (loop) layer agree."""
+  graphdef, params, rest = build("vit-mu", "rope_mixed", **VIT)
+  graphdef_loop = nnx.graphdef(nnx.eval_shape(lambda: models.create(
+      "vit-mu", posenc="rope_mixed", rngs=nnx.Rngs(0), scan_layers=False, **VIT)))
+
+  def run(params, x):
+    value_and_grad = lambda g: jax.value_and_grad(lambda p: nnx.merge(g, p, rest)(x).sum())(params)
+    return value_and_grad(graphdef), value_and_grad(graphdef_loop)
+
+  (out_s, grad_s), (out_l, grad_l) = run_jit(run, params, images())
+  np.testing.assert_allclose(out_l, out_s, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grad_l, grad_s)
+
+
+def test_bf16_compute_tracks_float32():
+  graphdef, params, rest = build("vit-mu", "rel_bias", **VIT)
+  graphdef16 = nnx.graphdef(nnx.eval_shape(lambda: models.create(
+      "vit-mu", posenc="rel_bias", rngs=nnx.Rngs(0), dtype=jnp.bfloat16, **VIT)))
+  out32, out16 = run_jit(lambda p, x: [nnx.merge(g, p, rest)(x) for g in (graphdef, graphdef16)],
+                         params, images(batch=4))
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, out32, atol=0.05 * float(np.abs(out32).max()))
+  assert not np.array_equal(out16, out32)  # bf16 compute really happened
+
+
+def test_dropout_and_drop_path_use_the_model_rng():
+  graphdef, params, rest = build("vit-mu", "sincos2d", dropout=0.2, drop_path=0.3, **VIT)
+
+  def three(params, rest, x):
+    model = nnx.merge(graphdef, params, rest)
+    return model(x, train=True), model(x, train=True), model(x), nnx.to_pure_dict(nnx.state(model, nnx.RngCount))
+
+  a, b, evaluation, counts = run_jit(three, params, rest, images())
+  assert not np.allclose(a, b)  # the stream advances between calls
+  assert not np.allclose(a, evaluation)
+  assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+  assert int(counts["rngs"]["dropout"]["count"]) == 2
+
+
+@pytest.mark.parametrize("posenc_name", ["alibi", "rel_bias", "learned"])
+def test_padded_keys_get_no_attention(posenc_name):
+  """Real tokens' hidden states ignore whatever sits in padded positions, with or without a bias hook,
+  and equal those of the unpadded sequence."""
+  graphdef, params, rest = build("bert-mini", posenc_name, **BERT)
+  rng = np.random.default_rng(0)
+  real = 9
+  ids = rng.integers(1, 64, (2, 14)).astype(np.int32)
+  garbage = ids.copy()
+  garbage[:, real:] = rng.integers(1, 64, (2, 14 - real))
+  mask = np.broadcast_to(np.arange(14) < real, (2, 14))
+
+  def run(params, ids, garbage):
+    model = nnx.merge(graphdef, params, rest)
+    return model.encode(ids, padding_mask=mask), model.encode(garbage, padding_mask=mask), model.encode(ids[:, :real])
+
+  h1, h2, short = run_jit(run, params, ids, garbage)
+  np.testing.assert_array_equal(h1[:, :real], h2[:, :real])
+  np.testing.assert_allclose(h1[:, :real], short, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(h1[:, real:], h2[:, real:])  # the garbage did reach the padded positions
+
+
+def test_packing_ids_keep_sequences_apart():
+  graphdef, params, rest = build("bert-mini", "alibi", **BERT)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 64, (1, 12)).astype(np.int32)
+  other = ids.copy()
+  other[:, 7:] = rng.integers(1, 64, (1, 5))
+  packing = jnp.asarray([[1] * 7 + [2] * 5], jnp.int32)
+
+  def run(params, ids, other):
+    model = nnx.merge(graphdef, params, rest)
+    return [model.encode(i, packing_ids=packing) for i in (ids, other)]
+
+  a, b = run_jit(run, params, ids, other)
+  np.testing.assert_array_equal(a[:, :7], b[:, :7])  # the first sequence never sees the second
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("name, posenc_name", [("vit-mu", "rope_mixed"), ("bert-mini", "rel_bias")])
+def test_logical_axis_sharding_matches_one_device(name, posenc_name):
+  """(data=4, model=2) mesh, FSDP over data + tensor parallel over model: same outputs as one device."""
+  from posenc.training.sharding import state_shardings
+
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  rules = (("batch", "data"), ("embed", "data"), ("mlp", "model"), ("heads", "model"), ("vocab", "model"))
+  graphdef, params, rest = build(name, posenc_name, **(VIT if name.startswith("vit") else BERT))
+  if name.startswith("vit"):
+    inputs = images(batch=8)
+  else:
+    inputs = jnp.asarray(np.random.default_rng(0).integers(1, 64, (8, 12)), jnp.int32)
+  forward = lambda params, inputs: nnx.merge(graphdef, params, rest)(inputs)
+  expected = run_jit(forward, params, inputs)
+
+  abstract_params = nnx.state(nnx.merge(graphdef, params, rest), nnx.Param)
+  shardings = state_shardings(abstract_params, rules, mesh)
+  specs = [s.spec for s in jax.tree.leaves(shardings)]
+  assert any("model" in s for s in specs) and any("data" in s for s in specs)
+  got = run_jit(forward, jax.device_put(params, shardings),
+                jax.device_put(inputs, NamedSharding(mesh, PartitionSpec("data"))))
+  assert len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
