@@ -39,13 +39,13 @@ import data_speed  # noqa: E402  (the input-pipeline helpers of benchmarks/data_
 import linen_vit  # noqa: E402
 import timing  # noqa: E402
 from configs import bert_small, vit_tiny  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import speed_report  # noqa: E402
 from posenc import data, encodings, transfer  # noqa: E402
 from posenc.models import VIT_SIZES  # noqa: E402
 from posenc.training import Trainer, sharding  # noqa: E402
 from posenc.training.checkpoint import Checkpointer, flat_shapes  # noqa: E402
+from posenc.training import resolution  # noqa: E402
 from posenc.training.config import validate  # noqa: E402
 from posenc.training.optim import make_optimizer  # noqa: E402
 from posenc.training.state import build, model_factory  # noqa: E402
@@ -57,9 +57,10 @@ class Profile:
   """What to measure: models, (size, global batch) pairs, encodings, repeats."""
 
   vit_model: str
-  vit_options: dict
+  vit_options: dict           # model options over the config's (sizes come from the model name)
   patch: int
   vit_sizes: tuple            # ((image side, batch), ...); the first is the linen comparison's
+  bert_model: str
   bert_options: dict
   bert_sizes: tuple           # ((max_len, batch), ...)
   dtype: str
@@ -71,35 +72,42 @@ class Profile:
   restore_encodings: tuple | None = None  # None: those whose parameters change shape, and `none`
 
 
+SIZE_OPTIONS = ("width", "depth", "num_heads", "mlp_dim")
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 PROFILES = {
     # 2-core CPU: ViT-Ti/4 at 32 (the headline) and 64 pixels; BERT-mini at 4096 tokens/step.
-    "cpu": Profile("vit-ti", dict(pool="cls"), 4, ((32, 128), (64, 32)), dict(dropout=0.0),
-                   ((128, 32), (256, 16), (512, 8)), "float32", 5, 2048, (16, 32, 48, 64), 128),
+    "cpu": Profile("vit-ti", {}, 4, ((32, 128), (64, 32)), "bert-mini", {}, ((128, 32), (256, 16), (512, 8)),
+                   "float32", 5, 2048, (16, 32, 48, 64), 128),
     # Accelerators: ViT-B/16 at 224 / 384 and BERT-base, in bfloat16.
-    "gpu": Profile("vit-b", dict(pool="cls"), 16, ((224, 128), (384, 32)),
-                   dict(dropout=0.0, width=768, depth=12, num_heads=12, mlp_dim=3072),
-                   ((128, 256), (512, 64)), "bfloat16", 10, 8192, (160, 224, 320, 384), 256),
+    "gpu": Profile("vit-b", {}, 16, ((224, 128), (384, 32)), "bert-base", {}, ((128, 256), (512, 64)),
+                   "bfloat16", 10, 8192, (160, 224, 320, 384), 256),
     # CI: as little compiling as covers every section; asserts only that the tables are well-formed.
-    "quick": Profile("vit-mu", dict(pool="cls", **TINY), 4, ((8, 8),), dict(dropout=0.0, **TINY),
-                     ((16, 8),), "float32", 2, 256, (8, 16), 8, dict(vit=("none", "learned"), bert=("learned",)),
-                     ("learned",)),
+    "quick": Profile("vit-mu", TINY, 4, ((8, 8),), "bert-mini", TINY, ((16, 8),), "float32", 2, 256, (8, 16), 8,
+                     dict(vit=("none", "learned"), bert=("learned",)), ("learned",)),
 }
 
 
 # --------------------------------------------------------------------------- configs and steps
 
 
+def _model_options(config, overrides: dict) -> ml_collections.ConfigDict:
+  """The config's model options without its size fields (the model name says the size), + overrides."""
+  options = {k: v for k, v in config.model_options.to_dict().items() if k not in SIZE_OPTIONS}
+  return ml_collections.ConfigDict({**options, **overrides})
+
+
 def vit_config(p: Profile, posenc: str, size: int, batch: int) -> ml_collections.ConfigDict:
+  """configs/vit_tiny.py:full with this profile's model, patch, size and batch."""
   c = vit_tiny.get_config("full")
-  c.model, c.model_options, c.patch_size = p.vit_model, ml_collections.ConfigDict(p.vit_options), p.patch
+  c.model, c.model_options, c.patch_size = p.vit_model, _model_options(c, p.vit_options), p.patch
   c.posenc, c.image_size, c.batch_size, c.eval_batch_size, c.dtype = posenc, size, batch, p.eval_batch, p.dtype
   return c
 
 
 def bert_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collections.ConfigDict:
+  """configs/bert_small.py:full with this profile's model, length and batch."""
   c = bert_small.get_config("full")
-  c.model_options = ml_collections.ConfigDict(p.bert_options)
+  c.model, c.model_options = p.bert_model, _model_options(c, p.bert_options)
   c.posenc, c.max_len, c.batch_size, c.dtype = posenc, length, batch, p.dtype
   return c
 
@@ -159,8 +167,7 @@ def train_entry(name: str, config, batch: dict, workdir: str) -> tuple[timing.Ti
 
 def linen_entry(p: Profile, batch: dict) -> timing.Timed:
   """The reference: benchmarks/linen_vit.py at the same sizes as posenc's ViT."""
-  sizes = {**VIT_SIZES[p.vit_model.split("-")[1]],
-           **{k: v for k, v in p.vit_options.items() if k in ("width", "depth", "num_heads", "mlp_dim")}}
+  sizes = {**VIT_SIZES[p.vit_model.split("-")[1]], **{k: v for k, v in p.vit_options.items() if k in SIZE_OPTIONS}}
   model = linen_vit.LinenViT(num_classes=10, patch_size=p.patch, **sizes)
   images, labels = jnp.asarray(batch["image"], p.dtype), jnp.asarray(batch["label"])
   step, (params, opt_state) = linen_vit.make_train_step(model, images, labels)
@@ -218,59 +225,57 @@ def train_group(p: Profile, family: str, size: int, batch: int, log, with_linen:
 # --------------------------------------------------------------------------- section 3 + 4
 
 
-def abstract_model(config):
-  return nnx.eval_shape(model_factory(config, data.info(config.dataset)))
-
-
 def eval_at_sizes(p: Profile, log) -> list[dict]:
   """ViT (learned grid) built at the first train size, evaluated at each of ``p.eval_sizes``.
 
-  Per size: ``posenc.transfer.jit_transfer`` of the parameters (compile, then
-  run), the eval step's compile time and images/s, and the eval loader's images/s.
+  The Trainer's own evaluation seams: per size, its jitted transfer of the
+  parameters (``posenc.training.resolution.make_transfer``: first call compiles)
+  and its eval step (compile time, images/s); beside them the eval loader's images/s.
   """
   train_size, batch = p.vit_sizes[0]
-  source_config = vit_config(p, "learned", train_size, batch)
-  rows, entries, trainers = [], [], []
+  config = vit_config(p, "learned", train_size, batch)
+  config.eval_image_sizes = tuple(s for s in p.eval_sizes if s != train_size)
+  rows, entries = [], []
   with tempfile.TemporaryDirectory() as tmp:
-    trainers.append(Trainer(source_config, os.path.join(tmp, "source")))
-    state = trainers[0].run.init()
-    params, model_state = state["params"], state["model_state"]  # model_state: RNG only, any size
+    trainer = Trainer(config, tmp)
+    state = trainer.run.init()
     for size in p.eval_sizes:
-      config = vit_config(p, "learned", size, batch)
-      trainer = Trainer(config, os.path.join(tmp, str(size)))
-      trainers.append(trainer)
-      move = transfer.jit_transfer(abstract_model(source_config), abstract_model(config),
-                                   out_shardings=trainer.run.shardings["params"])
-      moved = timing.compile_timed(f"transfer {size}", move, (params,), 1, lambda c: lambda: c(params))
-      timing.time_interleaved([moved], p.rounds)
-      new_params = moved.call()
+      eval_step, move = trainer.eval_sizes[None if size == train_size else size]
+      times = []
+      for _ in range(max(2, p.rounds) if move else 0):
+        start = time.perf_counter()
+        params = jax.block_until_ready(move(state["params"]))
+        times.append(time.perf_counter() - start)
       test = sharding.global_batch(first_batch("fashion_mnist", "test", False, p.eval_batch, size),
                                    trainer.batch_sharding)
-      entries.append(timing.compile_timed(
-          f"eval {size}", trainer.eval_sizes[None][0], (new_params, model_state, test), p.eval_batch,
-          lambda c, a=(new_params, model_state, test): lambda: c(*a)))
+      args = (params if move else state["params"], state["model_state"], test)
+      entries.append(timing.compile_timed(f"eval {size}", eval_step, args, p.eval_batch,
+                                          lambda c, args=args: lambda: c(*args)))
       loader = loader_rate("fashion_mnist", "test", False, p.eval_batch, size, max(3, 2 * p.rounds))
       rows.append(dict(size=size, train_size=train_size, tokens=(size // p.patch) ** 2 + 1,
-                       transfer=moved, eval=entries[-1], loader=loader))
-      log(f"  eval {size}: compiled")
+                       transfer_first_s=times[0] if times else None,
+                       transfer_s=statistics.median(times[1:]) if times else None,
+                       eval=entries[-1], loader=loader))
+      log(f"  eval {size}: compiled in {entries[-1].compile_s:.1f}s")
     timing.time_interleaved(entries, p.rounds)
-    for trainer in trainers:
-      trainer.close()
+    trainer.close()
   return rows
 
 
 def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
-  """An Orbax checkpoint saved at the first ViT size, restored at the last eval size (``restore_params``).
+  """An Orbax checkpoint saved at the first ViT size, restored at the last eval size.
 
-  Encodings whose parameters change shape go through ``posenc.transfer.jit_transfer``
-  on restore; ``none`` (nothing changes) is the plain-restore baseline.
+  Restores go through ``Checkpointer.restore_params`` with the Trainer's jitted
+  transfer seam (``posenc.training.resolution.make_transfer`` over ``posenc.transfer``);
+  encodings whose parameters keep their shapes (``none``) are the plain-restore baseline.
   """
   (source_size, batch), target_size = p.vit_sizes[0], p.eval_sizes[-1]
+  info = data.info("fashion_mnist")
   rows = []
   for name in p.restore_encodings or names:
     source_config, target_config = (vit_config(p, name, s, batch) for s in (source_size, target_size))
-    source, target = abstract_model(source_config), abstract_model(target_config)
-    shapes = [flat_shapes(transfer.param_dict(m)) for m in (source, target)]
+    shapes = [flat_shapes(transfer.param_dict(resolution.abstract_model(c, info)))
+              for c in (source_config, target_config)]
     if shapes[0] == shapes[1] and name != "none" and not p.restore_encodings:
       continue
     with tempfile.TemporaryDirectory() as tmp:
@@ -282,7 +287,7 @@ def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
       writer.close()  # waits for the async save
       save_s = time.perf_counter() - start
       reader = Trainer(target_config, os.path.join(tmp, "target"))
-      move = transfer.jit_transfer(source, target, out_shardings=reader.run.shardings["params"])
+      move = resolution.make_transfer(source_config, target_config, info, resolution.options(target_config))
       ckpt = Checkpointer(os.path.join(tmp, "source", "checkpoints"), keep=1, read_only=True)
       times = []
       for _ in range(max(2, p.rounds)):
