@@ -41,8 +41,7 @@ def main(argv) -> int:
   config = FLAGS.config
   try:
     workdir = FLAGS.workdir or default_workdir(config, config_flags.get_config_filename(FLAGS["config"]))
-    print(f"workdir: {workdir}", flush=True)
-    results = train(config, workdir)
+    results = train(config, workdir)  # prints the workdir first
   except ConfigError as e:
     print(f"Config error: {e}", file=sys.stderr)
     return 2

@@ -335,7 +335,7 @@ def test_one_device_gives_the_same_loss_curve_as_eight(uninterrupted, tmp_path):
   reference, _ = uninterrupted
   out = run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}"], 1)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "over 1 devices" in out.stdout + out.stderr
+  assert "mesh data=1, fsdp=1, model=1 over 1 device(s)" in out.stdout
   np.testing.assert_allclose(train_losses(tmp_path), train_losses(reference), rtol=2e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4),
                read_params(tmp_path, 12), read_params(reference, 12))

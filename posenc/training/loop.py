@@ -58,6 +58,8 @@ class Trainer:
     if config.init_from:  # position interpolation (e.g. RoPE scale) for the stored geometry
       config = resolution.interpolated(config, self._init_from_config(config), self.info)
     self.config, self.workdir = config, os.path.abspath(workdir)
+    if jax.process_index() == 0:
+      print(f"workdir: {self.workdir}", flush=True)
     self.mesh = sharding.make_mesh(self.shape)
     self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
     self.eval_split, self.test_split = _eval_splits(self.info)
@@ -74,7 +76,7 @@ class Trainer:
                               donate_argnums=0)
     self.eval_sizes = self._eval_geometries()
     self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=config.keep_checkpoints)
-    self.log = MetricLogger(self.workdir, total_steps=config.total_steps, start_step=0,
+    self.log = MetricLogger(self.workdir, total_steps=config.total_steps,
                             enabled=jax.process_index() == 0)
 
   # ----------------------------------------------------------------------- set-up
@@ -179,10 +181,11 @@ class Trainer:
     step = int(jax.device_get(state["step"]))
     self.log.drop_after(step)
     last_saved = step if self.ckpt.latest_step() == step else None
-    self.log.print(f"workdir: {self.workdir}\nmodel {c.model} + posenc '{c.posenc}': "
-                   f"{count_params(state['params']):,} parameters; mesh {self.shape} "
-                   f"(data, fsdp, model) over {jax.device_count()} devices, "
-                   f"{jax.process_count()} process(es); steps {step} -> {c.total_steps}")
+    mesh = ", ".join(f"{a}={n}" for a, n in zip(self.mesh.axis_names, self.shape))
+    self.log.print(f"model {c.model} + posenc '{c.posenc}': "
+                   f"{count_params(state['params']):,} parameters; mesh {mesh} over "
+                   f"{jax.device_count()} device(s), {jax.process_count()} process(es); "
+                   f"steps {step} -> {c.total_steps}")
     pending, results = [], {}
     every = lambda n: bool(n) and step % n == 0
     while step < c.total_steps:
