@@ -7,6 +7,7 @@ dtype; attention logits and softmax are always float32.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -31,6 +32,19 @@ def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.
   names = {"out_sharding": ("embed",)}
   return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=True,
                        scale_metadata=names, bias_metadata=names, rngs=rngs)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_dims: int = 1) -> jax.Array:
+  """Contract the last ``in_dims`` axes of ``x`` with the first ones of ``kernel`` as ONE 2D matmul.
+
+  XLA:CPU runs dots on 3D operands (and their gradients) up to 2x slower than
+  the same dot on operands flattened to 2D; reshapes of contiguous arrays are free.
+  """
+  lead, k_in, k_out = x.shape[:x.ndim - in_dims], kernel.shape[:in_dims], kernel.shape[in_dims:]
+  y = x.reshape(-1, math.prod(k_in)) @ kernel.reshape(math.prod(k_in), -1)
+  if bias is not None:
+    y = y + bias.reshape(-1)
+  return y.reshape(*lead, *k_out)
 
 
 def apply_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -85,7 +99,7 @@ class Attention(nnx.Module):
     scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None, None]
     w = self.qkv[...].astype(dt) * scale
     b = self.qkv_bias[...].astype(dt) * scale
-    qkv = jnp.einsum("btd,dshk->btshk", x.astype(dt), w) + b
+    qkv = dense(x.astype(dt), w, b)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = encoding.rotate(q, k, geometry, layer)
     bias = encoding.attention_bias(geometry, layer)
@@ -101,7 +115,7 @@ class Attention(nnx.Module):
         probs = apply_dropout(probs, self.attention_dropout, jax.random.fold_in(key, h))
       heads.append(jnp.einsum("bqt,btk->bqk", probs, v[:, :, h]))
     out = jnp.stack(heads, axis=2)
-    return jnp.einsum("bqhk,hkd->bqd", out, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+    return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
 
 
 class Mlp(nnx.Module):
@@ -118,9 +132,9 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    h = x.astype(dt) @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt)
+    h = dense(x.astype(dt), self.fc1[...].astype(dt), self.fc1_bias[...].astype(dt))
     h = jax.nn.gelu(h, approximate=self.gelu_approximate)
-    return h @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)
+    return dense(h, self.fc2[...].astype(dt), self.fc2_bias[...].astype(dt))
 
 
 class Block(nnx.Module):

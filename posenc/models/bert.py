@@ -23,7 +23,7 @@ from flax import nnx
 
 from posenc import encodings
 from posenc.encodings.base import Geometry
-from posenc.models.attention import BlockStack, apply_dropout, layer_norm, param
+from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
 
 # Turc et al. 2019 ("Well-Read Students Learn Better") sizes and BERT-base.
 BERT_SIZES = {
@@ -127,7 +127,7 @@ class BERT(nnx.Module):
     x = self.encode(input_ids, segment_ids=segment_ids, padding_mask=padding_mask, packing_ids=packing_ids,
                     train=train)
     dt = self.dtype
-    h = x @ self.mlm_dense[...].astype(dt) + self.mlm_dense_bias[...].astype(dt)
+    h = dense(x, self.mlm_dense[...].astype(dt), self.mlm_dense_bias[...].astype(dt))
     h = self.mlm_norm(jax.nn.gelu(h, approximate=self.gelu_approximate))
-    logits = jnp.einsum("bld,vd->blv", h, self.token_embed[...].astype(dt))
-    return (logits + self.mlm_bias[...].astype(dt)).astype(jnp.float32)
+    logits = dense(h, self.token_embed[...].astype(dt).T, self.mlm_bias[...].astype(dt))
+    return logits.astype(jnp.float32)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from posenc import encodings
 from posenc.encodings.base import Geometry
-from posenc.models.attention import BlockStack, apply_dropout, layer_norm, param
+from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
 
 # Standard sizes (ViT paper / DeiT); "mu" is a CPU-sized model for quick experiments.
 VIT_SIZES = {
@@ -98,9 +98,9 @@ class ViT(nnx.Module):
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 
     b, (h, w), p, dt = images.shape[0], geometry.shape, self.patch_size, self.dtype
-    patches = images.astype(dt).reshape(b, h, p, w, p, self.channels)
-    x = jnp.einsum("bipjqc,pqcd->bijd", patches, self.patch_embed[...].astype(dt))
-    x = x.reshape(b, h * w, -1) + self.patch_bias[...].astype(dt)
+    patches = images.astype(dt).reshape(b, h, p, w, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
+    x = dense(patches.reshape(b, h * w, p, p, self.channels), self.patch_embed[...].astype(dt),
+              self.patch_bias[...].astype(dt), in_dims=3)
     prefix = [t[...] for t in (self.cls_token, self.registers) if t is not None]
     if prefix:
       prefix = jnp.concatenate(prefix, axis=0).astype(dt)
@@ -111,4 +111,4 @@ class ViT(nnx.Module):
     x = self.blocks(x, self.posenc, geometry, None, blocks_key)
     x = self.norm(x)
     pooled = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix:].mean(axis=1)
-    return (pooled @ self.head[...].astype(dt) + self.head_bias[...].astype(dt)).astype(jnp.float32)
+    return dense(pooled, self.head[...].astype(dt), self.head_bias[...].astype(dt)).astype(jnp.float32)
