@@ -1,8 +1,8 @@
 """Transformer layers that call every position hook, and the scanned block stack.
 
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
-``layers``) in their ``out_sharding`` metadata; ``posenc.models.sharding`` maps
-them to a mesh. ``dtype`` is the compute dtype, ``param_dtype`` the storage
+``layers``) in their ``out_sharding`` metadata;
+``posenc.training.sharding.state_shardings`` maps them to a mesh by rules. ``dtype`` is the compute dtype, ``param_dtype`` the storage
 dtype; attention logits and softmax are always float32.
 """
 from __future__ import annotations
@@ -82,11 +82,12 @@ class Attention(nnx.Module):
     head_dim = dim // num_heads
     self.num_heads, self.head_dim = num_heads, head_dim
     self.dtype, self.attention_dropout = dtype, attention_dropout
-    # Kernels are [in, 3, heads, head_dim] and [heads, head_dim, out]: no reshapes in the hot path.
-    qkv_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(2, 3),
-                                                    batch_axis=(1,)) if kernel_init is None else kernel_init
-    self.qkv = param(qkv_init, rngs, (dim, 3, num_heads, head_dim), param_dtype, ("embed", None, "heads", "kv"))
-    self.qkv_bias = param(bias_init, rngs, (3, num_heads, head_dim), param_dtype, (None, "heads", "kv"))
+    # Kernels [in, heads, 3 (q/k/v), head_dim] and [heads, head_dim, out]: heads lead the flattened
+    # output / input axis, so a "heads"-sharded kernel stays sharded when dense() flattens it.
+    qkv_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 3),
+                                                    batch_axis=(2,)) if kernel_init is None else kernel_init
+    self.qkv = param(qkv_init, rngs, (dim, num_heads, 3, head_dim), param_dtype, ("embed", "heads", None, "kv"))
+    self.qkv_bias = param(bias_init, rngs, (num_heads, 3, head_dim), param_dtype, ("heads", None, "kv"))
     out_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
                                                     out_axis=2) if kernel_init is None else kernel_init
     self.out = param(out_init, rngs, (num_heads, head_dim, dim), param_dtype, ("heads", "kv", "embed"))
@@ -96,11 +97,11 @@ class Attention(nnx.Module):
                key: jax.Array | None = None) -> jax.Array:
     """``x [B, T, D]``; ``mask`` broadcastable to ``[B, T, T]`` (True = may attend) or None."""
     dt = self.dtype
-    scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None, None]
+    scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None]
     w = self.qkv[...].astype(dt) * scale
     b = self.qkv_bias[...].astype(dt) * scale
-    qkv = dense(x.astype(dt), w, b)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    qkv = dense(x.astype(dt), w, b)  # [B, T, H, 3, Dh]
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     q, k = encoding.rotate(q, k, geometry, layer)
     bias = encoding.attention_bias(geometry, layer)
     heads = []

@@ -106,8 +106,8 @@ def _ours(t: dict[str, np.ndarray], cfg: dict) -> dict:
     p = f"encoder.layer.{i}."
     proj = [f"{p}attention.self.{n}" for n in ("query", "key", "value")]
     layers.append({
-        "attn": {"qkv": np.stack([t[n + ".weight"].T for n in proj], axis=1).reshape(d, 3, h, d // h),
-                 "qkv_bias": np.stack([t[n + ".bias"] for n in proj]).reshape(3, h, d // h),
+        "attn": {"qkv": np.stack([t[n + ".weight"].T.reshape(d, h, d // h) for n in proj], axis=2),
+                 "qkv_bias": np.stack([t[n + ".bias"].reshape(h, d // h) for n in proj], axis=1),
                  "out": t[f"{p}attention.output.dense.weight"].T.reshape(h, d // h, d),
                  "out_bias": t[f"{p}attention.output.dense.bias"]},
         "ln1": ln(f"{p}attention.output.LayerNorm"),
