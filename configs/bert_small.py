@@ -32,7 +32,7 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 16               # GLOBAL batch (divisible by mesh data x fsdp and by processes)
   c.eval_batch_size = 64          # GLOBAL eval batch (the last one is padded; padding is masked)
   c.eval_max_batches = 8          # evaluate on this many batches of the split (0 = all of it)
-  c.total_steps = 600             # optimizer steps
+  c.total_steps = 600             # optimizer steps; 0 with init_from: evaluate a checkpoint only
   c.warmup_steps = 60             # linear warmup steps, then cosine decay to 0 at total_steps
   c.lr = 1e-3                     # peak AdamW learning rate
   c.weight_decay = 0.01           # AdamW decoupled decay (matrices only; not biases/norms/posenc)

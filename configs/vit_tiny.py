@@ -34,7 +34,7 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 128              # GLOBAL batch (divisible by mesh data x fsdp and by processes)
   c.eval_batch_size = 512         # GLOBAL eval batch (the last one is padded; padding is masked)
   c.eval_max_batches = 0          # evaluate on this many batches of the split (0 = all of it)
-  c.total_steps = 1200            # optimizer steps (128 x 1200 = 2.8 epochs of the 55k train split)
+  c.total_steps = 1200            # optimizer steps (128 x 1200 = 2.8 epochs); 0 + init_from: evaluate only
   c.warmup_steps = 100            # linear warmup steps, then cosine decay to 0 at total_steps
   c.lr = 2e-3                     # peak AdamW learning rate
   c.weight_decay = 0.05           # AdamW decoupled decay (matrices only; not biases/norms/posenc)

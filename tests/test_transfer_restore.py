@@ -66,6 +66,17 @@ def test_same_size_restore_keeps_accuracy(vit28, tmp_path):
   assert again["accuracy"] == pytest.approx(results["accuracy"], abs=0.02)
 
 
+@pytest.mark.parametrize("size", [28, 56])
+def test_evaluate_only_restore_matches_the_runs_own_evaluation(vit28, tmp_path, size):
+  """``total_steps=0`` + ``init_from`` evaluates the checkpoint at ``image_size``: the same test
+  batches, and (at 56) the same transfer, as the run's final evaluation at that size."""
+  source, results = vit28
+  again = train(config("vit_tiny", TINY_VIT + f",total_steps=0,image_size={size},init_from={source}"),
+                str(tmp_path / f"eval{size}"))
+  assert again["accuracy"] == results["accuracy" if size == 28 else f"accuracy_{size}"]
+  assert again["loss"] == pytest.approx(results["loss" if size == 28 else f"loss_{size}"], rel=1e-5)
+
+
 def test_restore_into_other_architecture_is_a_clear_error(vit28, tmp_path):
   source, _ = vit28
   with pytest.raises(ConfigError, match=r"(?s)init_from.*patch_embed: stored \(7, 7, 1, 32\), wanted \(4, 4, 1, 32\)"):

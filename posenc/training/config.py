@@ -220,15 +220,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   family = model_family(config.model)
   _check_encoding(config, FAMILIES[family])
   _check_geometry(config, family)
-  _positive(config, "total_steps", "batch_size", "eval_batch_size", "lr", "keep_checkpoints")
-  _positive(config, "warmup_steps", "weight_decay", "posenc_lr_mult", "grad_clip_norm",
+  _positive(config, "batch_size", "eval_batch_size", "lr", "keep_checkpoints")
+  _positive(config, "total_steps", "warmup_steps", "weight_decay", "posenc_lr_mult", "grad_clip_norm",
             "eval_every", "checkpoint_every", "log_every", "eval_max_batches", allow_zero=True)
   for f in ("total_steps", "warmup_steps", "eval_every", "checkpoint_every", "log_every",
             "eval_max_batches",
             "batch_size", "eval_batch_size", "keep_checkpoints", "seed"):
     if not isinstance(config[f], int):
       raise ConfigError(f"config field '{f}' must be an int, got {config[f]!r}.")
-  if config.warmup_steps > config.total_steps:
+  if config.total_steps == 0 and not config.init_from:
+    raise ConfigError("config field 'total_steps' is 0, which only evaluates a checkpoint: set "
+                      "init_from to a run's workdir, or give total_steps > 0 to train.")
+  if 0 < config.total_steps < config.warmup_steps:
     raise ConfigError(f"config field 'warmup_steps' ({config.warmup_steps}) exceeds "
                       f"total_steps ({config.total_steps}).")
   if config.dtype not in DTYPES:
