@@ -58,8 +58,6 @@ class Trainer:
     if config.init_from:  # position interpolation (e.g. RoPE scale) for the stored geometry
       config = resolution.interpolated(config, self._init_from_config(config), self.info)
     self.config, self.workdir = config, os.path.abspath(workdir)
-    if jax.process_index() == 0:
-      print(f"workdir: {self.workdir}", flush=True)
     self.mesh = sharding.make_mesh(self.shape)
     self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
     self.eval_split, self.test_split = _eval_splits(self.info)
@@ -176,6 +174,7 @@ class Trainer:
 
   def run_loop(self) -> dict[str, float]:
     c = self.config
+    self.log.print(f"workdir: {self.workdir}")
     train_iter = iter(_loader(c, "train", train=True, batch_size=c.batch_size))
     state = self._initial_state(train_iter)
     step = int(jax.device_get(state["step"]))
