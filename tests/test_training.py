@@ -339,8 +339,12 @@ def test_one_device_gives_the_same_loss_curve_as_eight(uninterrupted, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "mesh data=1, fsdp=1, model=1 over 1 device(s)" in out.stdout
   np.testing.assert_allclose(train_losses(tmp_path), train_losses(reference), rtol=2e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4),
-               read_params(tmp_path, 8), read_params(reference, 8))
+  got, want = (jax.tree.map(np.array, read_params(w, 8)) for w in (tmp_path, reference))
+  # The key bias shifts every logit of a query equally (softmax ignores it with `learned`), so its
+  # gradient is rounding noise, different for 1 and 8 devices, that Adam scales up to +-lr steps.
+  for params in (got, want):
+    params["blocks"]["layers"]["attn"]["qkv_bias"][..., 1, :] = 0.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), got, want)
 
 
 @pytest.mark.slow
