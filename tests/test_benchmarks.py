@@ -96,3 +96,45 @@ def test_speed_quick_numbers_follow_from_measurements(quick_run):
   # step (gradient clipping, metrics), which are a few elementwise passes over the parameters.
   ours, linen = entries["learned"]["flops"], entries["Flax linen reference"]["flops"]
   assert ours == pytest.approx(linen, rel=0.15)
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("study")
+  command = [sys.executable, os.path.join(ROOT, "benchmarks", "study.py"), "--quick",
+             "--workdir", str(root / "runs"), "--out", str(root / "out")]
+  first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  assert first.returncode == 0, first.stderr[-4000:]
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-4000:]
+  return first, again, root
+
+
+@pytest.mark.slow
+def test_study_quick_tables_follow_from_its_cells(study_run):
+  first, again, root = study_run
+  markdown = (root / "out" / "study.md").read_text()  # the second run's report
+  assert again.stdout.strip() == markdown.strip()
+  results = json.loads((root / "out" / "study.json").read_text())
+  found = tables(markdown)
+  assert len(found) == 4  # (ViT, BERT) x (no fine-tuning, fine-tuned)
+  for table, (family, mode) in zip(found, [(f, m) for f in ("vit", "bert") for m in ("transfer", "finetune")]):
+    spec = next(f for f in results["families"] if f["name"] == family)
+    assert len(table[0]) == 1 + len(spec["sizes"]) and "(trained)" in " ".join(table[0])
+    assert [row[0] for row in table[1:]] == [f"`{e}`" for e in spec["encodings"]]
+    for row, posenc in zip(table[1:], spec["encodings"]):
+      for cell, size in zip(row[1:], spec["sizes"]):
+        values = [c["accuracy"] for c in results["cells"]
+                  if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
+        assert len(values) == 1 and 0.0 <= values[0] <= 1.0  # one seed in the quick profile
+        assert number(cell) == pytest.approx(100 * values[0], abs=0.051)
+  with open(root / "out" / "study.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_study_resumes_from_its_record(study_run):
+  """A second run finds every cell in cells.jsonl: it trains nothing and reports the same numbers."""
+  first, again, _ = study_run
+  assert "cells in" in first.stderr and "cells in" not in again.stderr
+  assert tables(again.stdout) == tables(first.stdout)

@@ -1,0 +1,182 @@
+"""Which position encoding generalises to resolutions (ViT) and lengths (BERT) it was not trained at?
+
+    python benchmarks/study.py                  # the full study; writes benchmarks/results/study.*
+    python benchmarks/study.py --seeds 0 &      # or share it out: one process per seed ...
+    python benchmarks/study.py --seeds 1        # ... (same --workdir); then one plain run
+    python benchmarks/study.py                  #     finds every cell done and writes the report
+    python benchmarks/study.py --quick          # tiny budget (CI: tests/test_benchmarks.py)
+
+For every encoding and seed, one model is trained at the base geometry (ViT on
+Fashion-MNIST at 28x28; BERT MLM at length 128) with posenc's own loop
+(``posenc.training.train`` on configs/vit_tiny.py and configs/bert_small.py), then
+evaluated on the test split at every geometry
+  (a) as trained: the checkpoint restored at the new geometry (``init_from`` with
+      ``total_steps=0``), position parameters moved by posenc.transfer (learned
+      grids: bicubic; learned 1D tables: cut or interpolated);
+  (b) after a short fine-tune there (``init_from``, a lower learning rate, and
+      ``posenc_lr_mult`` on the position parameters; at the base geometry this is
+      the control: the same extra steps without any change of geometry).
+Each run lives in its own workdir under --workdir and every finished number is
+appended to ``cells.jsonl`` there, so an interrupted study picks up where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import jax  # noqa: E402
+from absl import logging  # noqa: E402
+
+import study_report  # noqa: E402
+import timing  # noqa: E402
+from configs import bert_small, vit_tiny  # noqa: E402
+from posenc.training import train  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One model family's part of the study."""
+
+  name: str                 # "vit" | "bert"
+  config: object            # the configs/ module
+  overrides: str            # its get_config argument (besides posenc, seed and geometry)
+  field: str                # the geometry field: image_size | max_len
+  base: int                 # geometry the models are trained at
+  sizes: tuple              # geometries evaluated
+  encodings: tuple
+  finetune_steps: int
+  finetune_lr_scale: float  # fine-tune peak lr = the config's lr x this
+  posenc_lr_mult: float     # on the position parameters while fine-tuning
+
+
+VIT_ENCODINGS = ("learned", "factorized", "sincos2d", "rel_bias", "cpb", "cpe", "rope", "rope_mixed",
+                 "alibi", "none")
+BERT_ENCODINGS = ("learned", "sinusoidal", "rel_bias", "rope", "alibi", "none")
+VIT_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
+BERT_TINY = VIT_TINY + ",model=bert-mini"
+
+PROFILES = {
+    # Sized to finish in about 1.5 h on 2 CPU cores with one process per seed: the default models
+    # of configs/vit_tiny.py and configs/bert_small.py (at length 128) with shorter schedules.
+    "full": dict(seeds=(0, 1), families=(
+        Family("vit", vit_tiny, "total_steps=300,warmup_steps=30,eval_every=0,eval_max_batches=10",
+               "image_size", 28, (14, 21, 28, 42, 56), VIT_ENCODINGS, 30, 0.25, 0.1),
+        Family("bert", bert_small, "max_len=128,total_steps=300,warmup_steps=30,eval_every=0,"
+               "eval_max_batches=0", "max_len", 128, (64, 128, 256, 512), BERT_ENCODINGS, 30, 0.25, 0.1))),
+    "quick": dict(seeds=(0,), families=(
+        Family("vit", vit_tiny, VIT_TINY + ",total_steps=4,warmup_steps=1,batch_size=16,eval_batch_size=256,"
+               "eval_max_batches=1,eval_every=0", "image_size", 28, (14, 28), ("learned", "rope"), 2, 0.25, 0.1),
+        Family("bert", bert_small, BERT_TINY + ",total_steps=4,warmup_steps=1,batch_size=8,eval_batch_size=8,"
+               "eval_max_batches=1,eval_every=0", "max_len", 16, (16, 32), ("learned", "alibi"), 2, 0.25, 0.1))),
+}
+
+
+class Cells:
+  """Finished numbers, one JSON line each, keyed by (family, posenc, seed, mode, size)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.rows = {}
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          if line.strip():
+            row = json.loads(line)
+            self.rows[self.key(**row)] = row
+
+  @staticmethod
+  def key(family, posenc, seed, mode, size, **_) -> tuple:
+    return family, posenc, seed, mode, size
+
+  def __contains__(self, key) -> bool:
+    return key in self.rows
+
+  def add(self, row: dict) -> None:
+    self.rows[self.key(**row)] = row
+    with open(self.path, "a", encoding="utf-8") as f:  # one short append: safe across processes
+      f.write(json.dumps(row) + "\n")
+
+
+def run(family: Family, arg: str, workdir: str) -> dict:
+  """``posenc.training.train`` on ``family.config.get_config(arg)``; its console output to stderr."""
+  config = family.config.get_config(f"{family.overrides},{arg}")
+  with contextlib.redirect_stdout(sys.stderr):
+    return train(config, workdir)
+
+
+def study_family(family: Family, seeds, cells: Cells, root: str, log) -> None:
+  for posenc in family.encodings:
+    for seed in seeds:
+      name = f"{family.name}-{posenc}-s{seed}"
+      base_dir = os.path.join(root, name, f"train{family.base}")
+      todo = [(mode, size) for mode in ("transfer", "finetune") for size in family.sizes
+              if (family.name, posenc, seed, mode, size) not in cells]
+      if not todo:
+        continue
+      start = time.time()
+      trained = run(family, f"posenc={posenc},seed={seed},{family.field}={family.base}", base_dir)
+      train_seconds = time.time() - start
+      for mode, size in todo:
+        began = time.time()
+        if mode == "transfer" and size == family.base:
+          metrics = trained  # the trained run's own final test evaluation
+        elif mode == "transfer":
+          metrics = run(family, f"posenc={posenc},seed={seed},{family.field}={size},init_from={base_dir},"
+                        f"total_steps=0", os.path.join(root, name, f"eval{size}"))
+        else:
+          config = family.config.get_config(family.overrides)
+          steps = family.finetune_steps
+          metrics = run(family, f"posenc={posenc},seed={seed},{family.field}={size},init_from={base_dir},"
+                        f"total_steps={steps},warmup_steps={max(1, steps // 10)},"
+                        f"lr={config.lr * family.finetune_lr_scale},posenc_lr_mult={family.posenc_lr_mult},"
+                        f"checkpoint_every=0,keep_checkpoints=1", os.path.join(root, name, f"finetune{size}"))
+        cells.add(dict(family=family.name, posenc=posenc, seed=seed, mode=mode, size=size,
+                       accuracy=metrics["accuracy"], loss=metrics["loss"],
+                       seconds=train_seconds if metrics is trained else time.time() - began))
+      log(f"{name}: {len(todo)} cells in {time.time() - start:.0f}s")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny budget for CI (profile 'quick')")
+  parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
+  parser.add_argument("--families", nargs="+", choices=["vit", "bert"], default=["vit", "bert"])
+  parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "study"),
+                      help="run directories and cells.jsonl (the resumable record)")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
+                      help="directory for study.md, study.json and study.png")
+  args = parser.parse_args(argv)
+  profile = PROFILES["quick" if args.quick else "full"]
+  root = os.path.abspath(os.path.join(args.workdir, "quick" if args.quick else "full"))
+  os.makedirs(root, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))  # seeds share compiles
+  logging.set_verbosity(logging.WARNING)
+  start = time.time()
+  log = lambda msg: print(f"[study {time.time() - start:7.0f}s] {msg}", file=sys.stderr, flush=True)
+  cells = Cells(os.path.join(root, "cells.jsonl"))
+  families = [f for f in profile["families"] if f.name in args.families]
+  for family in families:
+    study_family(family, tuple(args.seeds or profile["seeds"]), cells, root, log)
+  if args.seeds and set(args.seeds) != set(profile["seeds"]):
+    log("a share of the seeds is done; run without --seeds for the report")
+    return 0
+  results = dict(profile="quick" if args.quick else "full", header=timing.machine_lines(),
+                 seconds=time.time() - start, seeds=list(profile["seeds"]),
+                 families=[study_report.describe(f) for f in families],
+                 cells=[row for row in cells.rows.values() if row["seed"] in profile["seeds"]])
+  markdown = study_report.markdown(results)
+  print(markdown)
+  study_report.write(results, markdown, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,102 @@
+"""Markdown tables, JSON and a plot for benchmarks/study.py's cells."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+MODES = {"transfer": "(a) no fine-tuning: the trained model, position parameters transferred",
+         "finetune": "(b) after a short fine-tune at each geometry"}
+TITLES = {"vit": ("ViT on Fashion-MNIST", "test accuracy (%) by image side", "×"),
+          "bert": ("BERT-style encoder, masked language modelling", "test MLM accuracy (%) by sequence length", "")}
+
+
+def describe(family) -> dict:
+  """What a report needs to know of a study.Family."""
+  return dict(name=family.name, overrides=family.overrides, field=family.field, base=family.base,
+              sizes=list(family.sizes), encodings=list(family.encodings),
+              finetune_steps=family.finetune_steps, finetune_lr_scale=family.finetune_lr_scale,
+              posenc_lr_mult=family.posenc_lr_mult)
+
+
+def summary(cells: list[dict], family: str, posenc: str, mode: str, size: int) -> tuple[float, float, int]:
+  """(mean, sample std, count) of the accuracy over seeds, in percent."""
+  values = [100 * c["accuracy"] for c in cells
+            if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
+  if not values:
+    return float("nan"), float("nan"), 0
+  return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def cell_text(mean: float, std: float, count: int) -> str:
+  if not count:
+    return "—"
+  return f"{mean:.1f}" if count == 1 else f"{mean:.1f} ± {std:.1f}"
+
+
+def family_lines(results: dict, f: dict) -> list[str]:
+  title, what, cross = TITLES[f["name"]]
+  sizes = f["sizes"]
+  label = lambda s: f"{s}{cross}{s}" if cross else str(s)
+  lines = [f"## {title}: trained at {label(f['base'])}, {what}", "",
+           f"Config `configs/{'vit_tiny' if f['name'] == 'vit' else 'bert_small'}.py:{f['overrides']}`; "
+           f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, "
+           f"position parameters at {f['posenc_lr_mult']}× that.", ""]
+  for mode, caption in MODES.items():
+    lines += [f"### {caption}", "",
+              "| posenc | " + " | ".join(label(s) + (" (trained)" if s == f["base"] else "") for s in sizes) + " |",
+              "|---|" + "---:|" * len(sizes)]
+    for posenc in f["encodings"]:
+      cells = [cell_text(*summary(results["cells"], f["name"], posenc, mode, s)) for s in sizes]
+      lines.append(f"| `{posenc}` | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
+def markdown(results: dict) -> str:
+  seeds = results["seeds"]
+  minutes = sum(c.get("seconds", 0.0) for c in results["cells"]) / 60
+  lines = ["# posenc study: position encodings across resolution and length", "",
+           f"Profile `{results['profile']}`, reported {time.strftime('%Y-%m-%d %H:%M')}; "
+           f"{minutes:.0f} min of runs (`python benchmarks/study.py"
+           f"{' --quick' if results['profile'] == 'quick' else ''}`).", ""]
+  lines += [f"- {line}" for line in results["header"]]
+  lines += [f"- seeds: {', '.join(map(str, seeds))}; each cell is the mean ± sample standard deviation over "
+            f"them (one model per encoding and seed, trained once, evaluated at every size)", ""]
+  for f in results["families"]:
+    lines += family_lines(results, f)
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  families = results["families"]
+  fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False, sharey="row")
+  for row, f in zip(axes, families):
+    for ax, (mode, caption) in zip(row, MODES.items()):
+      for posenc in f["encodings"]:
+        stats = [summary(results["cells"], f["name"], posenc, mode, s) for s in f["sizes"]]
+        ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o",
+                    capsize=2, label=posenc, linestyle="--" if posenc == "none" else "-")
+      ax.axvline(f["base"], color="grey", linewidth=0.8)
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(f["sizes"], [str(s) for s in f["sizes"]])
+      ax.set_title(f"{f['name']}: {caption.split(':')[0]}", fontsize=10)
+      ax.set_xlabel(f["field"])
+      ax.set_ylabel("accuracy (%)")
+    row[1].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def write(results: dict, text: str, directory: str) -> None:
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "study.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(directory, "study.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  plot(results, os.path.join(directory, "study.png"))
