@@ -315,6 +315,8 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
   parser.add_argument("--sections", nargs="+", default=["vit", "bert", "eval", "restore"],
                       choices=["vit", "bert", "eval", "restore"])
+  parser.add_argument("--encodings", nargs="+", default=None,
+                      help="only these encodings (default: every one a model supports)")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                       help="directory for speed.md, speed.json and the plots")
   args = parser.parse_args(argv)
@@ -323,6 +325,8 @@ def main(argv=None) -> int:
   start = time.time()
   if args.rounds:
     p = dataclasses.replace(p, rounds=args.rounds)
+  if args.encodings:
+    p = dataclasses.replace(p, encodings=dict(vit=args.encodings, bert=args.encodings))
   log = lambda msg: print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
   logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only checkpoint directories
   header = timing.machine_lines()
