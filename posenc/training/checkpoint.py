@@ -11,6 +11,7 @@ metadata first, so a shape mismatch is a clear error, never a silent re-init.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable
@@ -34,13 +35,22 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 TransferFn = Callable[[dict, dict, dict], dict]
 
 
+@contextlib.contextmanager
+def _errors_only():
+  """Silence Orbax's warnings about what we ask for on purpose (a handler override, read-only)."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 @functools.cache
 def _register_array_handler() -> None:
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that it overrides its default handler
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
-  logging.set_verbosity(verbosity)
+  with _errors_only():
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
 def _name(path) -> str:
@@ -74,12 +84,13 @@ class Checkpointer:
         policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                        keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=keep_policy, enable_async_checkpointing=True, create=not read_only,
-        cleanup_tmp_directories=not read_only, read_only=read_only)
     handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    with _errors_only():  # read_only: Orbax warns that it will not save
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=keep_policy, enable_async_checkpointing=True, create=not read_only,
+          cleanup_tmp_directories=not read_only, read_only=read_only)
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
