@@ -150,6 +150,8 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="tiny budget for CI (profile 'quick')")
   parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
   parser.add_argument("--families", nargs="+", choices=["vit", "bert"], default=["vit", "bert"])
+  parser.add_argument("--report-only", action="store_true",
+                      help="write the report from the cells recorded so far; run nothing")
   parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "study"),
                       help="run directories and cells.jsonl (the resumable record)")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
   log = lambda msg: print(f"[study {time.time() - start:7.0f}s] {msg}", file=sys.stderr, flush=True)
   cells = Cells(os.path.join(root, "cells.jsonl"))
   families = [f for f in profile["families"] if f.name in args.families]
-  for family in families:
+  for family in [] if args.report_only else families:
     study_family(family, tuple(args.seeds or profile["seeds"]), cells, root, log)
   if args.seeds and set(args.seeds) != set(profile["seeds"]):
     log("a share of the seeds is done; run without --seeds for the report")

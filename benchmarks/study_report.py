@@ -39,8 +39,9 @@ def family_lines(results: dict, f: dict) -> list[str]:
   title, what, cross = TITLES[f["name"]]
   sizes = f["sizes"]
   label = lambda s: f"{s}{cross}{s}" if cross else str(s)
+  seeds = sorted({c["seed"] for c in results["cells"] if c["family"] == f["name"]})
   lines = [f"## {title}: trained at {label(f['base'])}, {what}", "",
-           f"Config `configs/{'vit_tiny' if f['name'] == 'vit' else 'bert_small'}.py:{f['overrides']}`; "
+           f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/{'vit_tiny' if f['name'] == 'vit' else 'bert_small'}.py:{f['overrides']}`; "
            f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, "
            f"position parameters at {f['posenc_lr_mult']}× that.", ""]
   for mode, caption in MODES.items():
@@ -59,11 +60,12 @@ def markdown(results: dict) -> str:
   minutes = sum(c.get("seconds", 0.0) for c in results["cells"]) / 60
   lines = ["# posenc study: position encodings across resolution and length", "",
            f"Profile `{results['profile']}`, reported {time.strftime('%Y-%m-%d %H:%M')}; "
-           f"{minutes:.0f} min of runs (`python benchmarks/study.py"
+           f"{minutes:.0f} min of runs, summed over processes (`python benchmarks/study.py"
            f"{' --quick' if results['profile'] == 'quick' else ''}`).", ""]
   lines += [f"- {line}" for line in results["header"]]
   lines += [f"- seeds: {', '.join(map(str, seeds))}; each cell is the mean ± sample standard deviation over "
-            f"them (one model per encoding and seed, trained once, evaluated at every size)", ""]
+            f"the seeds recorded (a bare number: one seed); one model per encoding and seed, trained "
+            f"once, evaluated at every size", ""]
   for f in results["families"]:
     lines += family_lines(results, f)
   return "\n".join(lines).rstrip() + "\n"
