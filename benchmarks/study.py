@@ -174,7 +174,8 @@ def main(argv=None) -> int:
   results = dict(profile="quick" if args.quick else "full", header=timing.machine_lines(),
                  seconds=time.time() - start, seeds=list(profile["seeds"]),
                  families=[study_report.describe(f) for f in families],
-                 cells=[row for row in cells.rows.values() if row["seed"] in profile["seeds"]])
+                 cells=[row for row in cells.rows.values()
+                        if row["seed"] in profile["seeds"] and row["family"] in args.families])
   markdown = study_report.markdown(results)
   print(markdown)
   study_report.write(results, markdown, args.out)
