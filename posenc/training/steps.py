@@ -60,7 +60,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "accuracy": stats["correct"] / jnp.maximum(stats["count"], 1.0),
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "finite": jnp.isfinite(loss) & _all_finite(params)}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "model_state": model_state}
