@@ -82,3 +82,19 @@ def test_restore_into_other_architecture_is_a_clear_error(vit28, tmp_path):
   with pytest.raises(ConfigError, match=r"(?s)init_from.*patch_embed: stored \(7, 7, 1, 32\), wanted \(4, 4, 1, 32\)"):
     train(config("vit_tiny", TINY_VIT + f",total_steps=1,warmup_steps=0,patch_size=4,init_from={source}"),
           str(tmp_path / "bad"))
+
+
+TINY_BERT = ("model_options.width=16,model_options.depth=1,model_options.num_heads=2,"
+             "model_options.mlp_dim=32,batch_size=8,eval_batch_size=8,eval_max_batches=1,"
+             "warmup_steps=1,eval_every=0,checkpoint_every=0,log_every=1")
+
+
+def test_learned_text_table_128_to_512_on_restore(tmp_path, capsys):
+  source = str(tmp_path / "len128")
+  train(config("bert_small", TINY_BERT + ",max_len=128,total_steps=3"), source)
+  capsys.readouterr()
+  workdir = str(tmp_path / "len512")
+  results = train(config("bert_small", TINY_BERT + f",max_len=512,total_steps=2,init_from={source}"), workdir)
+  assert "posenc/table (128, 16) -> (512, 16)" in capsys.readouterr().out
+  assert all(np.isfinite(r["train/loss"]) for r in jsonl(workdir) if "train/loss" in r)
+  assert np.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
