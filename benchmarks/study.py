@@ -114,6 +114,8 @@ def run(family: Family, arg: str, workdir: str) -> dict:
 
 
 def study_family(family: Family, seeds, cells: Cells, root: str, log) -> None:
+  steps = family.finetune_steps
+  finetune_lr = family.config.get_config(family.overrides).lr * family.finetune_lr_scale
   for posenc in family.encodings:
     for seed in seeds:
       name = f"{family.name}-{posenc}-s{seed}"
@@ -133,11 +135,9 @@ def study_family(family: Family, seeds, cells: Cells, root: str, log) -> None:
           metrics = run(family, f"posenc={posenc},seed={seed},{family.field}={size},init_from={base_dir},"
                         f"total_steps=0", os.path.join(root, name, f"eval{size}"))
         else:
-          config = family.config.get_config(family.overrides)
-          steps = family.finetune_steps
           metrics = run(family, f"posenc={posenc},seed={seed},{family.field}={size},init_from={base_dir},"
                         f"total_steps={steps},warmup_steps={max(1, steps // 10)},"
-                        f"lr={config.lr * family.finetune_lr_scale},posenc_lr_mult={family.posenc_lr_mult},"
+                        f"lr={finetune_lr},posenc_lr_mult={family.posenc_lr_mult},"
                         f"checkpoint_every=0,keep_checkpoints=1", os.path.join(root, name, f"finetune{size}"))
         cells.add(dict(family=family.name, posenc=posenc, seed=seed, mode=mode, size=size,
                        accuracy=metrics["accuracy"], loss=metrics["loss"],

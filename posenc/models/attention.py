@@ -1,9 +1,9 @@
 """Transformer layers that call every position hook, and the scanned block stack.
 
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv``,
-``layers``) in their ``out_sharding`` metadata;
-``posenc.training.sharding.state_shardings`` maps them to a mesh by rules. ``dtype`` is the compute dtype, ``param_dtype`` the storage
-dtype; attention logits and softmax are always float32.
+``layers``) in their ``out_sharding`` metadata; ``posenc.training.sharding``
+maps them to a mesh by the config's rules. ``dtype`` is the compute dtype,
+``param_dtype`` the storage dtype; attention logits and softmax are always float32.
 """
 from __future__ import annotations
 
