@@ -25,11 +25,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import scipy.stats
+from flax import nnx
 
+from posenc import models
+from posenc.data import pipeline
 from posenc.training import ConfigError, NonFiniteLossError, train, validate
 from posenc.training import checkpoint as ckpt_lib
 from posenc.training import config as config_lib
-from posenc.training import distributed, optim, sharding
+from posenc.training import distributed, optim, sharding, steps
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILE_CACHE = tempfile.mkdtemp(prefix="posenc-jax-cache-")  # shared by this file's runs
@@ -180,6 +184,37 @@ def test_weight_decay_hits_matrices_only():
   np.testing.assert_allclose(u["w"], -c.lr * 0.5 * np.ones((3, 3)), rtol=1e-6)
   np.testing.assert_array_equal(u["b"], 0.0)
   np.testing.assert_array_equal(u["posenc"]["table"], 0.0)
+
+
+@pytest.mark.parametrize("length", [16, 64, 128, 512, 2048])
+def test_mlm_capacity_overflows_with_negligible_probability(length):
+  cap = pipeline.mlm_capacity(length)
+  assert cap <= length and scipy.stats.binom.sf(cap, length, pipeline.MASK_RATE) < 1e-8
+  assert length < 64 or cap < length / 2  # and the head does run on a fraction of the row
+
+
+def test_mlm_loss_at_masked_positions_equals_the_full_logits_loss():
+  model = models.create("bert-mini", posenc="alibi", vocab_size=50, max_len=32, width=16, depth=1,
+                        num_heads=2, mlp_dim=32, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 50, (4, 32)).astype(np.int32)
+  weights = (rng.random((4, 32)) < pipeline.MASK_RATE).astype(np.float32)
+  weights[0] = 0.0  # a row with nothing masked
+  batch = {"input_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": np.ones((4, 32), bool),
+           "mlm_targets": rng.integers(1, 50, (4, 32)).astype(np.int32), "mlm_weights": weights,
+           "valid": np.array([1, 1, 1, 0], np.float32)}  # the last row is eval padding
+  logits, targets, w = steps.forward(model, batch, train=False)
+  assert logits.shape == (4, pipeline.mlm_capacity(32), 50)
+  _, masked = steps.loss_and_stats(logits, targets, w)
+  full_logits = model(ids, segment_ids=batch["segment_ids"], padding_mask=batch["padding_mask"])
+  _, full = steps.loss_and_stats(full_logits, batch["mlm_targets"], weights * batch["valid"][:, None])
+  assert float(full["count"]) == weights[:3].sum() > 0
+  for k in full:
+    np.testing.assert_allclose(masked[k], full[k], rtol=1e-5)
+  positions = np.asarray(steps.masked_positions(jnp.asarray(weights), 12))
+  for row, at in zip(weights, positions):  # the masked tokens first, in order
+    k = int(row.sum())
+    np.testing.assert_array_equal(at[:k], np.flatnonzero(row)[:12])
 
 
 def test_cluster_detection():

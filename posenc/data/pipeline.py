@@ -134,6 +134,16 @@ def regular_token_ids() -> np.ndarray:
   return np.array(sorted(i for t, i in vocab.items() if not re.fullmatch(r"\[.*\]", t)), np.int32)
 
 
+def mlm_capacity(length: int) -> int:
+  """Static number of predicted positions per row of ``length`` tokens (the MLM head's input).
+
+  The selected count is Binomial(length, MASK_RATE); this is its mean plus 6 standard
+  deviations (a row overflows with probability < 1e-8), capped at ``length``.
+  """
+  mean = length * MASK_RATE
+  return min(length, math.ceil(mean + 6 * math.sqrt(mean * (1 - MASK_RATE))) + 1)
+
+
 def draw_masks(rng: np.random.Generator, shape, regular_ids: np.ndarray):
   """Uniforms deciding selection and action, and a random replacement id, per token."""
   return rng.random(shape), rng.random(shape), regular_ids[rng.integers(0, len(regular_ids), shape)]

@@ -2,6 +2,7 @@
 
     bert = BERT(posenc="alibi", vocab_size=30522, max_len=128, rngs=nnx.Rngs(0), **BERT_SIZES["mini"])
     logits = bert(input_ids, segment_ids=segment_ids, padding_mask=padding_mask)   # [B, L, vocab]
+    logits = bert(input_ids, predict_at=positions)                                # [B, P, vocab]
     hidden = bert.encode(input_ids, padding_mask=padding_mask)                    # [B, L, D]
 
 Two kinds of ids, not to be confused:
@@ -122,10 +123,16 @@ class BERT(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
                padding_mask: jax.Array | None = None, packing_ids: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
-    """Masked-language-model logits ``[B, L, vocab]`` in float32."""
+               predict_at: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """Masked-language-model logits ``[B, L, vocab]`` in float32.
+
+    ``predict_at`` (int ``[B, P]``) runs the head only at those positions and returns
+    ``[B, P, vocab]``: training needs logits only where tokens were masked (~15%).
+    """
     x = self.encode(input_ids, segment_ids=segment_ids, padding_mask=padding_mask, packing_ids=packing_ids,
                     train=train)
+    if predict_at is not None:
+      x = jnp.take_along_axis(x, predict_at[..., None], axis=1)
     dt = self.dtype
     h = dense(x, self.mlm_dense[...].astype(dt), self.mlm_dense_bias[...].astype(dt))
     h = self.mlm_norm(jax.nn.gelu(h, approximate=self.gelu_approximate))

@@ -13,27 +13,35 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from posenc.data.pipeline import mlm_capacity
+
 Batch = dict[str, jax.Array]
 
 
-def _forward(model, batch: Batch, train: bool) -> jax.Array:
-  if "image" in batch:
-    return model(batch["image"], train=train)
-  return model(batch["input_ids"], segment_ids=batch["segment_ids"],
-               padding_mask=batch["padding_mask"], train=train)
+def masked_positions(weights: jax.Array, capacity: int) -> jax.Array:
+  """``[B, capacity]`` indices of each row's weighted tokens, in order, then unweighted ones."""
+  return jnp.argsort(weights <= 0, axis=1, stable=True)[:, :capacity]
 
 
-def _targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(integer targets, weights) with the shape of the logits minus the class axis."""
+def forward(model, batch: Batch, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits, integer targets, weights); targets and weights have the logits' shape minus classes.
+
+  Masked-LM logits are computed only at the masked positions (``mlm_capacity`` per row).
+  """
   valid = batch["valid"].astype(jnp.float32)
   if "image" in batch:
-    return batch["label"], valid
-  return batch["mlm_targets"], batch["mlm_weights"] * valid[:, None]
+    return model(batch["image"], train=train), batch["label"], valid
+  weights = batch["mlm_weights"] * valid[:, None]
+  at = masked_positions(weights, mlm_capacity(weights.shape[1]))
+  logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], padding_mask=batch["padding_mask"],
+                 predict_at=at, train=train)
+  take = lambda x: jnp.take_along_axis(x, at, axis=1)  # noqa: E731
+  return logits, take(batch["mlm_targets"]), take(weights)
 
 
-def loss_and_stats(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_and_stats(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted mean cross-entropy and the summed statistics eval aggregates."""
-  targets, weights = _targets(batch)
   logits = logits.astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
@@ -53,7 +61,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state["model_state"])
-      loss, stats = loss_and_stats(_forward(model, batch, train=True), batch)
+      loss, stats = loss_and_stats(*forward(model, batch, train=True))
       return loss, (stats, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
     (loss, (stats, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -74,6 +82,6 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 
   def eval_step(params, model_state, batch: Batch):
     model = nnx.merge(graphdef, params, model_state)
-    return loss_and_stats(_forward(model, batch, train=False), batch)[1]
+    return loss_and_stats(*forward(model, batch, train=False))[1]
 
   return eval_step
