@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py            # full run; writes benchmarks/results/speed.{md,json} + plots
     python benchmarks/speed.py --quick    # tiny sizes (CI: tests/test_benchmarks.py)
+    python benchmarks/speed.py --sections bert   # re-measure one section, keep the others
 
 Sections (each a markdown table):
   1. posenc's ViT train step vs a straightforward Flax linen one (benchmarks/linen_vit.py,
@@ -74,6 +75,7 @@ class Profile:
 
 SIZE_OPTIONS = ("width", "depth", "num_heads", "mlp_dim")
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+SECTIONS = ("vit", "bert", "eval", "restore")
 PROFILES = {
     # 2-core CPU: ViT-Ti/4 at 32 (the headline) and 64 pixels; BERT-mini at 4096 tokens/step.
     "cpu": Profile("vit-ti", {}, 4, ((32, 128), (64, 32)), "bert-mini", {}, ((128, 32), (256, 16), (512, 8)),
@@ -307,14 +309,30 @@ def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
 # --------------------------------------------------------------------------- main
 
 
+def keep_other_sections(results: dict, previous_json: str) -> dict:
+  """Sections this run did not measure, taken from the previous report of the same profile."""
+  if not os.path.exists(previous_json):
+    return results
+  with open(previous_json) as f:
+    previous = speed_report.from_json(json.load(f))
+  if previous["profile"] != results["profile"]:
+    return results
+  merged = dict(results, measured=dict(results["measured"]))
+  for section in SECTIONS:
+    if section not in results["measured"] and previous.get(section):
+      merged[section] = previous[section]
+      merged["measured"][section] = previous.get("measured", {}).get(section, "earlier")
+  return merged
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes for CI (profile 'quick')")
   parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                       help="default: 'gpu' on an accelerator, else 'cpu'")
   parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
-  parser.add_argument("--sections", nargs="+", default=["vit", "bert", "eval", "restore"],
-                      choices=["vit", "bert", "eval", "restore"])
+  parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                      help="measure only these; the others are kept from the previous report in --out")
   parser.add_argument("--encodings", nargs="+", default=None,
                       help="only these encodings (default: every one a model supports)")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
@@ -330,7 +348,7 @@ def main(argv=None) -> int:
   log = lambda msg: print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
   logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only checkpoint directories
   header = timing.machine_lines()
-  results = {"profile": name, "header": header}
+  results = {"profile": name, "header": header, "measured": {}}
   if "vit" in args.sections:
     results["vit"] = [train_group(p, "vit", s, b, log, with_linen=i == 0) for i, (s, b) in enumerate(p.vit_sizes)]
   if "bert" in args.sections:
@@ -340,6 +358,9 @@ def main(argv=None) -> int:
   if "restore" in args.sections:
     results["restore"] = restore_with_transfer(p, family_encodings(p, "vit"), log)
   results["seconds"] = time.time() - start
+  now = time.strftime("%Y-%m-%d %H:%M")
+  results["measured"] = {s: now for s in args.sections}
+  results = keep_other_sections(results, os.path.join(args.out, "speed.json"))
   markdown = speed_report.markdown(results)
   print(markdown)
   speed_report.write(results, markdown, args.out)

@@ -83,10 +83,13 @@ def matmul_line(groups: list[dict]) -> str:
 def markdown(results: dict) -> str:
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
   cores = os.cpu_count() or 1
-  lines = ["# posenc speed", "", f"Profile `{results['profile']}`, measured {time.strftime('%Y-%m-%d %H:%M')} "
+  lines = ["# posenc speed", "", f"Profile `{results['profile']}`, measured {max(results['measured'].values())} "
            f"in {results['seconds'] / 60:.1f} min (`python benchmarks/speed.py"
            f"{' --quick' if results['profile'] == 'quick' else ''}`).", ""]
   lines += [f"- {h}" for h in results["header"]] + [f"- load average at end: {load:.1f}", ""]
+  if len(set(results["measured"].values())) > 1:
+    lines += ["Sections measured at different times (`--sections` re-measures some and keeps the rest): "
+              + ", ".join(f"{k} {v}" for k, v in results["measured"].items()) + ".", ""]
   lines += [f"**This machine ({cores} cores) was shared with other jobs while measuring**, so absolute times "
             f"are noisy. Everything that is compared is timed in interleaved rounds (one call of each "
             f"contender per round) and reported as the median over rounds, so a load spike hits every "
@@ -143,12 +146,23 @@ def _timed(e: Timed) -> dict:
 
 
 def to_json(results: dict) -> dict:
-  out = {k: results[k] for k in ("profile", "header", "seconds")}
+  out = {k: results[k] for k in ("profile", "header", "seconds", "measured")}
   for family in ("vit", "bert"):
     out[family] = [dict(g, entries=[_timed(e) for e in g["entries"]], matmul=_timed(g["matmul"]))
                    for g in results.get(family, [])]
   out["eval"] = [dict(r, eval=_timed(r["eval"])) for r in results.get("eval", [])]
   out["restore"] = results.get("restore", [])
+  return out
+
+
+def from_json(data: dict) -> dict:
+  """``to_json``'s inverse (the entries come back without their callables)."""
+  timed = lambda d: Timed(call=None, **d)  # noqa: E731
+  out = dict(data)
+  for family in ("vit", "bert"):
+    out[family] = [dict(g, entries=[timed(e) for e in g["entries"]], matmul=timed(g["matmul"]))
+                   for g in data.get(family, [])]
+  out["eval"] = [dict(r, eval=timed(r["eval"])) for r in data.get("eval", [])]
   return out
 
 

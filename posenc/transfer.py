@@ -57,7 +57,7 @@ class TransferOptions:
 
 def param_dict(model: nnx.Module) -> dict:
   """The model's parameters as a nested dict of arrays (or ShapeDtypeStructs)."""
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _flat(tree: dict) -> dict[tuple, jax.Array]:

@@ -98,6 +98,22 @@ def test_speed_quick_numbers_follow_from_measurements(quick_run):
   assert ours == pytest.approx(linen, rel=0.15)
 
 
+@pytest.mark.slow
+def test_speed_sections_remeasure_one_and_keep_the_rest(quick_run, tmp_path):
+  _, out = quick_run
+  for name in ("speed.md", "speed.json"):
+    (tmp_path / name).write_bytes((out / name).read_bytes())
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--sections",
+                         "eval", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  before, after = (json.loads((d / "speed.json").read_text()) for d in (out, tmp_path))
+  assert set(after["measured"]) == {"vit", "bert", "eval", "restore"}
+  for section in ("vit", "bert", "restore"):
+    assert after[section] == before[section] and after["measured"][section] == before["measured"][section]
+  assert after["eval"] != before["eval"]  # measured again: new timings
+  assert tables((tmp_path / "speed.md").read_text())[1:3] == tables((out / "speed.md").read_text())[1:3]
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("study")
@@ -105,6 +121,10 @@ def study_run(tmp_path_factory):
              "--workdir", str(root / "runs"), "--out", str(root / "out")]
   first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert first.returncode == 0, first.stderr[-4000:]
+  # A number recorded under other settings (the same cell, e.g. before a budget change) is set aside.
+  with open(root / "runs" / "quick" / "cells.jsonl", "a") as f:
+    f.write(json.dumps(dict(family="vit", budget="other settings", posenc="learned", seed=0, mode="transfer",
+                            size=28, accuracy=0.0, loss=9.0, seconds=1.0)) + "\n")
   again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-4000:]
   return first, again, root
@@ -137,4 +157,5 @@ def test_study_resumes_from_its_record(study_run):
   """A second run finds every cell in cells.jsonl: it trains nothing and reports the same numbers."""
   first, again, _ = study_run
   assert "cells in" in first.stderr and "cells in" not in again.stderr
+  assert "1 recorded cells were measured under other settings" in again.stderr
   assert tables(again.stdout) == tables(first.stdout)
