@@ -20,19 +20,21 @@ def describe(family) -> dict:
               posenc_lr_mult=family.posenc_lr_mult)
 
 
-def summary(cells: list[dict], family: str, posenc: str, mode: str, size: int) -> tuple[float, float, int]:
-  """(mean, sample std, count) of the accuracy over seeds, in percent."""
-  values = [100 * c["accuracy"] for c in cells
+def summary(cells: list[dict], family: str, posenc: str, mode: str, size: int,
+            metric: str = "accuracy") -> tuple[float, float, int]:
+  """(mean, sample std, count) over seeds of the accuracy in percent, or of the loss."""
+  scale = 100 if metric == "accuracy" else 1
+  values = [scale * c[metric] for c in cells
             if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
   if not values:
     return float("nan"), float("nan"), 0
   return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def cell_text(mean: float, std: float, count: int) -> str:
+def cell_text(mean: float, std: float, count: int, digits: int = 1) -> str:
   if not count:
     return "—"
-  return f"{mean:.1f}" if count == 1 else f"{mean:.1f} ± {std:.1f}"
+  return f"{mean:.{digits}f}" if count == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def family_lines(results: dict, f: dict) -> list[str]:
@@ -44,12 +46,14 @@ def family_lines(results: dict, f: dict) -> list[str]:
            f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/{'vit_tiny' if f['name'] == 'vit' else 'bert_small'}.py:{f['overrides']}`; "
            f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, "
            f"position parameters at {f['posenc_lr_mult']}× that.", ""]
-  for mode, caption in MODES.items():
+  tables = [(mode, caption, "accuracy", 1) for mode, caption in MODES.items()]
+  tables.append(("transfer", "(a) no fine-tuning, test loss (cross-entropy, nats)", "loss", 3))
+  for mode, caption, metric, digits in tables:
     lines += [f"### {caption}", "",
               "| posenc | " + " | ".join(label(s) + (" (trained)" if s == f["base"] else "") for s in sizes) + " |",
               "|---|" + "---:|" * len(sizes)]
     for posenc in f["encodings"]:
-      cells = [cell_text(*summary(results["cells"], f["name"], posenc, mode, s)) for s in sizes]
+      cells = [cell_text(*summary(results["cells"], f["name"], posenc, mode, s, metric), digits) for s in sizes]
       lines.append(f"| `{posenc}` | " + " | ".join(cells) + " |")
     lines.append("")
   return lines

@@ -137,17 +137,18 @@ def test_study_quick_tables_follow_from_its_cells(study_run):
   assert again.stdout.strip() == markdown.strip()
   results = json.loads((root / "out" / "study.json").read_text())
   found = tables(markdown)
-  assert len(found) == 4  # (ViT, BERT) x (no fine-tuning, fine-tuned)
-  for table, (family, mode) in zip(found, [(f, m) for f in ("vit", "bert") for m in ("transfer", "finetune")]):
+  assert len(found) == 6  # (ViT, BERT) x (accuracy: no fine-tuning, fine-tuned; loss: no fine-tuning)
+  kinds = [("accuracy", "transfer", 100, 0.051), ("accuracy", "finetune", 100, 0.051), ("loss", "transfer", 1, 5e-4)]
+  for table, (family, (metric, mode, scale, tol)) in zip(found, [(f, k) for f in ("vit", "bert") for k in kinds]):
     spec = next(f for f in results["families"] if f["name"] == family)
     assert len(table[0]) == 1 + len(spec["sizes"]) and "(trained)" in " ".join(table[0])
     assert [row[0] for row in table[1:]] == [f"`{e}`" for e in spec["encodings"]]
     for row, posenc in zip(table[1:], spec["encodings"]):
       for cell, size in zip(row[1:], spec["sizes"]):
-        values = [c["accuracy"] for c in results["cells"]
+        values = [c[metric] for c in results["cells"]
                   if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
-        assert len(values) == 1 and 0.0 <= values[0] <= 1.0  # one seed in the quick profile
-        assert number(cell) == pytest.approx(100 * values[0], abs=0.051)
+        assert len(values) == 1 and 0.0 <= values[0] <= (1.0 if metric == "accuracy" else 20.0)  # one seed
+        assert number(cell) == pytest.approx(scale * values[0], abs=tol)
   with open(root / "out" / "study.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
