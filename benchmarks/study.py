@@ -57,6 +57,7 @@ class Family:
   finetune_steps: int
   finetune_lr_scale: float  # fine-tune peak lr = the config's lr x this
   posenc_lr_mult: float     # on the position parameters while fine-tuning
+  variants: tuple = ()      # (label, overrides): an encoding with options, studied under its own label
 
   @property
   def budget(self) -> str:
@@ -67,7 +68,10 @@ class Family:
 
 VIT_ENCODINGS = ("learned", "factorized", "sincos2d", "rel_bias", "cpb", "cpe", "rope", "rope_mixed",
                  "alibi", "none")
-BERT_ENCODINGS = ("learned", "sinusoidal", "rel_bias", "rope", "alibi", "none")
+BERT_ENCODINGS = ("learned", "sinusoidal", "sinusoidal_scaled", "rel_bias", "rope", "alibi", "none")
+# The sin/cos table at the RMS of the learned table's init (0.02): BERT's token embeddings are
+# initialised at std 0.02, so the unscaled table (amplitude 1) swamps them.
+BERT_VARIANTS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0.028"),)
 VIT_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
 BERT_TINY = VIT_TINY + ",model=bert-mini"
 
@@ -81,12 +85,13 @@ PROFILES = {
                "image_size", 28, (14, 21, 28, 42, 56), VIT_ENCODINGS, 30, 0.25, 0.1),
         Family("bert", bert_small, "max_len=128,batch_size=16,total_steps=800,warmup_steps=80,lr=2e-3,"
                "model_options.pre_ln=True,eval_every=0,eval_max_batches=0", "max_len", 128, (64, 128, 256, 512),
-               BERT_ENCODINGS, 20, 0.25, 0.1))),
+               BERT_ENCODINGS, 20, 0.25, 0.1, BERT_VARIANTS))),
     "quick": dict(seeds=(0,), families=(
         Family("vit", vit_tiny, VIT_TINY + ",total_steps=4,warmup_steps=1,batch_size=16,eval_batch_size=256,"
                "eval_max_batches=1,eval_every=0", "image_size", 28, (14, 28), ("learned", "rope"), 2, 0.25, 0.1),
         Family("bert", bert_small, BERT_TINY + ",total_steps=4,warmup_steps=1,batch_size=8,eval_batch_size=8,"
-               "eval_max_batches=1,eval_every=0", "max_len", 16, (16, 32), ("learned", "alibi"), 2, 0.25, 0.1))),
+               "eval_max_batches=1,eval_every=0", "max_len", 16, (16, 32), ("learned", "alibi", "sinusoidal_scaled"),
+               2, 0.25, 0.1, BERT_VARIANTS))),
 }
 
 
@@ -141,17 +146,18 @@ def study_family(family: Family, seeds, cells: Cells, root: str, log) -> None:
       if not todo:
         continue
       start = time.time()
-      trained = run(family, f"posenc={posenc},seed={seed},{family.field}={family.base}", base_dir)
+      posenc_args = dict(family.variants).get(posenc, f"posenc={posenc}")
+      trained = run(family, f"{posenc_args},seed={seed},{family.field}={family.base}", base_dir)
       train_seconds = time.time() - start
       for mode, size in todo:
         began = time.time()
         if mode == "transfer" and size == family.base:
           metrics = trained  # the trained run's own final test evaluation
         elif mode == "transfer":
-          metrics = run(family, f"posenc={posenc},seed={seed},{family.field}={size},init_from={base_dir},"
+          metrics = run(family, f"{posenc_args},seed={seed},{family.field}={size},init_from={base_dir},"
                         f"total_steps=0", os.path.join(root, name, f"eval{size}"))
         else:
-          metrics = run(family, f"posenc={posenc},seed={seed},{family.field}={size},init_from={base_dir},"
+          metrics = run(family, f"{posenc_args},seed={seed},{family.field}={size},init_from={base_dir},"
                         f"total_steps={steps},warmup_steps={max(1, steps // 10)},"
                         f"lr={finetune_lr},posenc_lr_mult={family.posenc_lr_mult},"
                         f"checkpoint_every=0,keep_checkpoints=1", os.path.join(root, name, f"finetune{size}"))

@@ -17,7 +17,7 @@ def describe(family) -> dict:
   return dict(name=family.name, overrides=family.overrides, field=family.field, base=family.base,
               sizes=list(family.sizes), encodings=list(family.encodings),
               finetune_steps=family.finetune_steps, finetune_lr_scale=family.finetune_lr_scale,
-              posenc_lr_mult=family.posenc_lr_mult)
+              posenc_lr_mult=family.posenc_lr_mult, variants=dict(family.variants))
 
 
 def summary(cells: list[dict], family: str, posenc: str, mode: str, size: int,
@@ -45,7 +45,8 @@ def family_lines(results: dict, f: dict) -> list[str]:
   lines = [f"## {title}: trained at {label(f['base'])}, {what}", "",
            f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/{'vit_tiny' if f['name'] == 'vit' else 'bert_small'}.py:{f['overrides']}`; "
            f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, "
-           f"position parameters at {f['posenc_lr_mult']}× that.", ""]
+           f"position parameters at {f['posenc_lr_mult']}× that."]
+  lines += [f"`{label}` is `{args}`." for label, args in f.get("variants", {}).items()] + [""]
   tables = [(mode, caption, "accuracy", 1) for mode, caption in MODES.items()]
   tables.append(("transfer", "(a) no fine-tuning, test loss (cross-entropy, nats)", "loss", 3))
   for mode, caption, metric, digits in tables:

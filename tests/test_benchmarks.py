@@ -137,6 +137,7 @@ def test_study_quick_tables_follow_from_its_cells(study_run):
   assert again.stdout.strip() == markdown.strip()
   results = json.loads((root / "out" / "study.json").read_text())
   found = tables(markdown)
+  assert "`sinusoidal_scaled` is `posenc=sinusoidal,posenc_options.scale=0.028`." in markdown
   assert len(found) == 6  # (ViT, BERT) x (accuracy: no fine-tuning, fine-tuned; loss: no fine-tuning)
   kinds = [("accuracy", "transfer", 100, 0.051), ("accuracy", "finetune", 100, 0.051), ("loss", "transfer", 1, 5e-4)]
   for table, (family, (metric, mode, scale, tol)) in zip(found, [(f, k) for f in ("vit", "bert") for k in kinds]):

@@ -142,6 +142,13 @@ def test_sinusoidal_matches_vaswani(length, temperature):
                              atol=2e-5)
 
 
+@pytest.mark.parametrize("name,geometry", [("sinusoidal", SEQ), ("sincos2d", GRID)])
+def test_fixed_tables_scale(name, geometry):
+  unit = added(build(name, geometry), geometry)
+  np.testing.assert_allclose(added(build(name, geometry, scale=0.03), geometry), 0.03 * unit, atol=2e-6)
+  assert np.abs(unit).max() > 0.9  # the default amplitude is 1
+
+
 @pytest.mark.parametrize("h,w,dim,temperature", [(3, 4, 16, 10_000.), (5, 2, 32, 10_000.),
                                                  (4, 4, 8, 100.)])
 def test_sincos2d_matches_mocov3(h, w, dim, temperature):

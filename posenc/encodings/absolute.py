@@ -169,39 +169,44 @@ def sincos2d_table(geometry: Geometry, dim: int, temperature: float = 10_000.) -
 
 @register("sinusoidal")
 class Sinusoidal(Encoding):
-  """Fixed 1D sin/cos (Vaswani et al., 2017); no parameters, any length."""
+  """Fixed 1D sin/cos (Vaswani et al., 2017); no parameters, any length.
+
+  ``scale`` multiplies the table (amplitude 1 by default). Vaswani et al. scale token
+  embeddings by sqrt(D) to match it; BERT-initialised ones (std 0.02) are ~35x smaller,
+  and an unscaled table then drowns the token identity after the embedding LayerNorm.
+  """
 
   supported_ndims = (1,)
 
-  def __init__(self, dim: int, *, temperature: float = 10_000.):
+  def __init__(self, dim: int, *, temperature: float = 10_000., scale: float = 1.0):
     if dim % 2:
       raise ValueError(f"position encoding '{self.name}' needs an even dim (a sin and a cos per "
                        f"frequency); got dim={dim}.")
     self.dim = dim
-    self.temperature = float(temperature)
+    self.temperature, self.scale = float(temperature), float(scale)
 
   def embed(self, x: jax.Array, geometry: Geometry) -> jax.Array:
     self.check(geometry)
-    pe = sinusoidal_table(geometry.shape[0], self.dim, self.temperature)
+    pe = self.scale * sinusoidal_table(geometry.shape[0], self.dim, self.temperature)
     return _add_to_positions(self, x, geometry, pe)
 
 
 @register("sincos2d")
 class SinCos2D(Encoding):
-  """Fixed 2D sin/cos (MoCo v3, big_vision); no parameters, any grid."""
+  """Fixed 2D sin/cos (MoCo v3, big_vision); no parameters, any grid; ``scale`` as in sinusoidal."""
 
   supported_ndims = (2,)
 
-  def __init__(self, dim: int, *, temperature: float = 10_000.):
+  def __init__(self, dim: int, *, temperature: float = 10_000., scale: float = 1.0):
     if dim % 4 or dim < 8:
       raise ValueError(f"position encoding '{self.name}' needs dim divisible by 4 (sin and cos "
                        f"for each of 2 axes) and at least 8; got dim={dim}.")
     self.dim = dim
-    self.temperature = float(temperature)
+    self.temperature, self.scale = float(temperature), float(scale)
 
   def embed(self, x: jax.Array, geometry: Geometry) -> jax.Array:
     self.check(geometry)
-    pe = sincos2d_table(geometry, self.dim, self.temperature)
+    pe = self.scale * sincos2d_table(geometry, self.dim, self.temperature)
     return _add_to_positions(self, x, geometry, pe)
 
 
