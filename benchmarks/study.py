@@ -5,6 +5,7 @@
     python benchmarks/study.py --seeds 1        # ... (same --workdir); then one plain run
     python benchmarks/study.py                  #     finds every cell done and writes the report
     python benchmarks/study.py --quick          # tiny budget (CI: tests/test_benchmarks.py)
+    python benchmarks/study.py --families bert --encodings alibi   # a share: only these runs
 
 For every encoding and seed, one model is trained at the base geometry (ViT on
 Fashion-MNIST at 28x28; BERT MLM at length 128) with posenc's own loop
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="tiny budget for CI (profile 'quick')")
   parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
   parser.add_argument("--families", nargs="+", choices=["vit", "bert"], default=["vit", "bert"])
+  parser.add_argument("--encodings", nargs="+", default=None,
+                      help="run only these encodings (labels); the report still shows every one")
   parser.add_argument("--report-only", action="store_true",
                       help="write the report from the cells recorded so far; run nothing")
   parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "study"),
@@ -191,9 +194,11 @@ def main(argv=None) -> int:
   if cells.stale:
     log(f"{cells.stale} recorded cells were measured under other settings; they are set aside")
   for family in [] if args.report_only else families:
+    if args.encodings:
+      family = dataclasses.replace(family, encodings=tuple(e for e in family.encodings if e in args.encodings))
     study_family(family, tuple(args.seeds or profile["seeds"]), cells, root, log)
-  if args.seeds and set(args.seeds) != set(profile["seeds"]):
-    log("a share of the seeds is done; run without --seeds for the report")
+  if args.encodings or (args.seeds and set(args.seeds) != set(profile["seeds"])):
+    log("a share of the study is done; run without --seeds / --encodings for the report")
     return 0
   results = dict(profile="quick" if args.quick else "full", header=timing.machine_lines(),
                  seconds=time.time() - start, seeds=list(profile["seeds"]),
