@@ -3,6 +3,7 @@
 Resumes automatically from the latest checkpoint in the workdir. Multi-host:
 runs ``jax.distributed.initialize`` when a cluster is detected (see
 posenc/training/distributed.py) or when --coordinator_address is given.
+Every input error is one message on stderr (exit status 2), never a traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from posenc.config import ConfigError, load_config_file
 from posenc.training import distributed
 
 FLAGS = flags.FLAGS
@@ -28,6 +30,16 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flag_as_required("config")
 
 
+def check_config_argument(argv: list[str]) -> None:
+  """Load ``--config=FILE[:arg]`` once before absl does, so a bad file, preset or override is one
+  clear message (absl would print the loader's traceback)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      load_config_file(a.split("=", 1)[1])
+    elif a == "--config" and i + 1 < len(argv):
+      load_config_file(argv[i + 1])
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -37,7 +49,7 @@ def main(argv) -> int:
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # resumed runs skip recompiling
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/posenc/jax"))
 
-  from posenc.training import ConfigError, NonFiniteLossError, default_workdir, train
+  from posenc.training import NonFiniteLossError, default_workdir, train
   config = FLAGS.config
   try:
     workdir = FLAGS.workdir or default_workdir(config, config_flags.get_config_filename(FLAGS["config"]))
@@ -48,9 +60,17 @@ def main(argv) -> int:
   except NonFiniteLossError as e:
     print(str(e), file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print("Interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+    return 130
   print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
   return 0
 
 
 if __name__ == "__main__":
+  try:
+    check_config_argument(sys.argv[1:])
+  except ConfigError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    sys.exit(2)
   app.run(lambda argv: sys.exit(main(argv)))

@@ -1,36 +1,37 @@
-"""Resolution transfer: map a model's parameters from one geometry to another.
+"""The one transfer seam: a model's parameters moved from one geometry to another.
 
 The seed's protocol (reshape the table to its grid, resample, flatten, then
 fine-tune with a lower learning rate on positions) for every encoding: each
-encoding says what its own parameters need (``Encoding.transfer``: learned
-grids resample, relative-bias tables resample, fixed encodings pass through);
-this module applies that to a whole model's parameter tree and checks that
-everything else fits unchanged.
+encoding class says what its own parameters need (``Encoding.transfer``:
+learned grids resample, relative-bias tables resample, fixed encodings pass
+through). Geometries are data: the source comes from a checkpoint's metadata,
+the target from the config; no model is built to learn either.
 
-Everything here is a pure function of arrays with the geometry static, so it
-runs under ``jax.jit`` with ``in_shardings``/``out_shardings`` on a mesh and
-never leaves the device:
+Everything is a pure function of arrays with the geometries static, so it runs
+under ``jax.jit`` with ``out_shardings`` on a mesh and never leaves the device:
 
-    fn = jax.jit(functools.partial(transfer_params, source=old_model, target=new_model),
-                 out_shardings=target_shardings)
-    new_params = fn(old_params)
+    move = jit_transfer("learned", Geometry.grid(7, 7, 1), Geometry.grid(14, 14, 1),
+                        target=abstract_params)   # ShapeDtypeStructs (with shardings) wanted
+    new_params = move(params)
+
+Position interpolation is not a parameter change but a scaling of the
+positions a model is given (``interpolation_scale``).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
+from posenc import encodings
+from posenc.encodings.base import POSENC_KEY, Geometry
 from posenc.resize import METHODS
 
 EXTEND_MODES = ("interpolate", "copy")
-POSENC_KEY = "posenc"  # every model keeps its encoding at this attribute
 
 
 class TransferError(ValueError):
-  """A parameter tree that the transfer rules cannot map onto the target model."""
+  """A parameter tree that the transfer rules cannot map onto the target."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,77 +55,76 @@ class TransferOptions:
     if self.extend not in EXTEND_MODES:
       raise ValueError(f"transfer extend mode {self.extend!r} is unknown; choose one of {EXTEND_MODES}.")
 
-
-def param_dict(model: nnx.Module) -> dict:
-  """The model's parameters as a nested dict of arrays (or ShapeDtypeStructs)."""
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  def describe(self) -> str:
+    return self.method + (", antialias" if self.antialias and self.method in ("bicubic", "bilinear") else "")
 
 
-def _flat(tree: dict) -> dict[tuple, jax.Array]:
-  return {tuple(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """``{"a/b/c": shape}`` of arrays, ShapeDtypeStructs or Orbax metadata in a nested dict."""
+  tree = getattr(tree, "tree", tree)  # Orbax TreeMetadata wraps the tree
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(x.shape)
+          for path, x in leaves}
 
 
-def _name(path: tuple) -> str:
-  return "/".join(path)
-
-
-def transfer_params(params: dict, *, source: nnx.Module, target: nnx.Module,
-                    options: TransferOptions = TransferOptions()) -> dict:
-  """``source``'s parameters ``params`` mapped onto ``target``'s geometry.
-
-  ``source`` and ``target`` are models (concrete or abstract, from
-  ``nnx.eval_shape``) that say the geometries; only ``params`` is data.
-  Raises TransferError naming each parameter whose stored shape does not fit
-  the target and that no rule covers (a different patch size, width, depth...).
-  """
-  want = param_dict(target)
-  out = dict(params)
-  if POSENC_KEY in params:
-    out[POSENC_KEY] = target.posenc.transfer(params[POSENC_KEY], source.geometry, target.geometry,
-                                             options)
-  check_fits(out, want, source=source, target=target)
+def shape_diff(stored: dict, wanted: dict) -> list[str]:
+  """One line per difference between two ``flat_shapes`` dicts (empty when they fit)."""
+  out = [f"{k}: stored {stored[k]}, wanted {wanted[k]}"
+         for k in sorted(stored.keys() & wanted.keys()) if stored[k] != wanted[k]]
+  out += [f"{k}: in the checkpoint, not in the model" for k in sorted(stored.keys() - wanted.keys())]
+  out += [f"{k}: in the model, not in the checkpoint" for k in sorted(wanted.keys() - stored.keys())]
   return out
 
 
-def check_fits(params: dict, want: dict, *, source=None, target=None) -> None:
-  """TransferError unless ``params`` has exactly ``want``'s names and shapes."""
-  have, need = _flat(params), _flat(want)
-  problems = [f"  {_name(p)}: stored {tuple(have[p].shape)}, wanted {tuple(need[p].shape)}"
-              for p in sorted(set(have) & set(need)) if tuple(have[p].shape) != tuple(need[p].shape)]
-  problems += [f"  {_name(p)}: in the checkpoint, not in the model" for p in sorted(set(have) - set(need))]
-  problems += [f"  {_name(p)}: in the model, not in the checkpoint" for p in sorted(set(need) - set(have))]
-  if problems:
-    where = ""
-    if source is not None and target is not None:
-      where = (f" (checkpoint geometry {source.geometry}, position encoding "
-               f"'{source.posenc.name}'; model geometry {target.geometry}, position encoding "
-               f"'{target.posenc.name}')")
-    raise TransferError(
-        f"the checkpoint's parameters do not fit the model{where}:\n" + "\n".join(problems) +
-        "\nOnly position-encoding parameters change with the image size or sequence length; "
-        "restore into a model of the same architecture (model, width, depth, heads, patch size, "
-        "vocabulary) and the same position encoding.")
+def transfer_params(params: dict, posenc: str, source: Geometry, target: Geometry,
+                    options: TransferOptions = TransferOptions()) -> dict:
+  """``params`` of a model with encoding ``posenc`` built at ``source``, mapped to ``target``.
+
+  Only the encoding's parameters (under ``POSENC_KEY``) change; pure and traceable.
+  """
+  if POSENC_KEY not in params:
+    return params
+  moved = encodings.get(posenc).transfer(params[POSENC_KEY], source, target, options)
+  return {**params, POSENC_KEY: moved}
 
 
 def describe(params: dict, new_params: dict, options: TransferOptions) -> list[str]:
   """One line per parameter whose shape the transfer changed: name, old -> new, method."""
-  old, new = _flat(params), _flat(new_params)
-  return [f"{_name(p)}: {tuple(old[p].shape)} -> {tuple(new[p].shape)} ({options.method}"
-          f"{', antialias' if options.antialias and options.method in ('bicubic', 'bilinear') else ''})"
-          for p in sorted(old) if p in new and tuple(old[p].shape) != tuple(new[p].shape)]
+  old, new = flat_shapes(params), flat_shapes(new_params)
+  return [f"{k}: {old[k]} -> {new[k]} ({options.describe()})" for k in sorted(old)
+          if k in new and old[k] != new[k]]
 
 
-def jit_transfer(source: nnx.Module, target: nnx.Module, options: TransferOptions = TransferOptions(),
-                 *, in_shardings=None, out_shardings=None):
-  """``transfer_params`` compiled for these two geometries, placing its output on ``out_shardings``."""
+def jit_transfer(posenc: str, source: Geometry, target: Geometry, wanted: dict,
+                 options: TransferOptions = TransferOptions(), *, in_shardings=None):
+  """``transfer_params`` compiled for these geometries; its output has ``wanted``'s shapes and
+  shardings (``wanted``: ShapeDtypeStructs, e.g. from ``jax.eval_shape`` with ``.sharding`` set).
 
-  def fn(params):
-    return transfer_params(params, source=source, target=target, options=options)
+  Raises TransferError naming each parameter whose shape no rule maps onto ``wanted``
+  (a different patch size, width, depth, encoding, ...).
+  """
+  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(wanted)]
+  out_shardings = (None if any(s is None for s in shardings)
+                   else jax.tree.unflatten(jax.tree.structure(wanted), shardings))
 
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+  def move(params):
+    try:
+      out = transfer_params(params, posenc, source, target, options)
+    except ValueError as e:  # an encoding's own rule refused (e.g. a 1D table onto a 2D grid)
+      raise TransferError(str(e)) from None
+    problems = shape_diff(flat_shapes(out), flat_shapes(wanted))
+    if problems:
+      raise TransferError(
+          f"the parameters of the {source} model (position encoding '{posenc}') do not fit the "
+          f"{target} model:\n  " + "\n  ".join(problems) + "\nOnly position-encoding parameters change "
+          "with the image size or sequence length; use the same architecture (model, width, depth, "
+          "heads, patch size, vocabulary) and the same position encoding.")
+    return out
+
+  return jax.jit(move, in_shardings=in_shardings, out_shardings=out_shardings)
 
 
-def abstract_params(model: nnx.Module) -> dict:
-  """``ShapeDtypeStruct``s of ``model``'s parameters (no memory)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), param_dict(model))
+def interpolation_scale(source: Geometry, target: Geometry) -> float:
+  """Position interpolation: the factor that maps ``target``'s positions into ``source``'s
+  range (the most shrunk axis decides; 1 when ``target`` fits). For continuous encodings."""
+  return min(1.0, *(s / t for s, t in zip(source.shape, target.shape)))

@@ -1,7 +1,17 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX is imported."""
+"""Test set-up, before JAX is imported: 8 simulated CPU devices, and one persistent compilation
+cache for the whole session, shared with every subprocess (train.py runs, benchmarks, notebook
+kernels inherit the environment), so a program compiled once is not compiled again."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="posenc-test-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -216,7 +216,7 @@ def test_unknown_and_unprepared_tfds_datasets_fail_fast(tmp_path, monkeypatch):
     (dict(batch_size=10, process_count=3, process_index=0), "divisible by process_count"),
     (dict(process_index=2, process_count=2), "process_index must be an integer in"),
     (dict(seed=-1), "seed must be an integer"),
-    (dict(image_size=(0, 5)), "image_size must be a positive"),
+    (dict(image_size=(0, 5)), r"image size \(0, 5\) must be a positive"),
     (dict(max_len=64), "max_len is for dataset 'text'"),
     (dict(split="valid"), "Unknown split 'valid'"),
     (dict(train=False, num_epochs=2), "num_epochs is for training"),

@@ -33,14 +33,24 @@ def build(name, geometry=GRID, **options):
 
 
 @functools.partial(nnx.jit, static_argnums=(1, 2))
-def bias_of(enc, geometry, layer=0):
-  """The bias of ``layer`` (a Python int here), computed in one compiled call."""
-  return enc.attention_bias(geometry, layer)
+def _bias(enc, geometry, layer, positions):
+  return enc.attention_bias(geometry, positions, layer)
+
+
+def bias_of(enc, geometry, layer=0, positions=None):
+  """The bias of ``layer`` (a Python int here), computed in one compiled call; ``positions``
+  (default: the geometry's grid) are traced data, as in a model."""
+  return _bias(enc, geometry, layer,
+               geometry.positions() if positions is None else jnp.asarray(positions))
 
 
 @functools.partial(nnx.jit, static_argnums=(2, 3))
+def _peg(enc, x, geometry, layer, positions):
+  return enc.after_block(x, geometry, positions, layer)
+
+
 def peg_of(enc, x, geometry, layer=0):
-  return enc.after_block(x, geometry, layer)
+  return _peg(enc, x, geometry, layer, geometry.positions())
 
 
 def num_params(enc) -> int:
@@ -56,13 +66,15 @@ def randomize(enc, seed=1, scale=1.0):
   return enc
 
 
-def positions(bias, geometry):
-  """Drop the prefix rows/cols after checking they are zero."""
+def positions(bias, geometry, batch=None):
+  """Drop the prefix rows/cols after checking they are zero. A bias shared by the batch
+  (``[1, H, T, T]``) gives ``[H, N, N]``; with ``batch`` a ``[batch, H, N, N]`` one."""
   n = geometry.num_prefix
   bias = np.asarray(bias)
-  assert bias.shape == (H, geometry.num_tokens, geometry.num_tokens)
-  assert not bias[:, :n, :].any() and not bias[:, :, :n].any()
-  return bias[:, n:, n:]
+  assert bias.shape == (batch or 1, H, geometry.num_tokens, geometry.num_tokens)
+  assert not bias[..., :n, :].any() and not bias[..., :, :n].any()
+  bias = bias[..., n:, n:]
+  return bias if batch else bias[0]
 
 
 # --- parameter counts -------------------------------------------------------
@@ -130,7 +142,7 @@ def test_rel_bias_smaller_grid_uses_same_offsets():
 
 def test_rel_bias_per_layer_traced_layer():
   enc = randomize(build("rel_bias", per_layer=True))
-  traced = nnx.jit(lambda e, layer: e.attention_bias(GRID, layer))
+  traced = nnx.jit(lambda e, layer: e.attention_bias(GRID, GRID.positions(), layer))
   biases = [np.asarray(traced(enc, jnp.int32(l))) for l in range(3)]
   for l in range(3):
     np.testing.assert_array_equal(biases[l], np.asarray(bias_of(enc, GRID, l)))
@@ -151,9 +163,9 @@ def test_cpb_matches_swinv2(grid):
                              pretrained_window_size=list(GRID.shape))
   mlp = attn.continuous_position_bias_mlp
   with torch.no_grad():
-    mlp[0].weight.copy_(torch.from_numpy(np.asarray(enc.w1[...]).T))
-    mlp[0].bias.copy_(torch.from_numpy(np.asarray(enc.b1[...])))
-    mlp[2].weight.copy_(torch.from_numpy(np.asarray(enc.w2[...]).T))
+    mlp[0].weight.copy_(torch.from_numpy(np.array(enc.w1[...]).T))
+    mlp[0].bias.copy_(torch.from_numpy(np.array(enc.b1[...])))
+    mlp[2].weight.copy_(torch.from_numpy(np.array(enc.w2[...]).T))
     table = mlp(attn.relative_coords_table).view(-1, H)
     n = grid[0] * grid[1]
     theirs = table[attn.relative_position_index.view(-1)].view(n, n, H).permute(2, 0, 1)
@@ -219,9 +231,9 @@ def test_cpe_matches_torch_depthwise_conv():
   x = grid_input(geometry)
   out = np.asarray(peg_of(enc, x, geometry))
   np.testing.assert_array_equal(out[:, :2], np.asarray(x)[:, :2])  # prefix passes through
-  grid = torch.from_numpy(np.asarray(x)[:, 2:].reshape(2, 5, 6, C)).permute(0, 3, 1, 2)
+  grid = torch.from_numpy(np.array(x)[:, 2:].reshape(2, 5, 6, C)).permute(0, 3, 1, 2)
   kernel = torch.from_numpy(np.asarray(enc.kernel[...]).transpose(3, 2, 0, 1).copy())
-  bias = torch.from_numpy(np.asarray(enc.bias[...]))
+  bias = torch.from_numpy(np.array(enc.bias[...]))
   conv = torch.nn.functional.conv2d(grid, kernel, bias, padding=1, groups=C)
   expected = (grid + conv).permute(0, 2, 3, 1).reshape(2, 30, C).numpy()
   np.testing.assert_allclose(out[:, 2:], expected, rtol=1e-5, atol=1e-5)
@@ -249,14 +261,14 @@ def test_cpe_acts_only_in_chosen_layers(layers):
   for layer in range(3):  # Python ints
     got = peg_of(enc, x, GRID, layer)
     np.testing.assert_array_equal(got, peg(x) if layer in layers else x)
-  traced = nnx.jit(lambda e, v, layer: e.after_block(v, GRID, layer))
+  traced = nnx.jit(lambda e, v, layer: e.after_block(v, GRID, GRID.positions(), layer))
   for layer in range(3):  # traced scalar under jit
     np.testing.assert_allclose(traced(enc, x, jnp.int32(layer)),
                                peg(x) if layer in layers else x, rtol=1e-6, atol=1e-6)
 
   @nnx.jit
   def scanned(e, v):  # blocks under scan: the layer is a traced loop index
-    step = lambda carry, layer: (e.after_block(carry, GRID, layer), None)  # noqa: E731
+    step = lambda carry, layer: (e.after_block(carry, GRID, GRID.positions(), layer), None)  # noqa: E731
     return jax.lax.scan(step, v, jnp.arange(3))[0]
 
   expected = x
@@ -270,17 +282,17 @@ def test_cpe_acts_only_in_chosen_layers(layers):
 
 def test_clear_errors():
   with pytest.raises(ValueError, match=r"'cpe'.*2D.*not 1D 9.*rel_bias"):
-    build("cpe").after_block(jnp.zeros((1, 10, C)), SEQ, 0)
+    build("cpe").after_block(jnp.zeros((1, 10, C)), SEQ, SEQ.positions(), 0)
   with pytest.raises(ValueError, match=r"'cpe'.*2D"):
     build("cpe", SEQ)
   with pytest.raises(ValueError, match=r"'cpb'.*2D.*not 1D"):
     build("cpb", SEQ)
   with pytest.raises(ValueError, match=r"larger .*5x4.*posenc.transfer"):
-    build("rel_bias").attention_bias(Geometry.grid(5, 4), 0)
+    build("rel_bias").attention_bias(Geometry.grid(5, 4), Geometry.grid(5, 4).positions(), 0)
   with pytest.raises(ValueError, match=r"built for 2D 3x4.*cannot serve 1D"):
-    build("rel_bias").attention_bias(SEQ, 0)
+    build("rel_bias").attention_bias(SEQ, SEQ.positions(), 0)
   with pytest.raises(ValueError, match=r"layer 3 is out of range for 3"):
-    build("rel_bias", per_layer=True).attention_bias(GRID, 3)
+    build("rel_bias", per_layer=True).attention_bias(GRID, GRID.positions(), 3)
   with pytest.raises(ValueError, match=r"layers=\(5,\).*num_layers=3"):
     build("cpe", layers=(5,))
   with pytest.raises(ValueError, match=r"even num_buckets"):
@@ -305,10 +317,10 @@ def test_bias_jit_finite_and_differentiable(name, built, geometries):
   enc = build(name, built, per_layer=True) if name != "alibi" else build(name, built)
   for geometry in geometries:
     weights = jnp.asarray(np.random.default_rng(0).normal(
-        size=(H, geometry.num_tokens, geometry.num_tokens)), jnp.float32)
+        size=(1, H, geometry.num_tokens, geometry.num_tokens)), jnp.float32)
 
     def loss(e, layer):
-      bias = e.attention_bias(geometry, layer)
+      bias = e.attention_bias(geometry, geometry.positions(), layer)
       return jnp.sum(bias * weights), bias
 
     grads, bias = nnx.jit(nnx.grad(loss, has_aux=True))(enc, jnp.int32(1))
@@ -324,7 +336,7 @@ def test_bias_jit_finite_and_differentiable(name, built, geometries):
 def test_bias_bf16_params_give_float32_bias(name, built):
   f32 = randomize(build(name, built), scale=0.3)
   bf16 = randomize(build(name, built, param_dtype=jnp.bfloat16), scale=0.3)
-  bias = nnx.jit(lambda e: e.attention_bias(built, 0))(bf16)
+  bias = nnx.jit(lambda e: e.attention_bias(built, built.positions(), 0))(bf16)
   assert bias.dtype == jnp.float32
   np.testing.assert_allclose(bias, bias_of(f32, built, 0), rtol=2e-2, atol=2e-2)
 
@@ -337,7 +349,7 @@ def test_cpe_jit_dtypes_and_gradients(dtype):
     x = grid_input(geometry).astype(dtype)
 
     def loss(e, v):
-      out = e.after_block(v, geometry, jnp.int32(0))
+      out = e.after_block(v, geometry, geometry.positions(), jnp.int32(0))
       return jnp.sum(out.astype(jnp.float32) ** 2), out
 
     (grads, dx), out = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))(enc, x)
@@ -349,3 +361,163 @@ def test_cpe_jit_dtypes_and_gradients(dtype):
     for g in [*jax.tree.leaves(grads), dx]:
       g = np.asarray(g, np.float32)
       assert np.isfinite(g).all() and np.abs(g).sum() > 0
+
+
+# --- positions as data ------------------------------------------------------------
+
+def real_positions(geometry, batch=2, low=-20.0, high=20.0, seed=0):
+  """``[batch, N, ndim]`` float32 coordinates, uniform in ``[low, high)``."""
+  rng = np.random.default_rng(seed)
+  return rng.uniform(low, high, size=(batch, geometry.num_positions, geometry.ndim)).astype(np.float32)
+
+
+def int_positions(geometry, high, batch=2, low=0, seed=0):
+  """``[batch, N, ndim]`` int32 coordinates, uniform in ``[low, high)`` per axis."""
+  rng = np.random.default_rng(seed)
+  size = (batch, geometry.num_positions, geometry.ndim)
+  return rng.integers(low, np.asarray(high), size=size).astype(np.int32)
+
+
+def alibi_numpy(coords, num_heads):
+  """``-slope_h * |p_i - p_j|`` (Euclidean) for ``coords [B, N, ndim]``, float64."""
+  coords = np.asarray(coords, np.float64)
+  distance = np.linalg.norm(coords[:, :, None] - coords[:, None, :], axis=-1)  # [B, N, N]
+  return -alibi_slopes(num_heads).astype(np.float64)[None, :, None, None] * distance[:, None]
+
+
+def t5_bias_numpy(table, coords, num_buckets, max_distance):
+  """T5: ``table[bucket(key - query), h]`` per pair, buckets from transformers."""
+  p = np.asarray(coords)[..., 0].astype(np.int64)
+  rel = torch.from_numpy(p[:, None, :] - p[:, :, None])  # [B, query, key]: key - query
+  bucket = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=num_buckets,
+                                                 max_distance=max_distance).numpy()
+  return np.moveaxis(np.asarray(table)[bucket], -1, 1)  # [B, H, N, N]
+
+
+def swin_bias_numpy(table, coords, hw):
+  """Swin: row ``(dy + h-1)(2w-1) + dx + w-1`` of offset ``query - key``; NaN outside the table."""
+  h, w = hw
+  c = np.asarray(coords).astype(np.int64)
+  dy, dx = np.moveaxis(c[:, :, None] - c[:, None, :], -1, 0)
+  inside = (np.abs(dy) < h) & (np.abs(dx) < w)
+  index = np.where(inside, (dy + h - 1) * (2 * w - 1) + dx + w - 1, 0)
+  bias = np.where(inside[..., None], np.asarray(table, np.float32)[index], np.nan)
+  return np.moveaxis(bias, -1, 1)  # [B, H, N, N]
+
+
+@pytest.mark.parametrize("geometry", [Geometry.seq(7, num_prefix=1), Geometry.grid(2, 3, num_prefix=2)],
+                         ids=["1d", "2d"])
+def test_alibi_is_minus_slope_times_euclidean_distance_at_real_positions(geometry):
+  enc = build("alibi", geometry)
+  assert enc.continuous is True
+  coords = real_positions(geometry)  # one set per example: [2, N, ndim]
+  bias = positions(bias_of(enc, geometry, 0, coords), geometry, batch=2)
+  want = alibi_numpy(coords, H)
+  np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(bias[0] - bias[1]).max() > 1.0  # each example has its own bias
+  assert np.abs(np.diff(np.round(want[0, 0], 3)[~np.eye(geometry.num_positions, dtype=bool)])).max() > 0
+  # One set shared by the batch ([1, N, ndim]) gives one bias [1, H, T, T] for all.
+  shared = positions(bias_of(enc, geometry, 0, coords[1:]), geometry)
+  np.testing.assert_allclose(shared, want[1], rtol=1e-5, atol=1e-5)
+
+
+def cpb_numpy(enc, coords):
+  """Swin-V2's continuous bias at any (real) ``coords [B, N, 2]``, float64, from the formula."""
+  w1, b1, w2 = (np.asarray(p[...], np.float64) for p in (enc.w1, enc.b1, enc.w2))
+  c = np.asarray(coords, np.float64)
+  offsets = (c[:, :, None] - c[:, None, :]) / np.maximum(np.asarray(enc.built.shape) - 1, 1) * 8.0
+  x = np.sign(offsets) * np.log2(np.abs(offsets) + 1.0) / np.log2(8.0)
+  logits = np.maximum(x @ w1 + b1, 0.0) @ w2  # [B, N, N, H]
+  return np.moveaxis(16.0 / (1.0 + np.exp(-logits)), -1, 1)
+
+
+def test_cpb_takes_real_positions():
+  enc = randomize(build("cpb", hidden_dim=32), scale=0.3)
+  geometry = Geometry.grid(3, 3, num_prefix=1)
+  coords = real_positions(geometry, low=-6.0, high=6.0)
+  bias = positions(bias_of(enc, geometry, 0, coords), geometry, batch=2)
+  assert np.isfinite(bias).all() and np.abs(bias[0] - bias[1]).max() > 1e-2
+  np.testing.assert_allclose(bias, cpb_numpy(enc, coords), rtol=1e-5, atol=1e-5)
+  # A real shift of every coordinate leaves the bias (a function of offsets) unchanged.
+  shifted = coords + np.float32([2.37, -4.61])
+  np.testing.assert_allclose(positions(bias_of(enc, geometry, 0, shifted), geometry, batch=2), bias,
+                             rtol=0, atol=1e-4)
+  # Integer-valued float positions give exactly the int32 result.
+  ints = int_positions(geometry, (9, 9), low=-9)
+  np.testing.assert_array_equal(bias_of(enc, geometry, 0, ints.astype(np.float32)),
+                                bias_of(enc, geometry, 0, ints))
+
+
+REL_BIAS = [("1d", SEQ), ("2d", GRID)]
+
+
+@pytest.mark.parametrize("label,geometry", REL_BIAS, ids=[c[0] for c in REL_BIAS])
+def test_rel_bias_refuses_real_valued_positions(label, geometry):
+  enc = build("rel_bias", geometry)
+  assert enc.continuous is False
+  match = r"'rel_bias' looks positions up in a table and needs integer positions; got float32"
+  real = geometry.positions().astype(jnp.float32)  # even integer-valued floats
+  with pytest.raises(ValueError, match=match):
+    enc.attention_bias(geometry, real, 0)
+  with pytest.raises(ValueError, match=match):  # the dtype is static: also under jit
+    bias_of(enc, geometry, 0, real + 0.5)
+
+
+def test_rel_bias_2d_refuses_concrete_offsets_outside_the_table():
+  enc = build("rel_bias")  # built 3x4: offsets |dy| <= 2, |dx| <= 3
+  small = Geometry.grid(2, 3)
+  coords = np.asarray(small.positions())
+  for n, coord in ((5, (3, 0)), (0, (-2, 0)), (4, (1, 4)), (2, (1, -2))):  # rows 3, cols 4 apart
+    bad = coords.copy()
+    bad[0, n] = coord
+    with pytest.raises(ValueError, match=r"'rel_bias' has a table for offsets up to .* per axis; got "
+                                         r"positions .* apart\. Transfer .*posenc\.transfer"):
+      enc.attention_bias(small, jnp.asarray(bad), 0)
+  # The largest offsets the table has are fine, and so are positions far from the origin
+  # while their spread fits: offsets are what counts.
+  edge = coords.copy()
+  edge[0, 5] = (2, 3)
+  enc.attention_bias(small, jnp.asarray(edge), 0)
+  far = coords + np.int32([100, -50])
+  np.testing.assert_array_equal(positions(enc.attention_bias(small, jnp.asarray(far), 0), small),
+                                positions(bias_of(enc, small), small))
+
+
+def test_rel_bias_2d_under_jit_gives_nan_outside_and_the_table_inside():
+  enc = randomize(build("rel_bias"))
+  coords = int_positions(GRID, (3, 4))  # [2, 12, 2], spread fits the table
+  coords[0, 4] = (5, 1)    # 5 rows from everyone: outside (a flat index would alias a row)
+  coords[1, 7] = (1, -3)   # 4 to 6 columns from most: outside for those pairs
+  bias = positions(bias_of(enc, GRID, 0, coords), GRID, batch=2)  # traced: no concrete check
+  want = swin_bias_numpy(enc.table[...], coords, GRID.shape)
+  outside = np.isnan(want)
+  assert outside[0].any() and outside[1].any() and (~outside).sum() > outside.sum()
+  np.testing.assert_array_equal(np.isnan(bias), outside)  # never a clamp or a wrap
+  np.testing.assert_array_equal(bias[~outside], want[~outside])
+
+
+@pytest.mark.parametrize("shift", [(7,), (-300,), (2, 5), (-40, 13)], ids=str)
+def test_rel_bias_translation_invariant_in_positions(shift):
+  """Bias at ``p + c`` (integer shift) equals bias at ``p``, and both follow T5 / Swin."""
+  if len(shift) == 1:
+    geometry, options = Geometry.seq(10, num_prefix=1), dict(num_buckets=16, max_distance=20)
+    coords = int_positions(geometry, 60)  # one set per example, spread beyond max_distance
+    coords[1, :5, 0] = np.arange(5)  # a packed sequence restarting at 0
+    coords[1, 5:, 0] = np.arange(5)
+  else:
+    geometry, options = GRID, {}
+    coords = int_positions(geometry, GRID.shape)
+  enc = randomize(build("rel_bias", geometry, **options))
+  bias = positions(bias_of(enc, geometry, 0, coords), geometry, batch=2)
+  moved = positions(bias_of(enc, geometry, 0, coords + np.int32(shift)), geometry, batch=2)
+  np.testing.assert_array_equal(moved, bias)
+  if len(shift) == 1:
+    want = t5_bias_numpy(enc.table[...], coords, **options)
+  else:
+    want = swin_bias_numpy(enc.table[...], coords, GRID.shape)
+  np.testing.assert_array_equal(bias, want)
+  assert not np.array_equal(bias[0], bias[1])
+  # And concrete positions give the same (checked, then looked up).
+  eager = positions(enc.attention_bias(geometry, jnp.asarray(coords + np.int32(shift)), 0), geometry,
+                    batch=2)
+  np.testing.assert_array_equal(eager, bias)

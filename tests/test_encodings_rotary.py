@@ -13,6 +13,7 @@ from flax import nnx
 
 import posenc  # noqa: F401  (flax config)
 from posenc.encodings import Geometry, make
+from posenc.transfer import interpolation_scale
 
 H, DH, L = 2, 16, 3  # heads, head dim, layers
 
@@ -33,13 +34,15 @@ def _qk(geometry, seed=0, dtype=jnp.float32, batch=2, dh=DH):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _jit_rotate(graphdef, state, q, k, geometry, layer):
-  return nnx.merge(graphdef, state).rotate(q, k, geometry, layer)
+def _jit_rotate(graphdef, state, q, k, geometry, layer, positions):
+  return nnx.merge(graphdef, state).rotate(q, k, geometry, positions, layer)
 
 
-def rotate(enc, q, k, geometry, layer):
-  """``enc.rotate`` compiled once per shape (eager JAX compiles every op separately)."""
-  return _jit_rotate(*nnx.split(enc), q, k, geometry, layer)
+def rotate(enc, q, k, geometry, layer, positions=None):
+  """``enc.rotate`` compiled once per shape (eager JAX compiles every op separately);
+  ``positions`` (default: the geometry's grid) are traced data, as in a model."""
+  positions = geometry.positions() if positions is None else jnp.asarray(positions)
+  return _jit_rotate(*nnx.split(enc), q, k, geometry, layer, positions)
 
 
 def _positions(geometry):
@@ -122,8 +125,10 @@ def test_rope_1d_matches_hf_llama(theta, factor):
                        rope_parameters=rope_params)
   geometry = Geometry.seq(37, num_prefix=1)
   q, k = _qk(geometry)
-  enc = _rope(**({} if theta is None else {"theta": theta}), scale=1.0 / factor)
-  qr, kr = rotate(enc, q, k, geometry, 0)
+  enc = _rope(**({} if theta is None else {"theta": theta}))
+  # Position interpolation is data: positions times 1/factor (the old ``scale=1/factor``).
+  positions = geometry.positions() * jnp.float32(1.0 / factor)
+  qr, kr = rotate(enc, q, k, geometry, 0, positions)
 
   tq, tk = (torch.from_numpy(np.array(x[:, 1:])) for x in (q, k))
   cos, sin = LlamaRotaryEmbedding(config)(tq, torch.arange(geometry.num_positions)[None])
@@ -219,13 +224,13 @@ def test_traced_layer_index_under_jit_and_scan_picks_that_layers_frequencies():
     module = nnx.merge(graphdef, state)
 
     def body(carry, layer):
-      return carry, module.rotate(q, k, geometry, layer)
+      return carry, module.rotate(q, k, geometry, geometry.positions(), layer)
 
     return jax.lax.scan(body, None, jnp.arange(L, dtype=jnp.int32))[1]
 
   scanned_q, scanned_k = all_layers(state, q, k)
   for layer in range(L):
-    eager_q, eager_k = enc.rotate(q, k, geometry, layer)  # Python int layer, eager
+    eager_q, eager_k = enc.rotate(q, k, geometry, geometry.positions(), layer)  # Python int layer, eager
     np.testing.assert_allclose(scanned_q[layer], eager_q, atol=1e-6)
     np.testing.assert_allclose(scanned_k[layer], eager_k, atol=1e-6)
   assert np.abs(np.asarray(scanned_q[0] - scanned_q[1])).max() > 1e-2  # layers differ
@@ -249,24 +254,29 @@ def test_clear_errors():
     make("rope", dim=12, num_heads=2, geometry=Geometry.grid(2, 2))
   q, k = _qk(Geometry.seq(5), dh=7)
   with pytest.raises(ValueError, match="head_dim=7"):
-    make("rope").rotate(q, k, Geometry.seq(5), 0)
+    make("rope").rotate(q, k, Geometry.seq(5), Geometry.seq(5).positions(), 0)
   q, k = _qk(Geometry.grid(2, 2), dh=6)
   with pytest.raises(ValueError, match="head_dim=6"):
-    make("rope").rotate(q, k, Geometry.grid(2, 2), 0)
+    make("rope").rotate(q, k, Geometry.grid(2, 2), Geometry.grid(2, 2).positions(), 0)
   with pytest.raises(ValueError, match=r"'rope_mixed'.*1D 8.*use 'rope'"):
     _mixed(geometry=Geometry.seq(8))
   q, k = _qk(Geometry.seq(8))
   with pytest.raises(ValueError, match=r"'rope_mixed'.*1D 8.*use 'rope'"):
-    _mixed().rotate(q, k, Geometry.seq(8), 0)
+    _mixed().rotate(q, k, Geometry.seq(8), Geometry.seq(8).positions(), 0)
   with pytest.raises(ValueError, match="head_dim=6"):
     make("rope_mixed", dim=12, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
   q, k = _qk(Geometry.grid(2, 3))
   with pytest.raises(ValueError, match=r"7 tokens"):
-    _rope().rotate(q, k, Geometry.grid(2, 3, num_prefix=1), 0)
-  with pytest.raises(ValueError, match="scale"):
-    _rope(scale=0.0)
+    _rope().rotate(q, k, Geometry.grid(2, 3, num_prefix=1), Geometry.grid(2, 3, num_prefix=1).positions(), 0)
+  # ``scale`` is gone (position interpolation scales the positions): a clear error naming it.
+  with pytest.raises(ValueError, match=r"'rope' has no option\(s\) \['scale'\]; its options are .*theta"):
+    _rope(scale=0.5)
+  with pytest.raises(ValueError, match=r"'rope_mixed' has no option\(s\) \['scale'\]"):
+    _mixed(scale=0.5)
+  with pytest.raises(ValueError, match=r"theta must be > 1"):
+    _rope(theta=1.0)
   with pytest.raises(ValueError, match="has 3 layers"):
-    _mixed().rotate(q, k, Geometry.grid(2, 3), 3)
+    _mixed().rotate(q, k, Geometry.grid(2, 3), Geometry.grid(2, 3).positions(), 3)
 
 
 # ---------------------------------------------------------------- jit, grads, dtypes, scale
@@ -280,7 +290,7 @@ def test_jit_at_two_geometries_finite_values_and_grads(build, geometries):
   graphdef, state = nnx.split(enc)
 
   def loss(state, q, k, geometry):
-    qr, kr = nnx.merge(graphdef, state).rotate(q, k, geometry, 1)
+    qr, kr = nnx.merge(graphdef, state).rotate(q, k, geometry, geometry.positions(), 1)
     logits = jnp.einsum("bnhd,bmhd->bhnm", qr, kr)
     return jnp.mean(jax.nn.log_softmax(logits, axis=-1) ** 2)
 
@@ -310,18 +320,94 @@ def test_bf16_in_bf16_out(build, geometry):
     (_rope, Geometry.grid(3, 4), Geometry.grid(6, 8)),
     (_mixed, Geometry.grid(3, 4), Geometry.grid(6, 8)),
 ], ids=["rope-1d", "rope-2d", "rope_mixed"])
-def test_scale_halves_effective_positions(build, small, large):
-  enc, half = build(), build(scale=0.5)
-  assert half.scale == 0.5 and isinstance(half.scale, float)
+def test_scaled_positions_halve_effective_positions(build, small, large):
+  """Position interpolation as data: positions * 0.5 (the old ``scale=0.5``)."""
+  enc = build()
+  scale = interpolation_scale(small, large)
+  assert scale == 0.5
   q, k = _qk(small)
   big_q = jnp.zeros((q.shape[0], large.num_tokens) + q.shape[2:])
   # Put the small geometry's tokens at the even positions of the large one.
   pos_large = _positions(large)
   even = np.all(pos_large % 2 == 0, axis=1)
   big_q = big_q.at[:, even].set(q)
-  rotated_half, _ = rotate(half, big_q, big_q, large, 1)
+  rotated_half, _ = rotate(enc, big_q, big_q, large, 1, large.positions() * jnp.float32(scale))
   rotated, _ = rotate(enc, q, k, small, 1)
   np.testing.assert_allclose(rotated_half[:, even], rotated, atol=1e-5)
-  # Without scale the same tokens are turned by twice the angle.
+  # Without scaling the same tokens are turned by twice the angle.
   rotated_full, _ = rotate(enc, big_q, big_q, large, 1)
   assert np.abs(np.asarray(rotated_full[:, even] - rotated)).max() > 1e-2
+
+
+# ---------------------------------------------------------------- positions as data
+def _real_positions(geometry, batch=2, low=-20.0, high=20.0, seed=0):
+  """``[batch, N, ndim]`` float32 (row, col) coordinates, uniform in ``[low, high)``."""
+  rng = np.random.default_rng(seed)
+  return rng.uniform(low, high, size=(batch, geometry.num_positions, geometry.ndim)).astype(np.float32)
+
+
+def _logits(qr, kr):
+  return np.asarray(jnp.einsum("bnhd,bmhd->bhnm", qr, kr, precision="highest"))
+
+
+REAL = [
+    ("rope 1D", lambda: _rope(), Geometry.seq(9, num_prefix=1)),
+    ("rope 2D", lambda: _rope(), Geometry.grid(3, 4, num_prefix=1)),
+    ("rope_mixed 2D", lambda: _mixed(seed=2), Geometry.grid(3, 4, num_prefix=1)),
+]
+
+
+@pytest.mark.parametrize("label,build,geometry", REAL, ids=[c[0] for c in REAL])
+def test_logits_at_real_positions_depend_only_on_their_difference(label, build, geometry):
+  enc = build()
+  assert enc.continuous is True
+  q, k = _qk(geometry, seed=4)
+  n = geometry.num_prefix
+  p = _real_positions(geometry)  # one set per example
+  c = np.random.default_rng(1).uniform(-20, 20, size=(1, 1, geometry.ndim)).astype(np.float32)
+  wobble = np.random.default_rng(2).uniform(-1, 1, size=p.shape).astype(np.float32)
+  for layer in (0, L - 1):
+    base = _logits(*rotate(enc, q, k, geometry, layer, p))
+    shifted = _logits(*rotate(enc, q, k, geometry, layer, p + c))  # the same real shift for all
+    scale = np.abs(base).max()
+    # Between position tokens: only the difference counts. (A prefix token is not turned, so
+    # its logits with position tokens see their absolute positions.)
+    np.testing.assert_allclose(shifted[..., n:, n:], base[..., n:, n:], rtol=1e-4, atol=1e-4 * scale,
+                               err_msg=label)
+    np.testing.assert_array_equal(shifted[..., :n, :n], base[..., :n, :n])
+    # A non-uniform change of the positions changes the position-position logits.
+    moved = _logits(*rotate(enc, q, k, geometry, layer, p + wobble))
+    assert np.abs(moved[..., n:, n:] - base[..., n:, n:]).max() > 1e-2 * scale, label
+    # And the examples' own positions matter: swapping them changes each example's logits.
+    swapped = _logits(*rotate(enc, q, k, geometry, layer, p[::-1]))
+    assert np.abs(swapped[..., n:, n:] - base[..., n:, n:]).max() > 1e-2 * scale, label
+
+
+@pytest.mark.parametrize("label,build,geometry", REAL, ids=[c[0] for c in REAL])
+def test_rotation_at_real_positions_matches_closed_form(label, build, geometry):
+  """Angles = sum over axes of (x, y) = (col, row) coordinate times frequency, no rounding."""
+  enc = build()
+  q, k = _qk(geometry, seed=5)
+  p = _real_positions(geometry, seed=3).astype(np.float64)
+  xy = p[..., ::-1]  # (row, col) -> (x, y)
+  layer = L - 1
+  if label == "rope 1D":
+    freqs = (10000.0 ** (-np.arange(0, DH, 2) / DH))[None, None]  # [ndim, 1, Dh/2]
+  elif label == "rope 2D":
+    mag = 100.0 ** (-np.arange(0, DH, 4) / DH)
+    zeros = np.zeros_like(mag)
+    freqs = np.stack([np.concatenate([mag, zeros]), np.concatenate([zeros, mag])])[:, None]
+  else:
+    freqs = np.asarray(enc.freqs[...], np.float64)[layer]  # [2, H, Dh/2]
+  angles = np.einsum("bna,ahi->bnhi", xy, np.broadcast_to(freqs, (geometry.ndim, H, DH // 2)))
+  qr, kr = rotate(enc, q, k, geometry, layer, p.astype(np.float32))
+  n = geometry.num_prefix
+  for x, xr in ((q, qr), (k, kr)):
+    np.testing.assert_array_equal(xr[:, :n], x[:, :n])
+    expected = _to_interleaved(x[:, n:]) * np.exp(1j * angles)
+    np.testing.assert_allclose(_to_interleaved(xr[:, n:]), expected, atol=5e-5, err_msg=label)
+  # Integer-valued float positions give exactly the int32 result.
+  ints = np.round(p).astype(np.int32)
+  for a, b in zip(rotate(enc, q, k, geometry, layer, ints.astype(np.float32)),
+                  rotate(enc, q, k, geometry, layer, ints)):
+    np.testing.assert_array_equal(a, b)

@@ -148,25 +148,25 @@ def test_bad_model_arguments_are_clear_errors():
     nnx.eval_shape(lambda m, i: m(i), learned, jax.ShapeDtypeStruct((2, 20), jnp.int32))
 
 
-CALLS: list[tuple] = []  # (hook, geometry, layer) appended by Recorder, at trace time
+CALLS: list[tuple] = []  # (hook, geometry, layer, positions shape) appended by Recorder, at trace time
 
 
 class Recorder(Encoding):
   """Records every hook call so the models' calling contract can be checked."""
 
-  def embed(self, x, geometry):
-    CALLS.append(("embed", geometry, None))
+  def embed(self, x, geometry, positions):
+    CALLS.append(("embed", geometry, None, positions.shape))
     return x
 
-  def attention_bias(self, geometry, layer):
-    CALLS.append(("attention_bias", geometry, layer))
+  def attention_bias(self, geometry, positions, layer):
+    CALLS.append(("attention_bias", geometry, layer, positions.shape))
 
-  def rotate(self, q, k, geometry, layer):
-    CALLS.append(("rotate", geometry, layer))
+  def rotate(self, q, k, geometry, positions, layer):
+    CALLS.append(("rotate", geometry, layer, positions.shape))
     return q, k
 
-  def after_block(self, x, geometry, layer):
-    CALLS.append(("after_block", geometry, layer))
+  def after_block(self, x, geometry, positions, layer):
+    CALLS.append(("after_block", geometry, layer, positions.shape))
     return x
 
 
@@ -182,6 +182,7 @@ def test_models_call_every_hook_with_the_input_geometry(scan_layers):
   for hook in ("attention_bias", "rotate", "after_block"):
     assert kinds.count(hook) == (1 if scan_layers else 3), hook  # a scan traces its body once
   assert all(c[1] == Geometry.grid(4, 5, num_prefix=3) for c in CALLS)
+  assert all(c[3] == (1, 20, 2) for c in CALLS)  # default positions: the grid, shared by the batch
   if not scan_layers:
     assert [c[2] for c in CALLS if c[0] == "after_block"] == [0, 1, 2]
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 import posenc  # noqa: F401  (flax config)
 from posenc import models
+from posenc.encodings import Geometry
 
 REFERENCE = Path(__file__).parent / "data" / "reference_outputs.npz"
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
@@ -38,9 +39,9 @@ CASES += [
     ("bert-rel_bias-per_layer", "bert-mini", "rel_bias", {"per_layer": True, "num_buckets": 8,
                                                           "max_distance": 12}, BERT),
     ("bert-alibi-pre_ln", "bert-mini", "alibi", {}, dict(BERT, pre_ln=True)),
-    ("vit-rope-scale", "vit-mu", "rope", {"scale": 0.5}, VIT),          # position interpolation
-    ("bert-rope-scale", "bert-mini", "rope", {"scale": 0.25}, BERT),
 ]
+# Recorded with rope's former option scale=s; position interpolation is now positions times s.
+SCALED = [("vit-rope-scale", "vit-mu", "rope", 0.5, VIT), ("bert-rope-scale", "bert-mini", "rope", 0.25, BERT)]
 
 
 def path_seeded_params(graphdef_params: dict) -> dict:
@@ -63,7 +64,8 @@ def inputs(model_name: str) -> dict:
           "packing_ids": np.array([[1] * 5 + [2] * 7, [1] * 12], np.int32)}
 
 
-def outputs(model_name: str, posenc_name: str, posenc_options: dict, model_options: dict) -> np.ndarray:
+def outputs(model_name: str, posenc_name: str, posenc_options: dict, model_options: dict,
+            position_scale: float = 1.0) -> np.ndarray:
   model = nnx.eval_shape(lambda: models.create(model_name, posenc=posenc_name, posenc_options=posenc_options,
                                                rngs=nnx.Rngs(0), **model_options))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -71,8 +73,12 @@ def outputs(model_name: str, posenc_name: str, posenc_options: dict, model_optio
   is_key = lambda a: jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
   rest = jax.tree.map(lambda a: jax.random.key(0) if is_key(a) else np.zeros(a.shape, a.dtype),
                       nnx.to_pure_dict(rest))
+  x = inputs(model_name)
+  if position_scale != 1.0:
+    geometry = Geometry.grid(4, 4) if model_name.startswith("vit") else Geometry.seq(12)
+    x["positions"] = geometry.positions() * position_scale
   call = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(**x))
-  return np.asarray(call(params, inputs(model_name)))
+  return np.asarray(call(params, x))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,16 @@ def test_default_positions_reproduce_the_recorded_outputs(case, reference):
   np.testing.assert_allclose(got, reference[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", SCALED, ids=[c[0] for c in SCALED])
+def test_scaled_positions_reproduce_the_former_rope_scale_option(case, reference):
+  name, model_name, posenc_name, scale, model_options = case
+  got = outputs(model_name, posenc_name, {}, model_options, position_scale=scale)
+  np.testing.assert_allclose(got, reference[name], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(got, outputs(model_name, posenc_name, {}, model_options), atol=1e-3)
+
+
 if __name__ == "__main__":
   REFERENCE.parent.mkdir(exist_ok=True)
-  np.savez_compressed(REFERENCE, **{c[0]: outputs(*c[1:]) for c in CASES})
+  scaled = {c[0]: outputs(c[1], c[2], {}, c[4], position_scale=c[3]) for c in SCALED}
+  np.savez_compressed(REFERENCE, **{c[0]: outputs(*c[1:]) for c in CASES}, **scaled)
   print(f"wrote {REFERENCE}", file=sys.stderr)

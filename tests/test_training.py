@@ -6,15 +6,14 @@ curve, and two processes (jax.distributed on 127.0.0.1, gloo) the same run again
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +27,17 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from posenc import models
+from posenc import models, tasks
+from posenc.config import load_config_file
 from posenc.data import pipeline
-from posenc.training import ConfigError, NonFiniteLossError, train, validate
+from posenc.tasks.base import cross_entropy
+from posenc.tasks.masked_lm import masked_positions
+from posenc.training import ConfigError, NonFiniteLossError, setup, train, validate
 from posenc.training import checkpoint as ckpt_lib
 from posenc.training import config as config_lib
-from posenc.training import distributed, optim, sharding, steps
+from posenc.training import distributed, optim, sharding
 
 REPO = Path(__file__).resolve().parents[1]
-COMPILE_CACHE = tempfile.mkdtemp(prefix="posenc-jax-cache-")  # shared by this file's runs
 # Tiny models and runs: the subprocess start-up and compiles dominate these tests.
 TINY_VIT = ("model_options.width=16,model_options.depth=1,model_options.num_heads=2,"
             "model_options.mlp_dim=32,patch_size=7,batch_size=16,eval_batch_size=256,"
@@ -49,10 +50,7 @@ TINY_BERT = ("model_options.width=16,model_options.depth=1,model_options.num_hea
 
 
 def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(f"{REPO / 'configs' / name}.py" + (f":{arg}" if arg else ""))
 
 
 # --------------------------------------------------------------------------- configs
@@ -66,20 +64,38 @@ def test_get_config_short_overrides_and_presets():
   assert c.total_steps > base.total_steps  # the full-length preset
   with pytest.raises(ConfigError, match="'lrr'"):
     load_config("vit_tiny", "lrr=1")
+  with pytest.raises(ConfigError, match="'max_len'"):  # a text field: not in an image config
+    load_config("vit_tiny", "max_len=64")
+  with pytest.raises(ConfigError, match="'image_size'"):
+    load_config("bert_small", "image_size=28")
   with pytest.raises(ConfigError, match="'total_steps'"):
     load_config("vit_tiny", "total_steps=many")
   with pytest.raises(ConfigError, match="preset 'fast'"):
     load_config("vit_tiny", "fast")
 
 
-def test_every_config_field_is_documented():
-  for name in ("vit_tiny", "bert_small"):
-    source = (REPO / "configs" / f"{name}.py").read_text()
+def test_every_config_field_is_its_tasks_and_documented():
+  common = (REPO / "configs" / "common.py").read_text().splitlines()
+  for field in config_lib.COMMON_FIELDS:
+    line = next(l for l in common if l.strip().startswith(f"c.{field} ="))
+    assert "#" in line, f"common.py: field {field} has no comment"
+  for name, task in (("vit_tiny", "image_classification"), ("bert_small", "masked_lm")):
     config = load_config(name)
-    assert set(config) == config_lib.FIELDS
-    for field in config:
-      line = next(l for l in source.splitlines() if l.strip().startswith(f"c.{field} ="))
-      assert "#" in line, f"{name}: field {field} has no comment"
+    assert config.task == task
+    assert set(config) == config_lib.COMMON_FIELDS | set(tasks.get(task).FIELDS)
+    source = (REPO / "configs" / f"{name}.py").read_text().splitlines()
+    for field in tasks.get(task).FIELDS:
+      line = next(l for l in source if l.strip().startswith(f"c.{field} ="))
+      assert "#" in line, f"{name}: task field {field} has no comment"
+
+
+def test_model_options_only_override_the_named_size():
+  """--config.model=vit-ti builds ViT-Ti (the config restates no widths of its default size)."""
+  vit = setup(load_config("vit_tiny", "model=vit-ti")).spec.abstract["params"]
+  assert vit["blocks"]["layers"]["attn"]["qkv"].shape == (12, 192, 3, 3, 64)  # depth, width, heads, q/k/v
+  assert 5.3e6 < sum(x.size for x in jax.tree.leaves(vit)) < 5.6e6           # ViT-Ti at patch 7: ~5.4M
+  bert = setup(load_config("bert_small", "model=bert-mini")).spec.abstract["params"]
+  assert bert["blocks"]["layers"]["mlp"]["fc1"].shape == (4, 256, 1024)
 
 
 @pytest.mark.parametrize("name,arg,field", [
@@ -101,7 +117,10 @@ def test_every_config_field_is_documented():
     ("vit_tiny", "dtype=float16", "'dtype'"),
     ("vit_tiny", "dataset=text", "'dataset'"),
     ("vit_tiny", "init_from=/no/such/run", "'init_from'"),
-    ("vit_tiny", "posenc_options.no_such_option=1", "'posenc_options'"),
+    ("vit_tiny", "task=no_such_task", "'task'"),
+    ("vit_tiny", "transfer.method=cubic", "'transfer'"),
+    ("vit_tiny", "posenc=learned,transfer.interpolate_positions=True", "'transfer.interpolate_positions'"),
+    ("vit_tiny", "eval_image_sizes=((28, 28, 3),)", "'eval_image_sizes'"),
     ("bert_small", "max_len=0", "'max_len'"),
 ])
 def test_bad_config_gives_one_clear_error(name, arg, field):
@@ -110,17 +129,20 @@ def test_bad_config_gives_one_clear_error(name, arg, field):
     validate(config, num_devices=8)
 
 
+@pytest.mark.parametrize("name,arg,field", [
+    ("vit_tiny", "posenc_options.no_such_option=1", "posenc_options"),   # the encoding's own check
+    ("vit_tiny", "model_options.no_such_option=1", "model_options"),
+    ("vit_tiny", "model=vit-xl", "unknown model 'vit-xl'"),
+])
+def test_bad_model_or_encoding_options_are_one_clear_error_before_compiling(name, arg, field):
+  with pytest.raises(ConfigError, match=field):
+    setup(load_config(name, arg))
+
+
 def test_good_configs_validate_and_resolve_the_mesh():
   assert validate(load_config("vit_tiny"), num_devices=8) == (8, 1, 1)
   assert validate(load_config("bert_small", "mesh.model=2,mesh.fsdp=2"), num_devices=8) == (2, 2, 2)
   assert validate(load_config("vit_tiny", "batch_size=12"), num_devices=4) == (4, 1, 1)
-
-
-def test_cli_prints_config_error_without_traceback(tmp_path):
-  out = run_train(["--config=configs/vit_tiny.py:patch_size=5", f"--workdir={tmp_path}/w"], 1)
-  assert out.returncode == 2
-  assert "patch_size" in out.stderr and "Traceback" not in out.stderr
-  assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 # --------------------------------------------------------------------------- mesh, optimizer
@@ -203,15 +225,13 @@ def test_mlm_loss_at_masked_positions_equals_the_full_logits_loss():
   batch = {"input_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": np.ones((4, 32), bool),
            "mlm_targets": rng.integers(1, 50, (4, 32)).astype(np.int32), "mlm_weights": weights,
            "valid": np.array([1, 1, 1, 0], np.float32)}  # the last row is eval padding
-  logits, targets, w = steps.forward(model, batch, train=False)
-  assert logits.shape == (4, pipeline.mlm_capacity(32), 50)
-  _, masked = steps.loss_and_stats(logits, targets, w)
+  _, masked = tasks.get("masked_lm").forward(model, batch, train=False)
   full_logits = model(ids, segment_ids=batch["segment_ids"], padding_mask=batch["padding_mask"])
-  _, full = steps.loss_and_stats(full_logits, batch["mlm_targets"], weights * batch["valid"][:, None])
+  _, full = cross_entropy(full_logits, batch["mlm_targets"], weights * batch["valid"][:, None])
   assert float(full["count"]) == weights[:3].sum() > 0
   for k in full:
     np.testing.assert_allclose(masked[k], full[k], rtol=1e-5)
-  positions = np.asarray(steps.masked_positions(jnp.asarray(weights), 12))
+  positions = np.asarray(masked_positions(jnp.asarray(weights), 12))
   for row, at in zip(weights, positions):  # the masked tokens first, in order
     k = int(row.sum())
     np.testing.assert_array_equal(at[:k], np.flatnonzero(row)[:12])
@@ -256,7 +276,8 @@ def test_checkpointer_keeps_last_k_and_best_and_restores_iterator(tmp_path):
   assert ck.meta(4) == {"config": {"step": 4}}
 
   wrong = jax.tree.map(ocp.utils.to_shape_dtype_struct, _toy_state(0.0, n=5))
-  with pytest.raises(ConfigError, match=r"posenc/table': stored \(3, 2\), wanted \(5, 2\).*init_from"):
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"/4 holds a different model.*posenc/table: stored \(3, 2\), "
+                     r"wanted \(5, 2\)"):
     ck.restore(4, wrong, fresh)
   ck.close()
 
@@ -270,18 +291,19 @@ def test_restore_params_transfers_only_changed_leaves(tmp_path):
   rep = sharding.replicated(mesh)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                         _toy_state(0.0, n=5)["params"])
-  with pytest.raises(ConfigError, match=r"init_from.*posenc/table': stored \(3, 2\), wanted \(5, 2\)"):
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"/7 does not fit.*posenc/table: stored \(3, 2\), wanted \(5, 2\)"):
     ck.restore_params(7, target)
   seen = {}
 
-  def transfer(params, source_config, abstract):
-    seen.update(shape=params["posenc"]["table"].shape, config=source_config)
+  def move(params):
+    seen.update(shape=params["posenc"]["table"].shape)
     table = jnp.pad(params["posenc"]["table"], ((0, 2), (0, 0)))  # any rule of the right shape
     return {**params, "posenc": {"table": table}}
 
-  params, changed = ck.restore_params(7, target, transfer)
+  params, changed = ck.restore_params(7, target, move)
   assert changed == ["posenc/table (3, 2) -> (5, 2)"]
-  assert seen == {"shape": (3, 2), "config": {"image_size": 28}}
+  assert seen == {"shape": (3, 2)}  # read at its stored shape
+  assert ck.meta(7) == {"config": {"image_size": 28}}
   np.testing.assert_array_equal(params["posenc"]["table"][:3], np.full((3, 2), 3.0))
   np.testing.assert_array_equal(params["w"], np.full((2,), 3.0))
   assert params["w"].sharding == rep
@@ -292,8 +314,7 @@ def test_restore_params_transfers_only_changed_leaves(tmp_path):
 
 
 def run_train(args: list[str], devices: int, *, wait: bool = True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   cmd = [sys.executable, str(REPO / "train.py"), *args]
   if not wait:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -331,13 +352,45 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def vit_args(workdir) -> list[str]:
+  return [f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={workdir}"]
+
+
+def resume(template: Path, workdir: Path, devices: int) -> subprocess.CompletedProcess:
+  """Copy a killed run's workdir and resume it on ``devices``; it must resume from step 4."""
+  shutil.copytree(template, workdir)
+  out = run_train(vit_args(workdir), devices)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resuming from {workdir}/checkpoints/4 (step 4)" in out.stdout, out.stdout[-2000:]
+  return out
+
+
+def assert_close_to(workdir: Path, reference: Path) -> None:
+  """Same run on another device count: the same losses and parameters up to float reordering."""
+  np.testing.assert_allclose(train_losses(workdir), train_losses(reference), rtol=2e-4)
+  got, want = (jax.tree.map(np.array, read_params(w, 8)) for w in (workdir, reference))
+  # The key bias shifts every logit of a query equally (softmax ignores it with `learned`), so its
+  # gradient is rounding noise, different for 1 and 8 devices, that Adam scales up to +-lr steps.
+  for params in (got, want):
+    params["blocks"]["layers"]["attn"]["qkv_bias"][..., 1, :] = 0.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), got, want)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   """The reference: tiny ViT, 8 steps on 8 devices, no interruption."""
   workdir = tmp_path_factory.mktemp("vit") / "a"
-  out = run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={workdir}"], 8)
+  out = run_train(vit_args(workdir), 8)
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir, out
+
+
+@pytest.fixture(scope="module")
+def killed8(tmp_path_factory) -> Path:
+  """The same run on 8 devices, SIGKILLed right after its step-4 checkpoint (tests resume copies)."""
+  workdir = tmp_path_factory.mktemp("killed8") / "w"
+  kill_after_checkpoint([run_train(vit_args(workdir), 8, wait=False)], workdir, 4)
+  return workdir
 
 
 @pytest.mark.slow
@@ -346,40 +399,65 @@ def test_vit_run_logs_evaluates_and_checkpoints(uninterrupted):
   assert f"workdir: {workdir}" in out.stdout and "final: loss=" in out.stdout
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 9))
+  assert all(r["train/images_per_sec"] > 0 for r in records if "train/loss" in r and r["step"] > 1)
   test = [r for r in records if "test/accuracy" in r]
   assert len(test) == 1 and 0.15 < test[0]["test/accuracy"] <= 1.0  # 10 classes: chance is 0.1
   assert list((workdir / "tb").glob("events.out.tfevents.*"))
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8]
   losses = train_losses(workdir)
   assert np.all(np.isfinite(losses)) and losses[-3:].mean() < losses[:3].mean()
+  meta = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), read_only=True).meta(8)
+  assert (meta["task"], meta["geometry"], meta["posenc"]) == (
+      "image_classification", {"shape": [4, 4], "num_prefix": 1}, "learned")
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_gives_bit_identical_params(uninterrupted, tmp_path):
+def test_sigkill_and_resume_gives_bit_identical_params(uninterrupted, killed8, tmp_path):
   reference, _ = uninterrupted
-  args = [f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}"]
-  kill_after_checkpoint([run_train(args, 8, wait=False)], tmp_path, 4)
-  out = run_train(args, 8)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "Resuming from" in out.stdout + out.stderr
-  want, got = read_params(reference, 8), read_params(tmp_path, 8)
+  resume(killed8, tmp_path / "w", 8)
+  want, got = read_params(reference, 8), read_params(tmp_path / "w", 8)
   jax.tree.map(np.testing.assert_array_equal, got, want)
-  np.testing.assert_array_equal(train_losses(tmp_path), train_losses(reference))
+  np.testing.assert_array_equal(train_losses(tmp_path / "w"), train_losses(reference))
 
 
 @pytest.mark.slow
-def test_one_device_gives_the_same_loss_curve_as_eight(uninterrupted, tmp_path):
-  reference, _ = uninterrupted
-  out = run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}"], 1)
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_checkpoint_of_eight_devices_resumes_on_one(uninterrupted, killed8, tmp_path):
+  out = resume(killed8, tmp_path / "w", 1)
   assert "mesh data=1, fsdp=1, model=1 over 1 device(s)" in out.stdout
-  np.testing.assert_allclose(train_losses(tmp_path), train_losses(reference), rtol=2e-4)
-  got, want = (jax.tree.map(np.array, read_params(w, 8)) for w in (tmp_path, reference))
-  # The key bias shifts every logit of a query equally (softmax ignores it with `learned`), so its
-  # gradient is rounding noise, different for 1 and 8 devices, that Adam scales up to +-lr steps.
-  for params in (got, want):
-    params["blocks"]["layers"]["attn"]["qkv_bias"][..., 1, :] = 0.0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), got, want)
+  assert_close_to(tmp_path / "w", uninterrupted[0])
+
+
+@pytest.mark.slow
+def test_one_device_run_matches_eight_and_resumes_on_eight(uninterrupted, tmp_path):
+  template = tmp_path / "killed1"
+  kill_after_checkpoint([run_train(vit_args(template), 1, wait=False)], template, 4)
+  reference = uninterrupted[0]
+  np.testing.assert_allclose(train_losses(template)[:4], train_losses(reference)[:4], rtol=2e-4)
+  out = resume(template, tmp_path / "w", 8)
+  assert "mesh data=8, fsdp=1, model=1 over 8 device(s)" in out.stdout
+  assert_close_to(tmp_path / "w", reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated_file", "half_written_step"])
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(uninterrupted, tmp_path, damage):
+  reference, _ = uninterrupted
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  step8 = workdir / "checkpoints" / "8"
+  if damage == "truncated_file":
+    victim = max((p for p in (step8 / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  else:
+    shutil.rmtree(step8 / "train")
+    shutil.rmtree(step8 / "data")
+  out = run_train(vit_args(workdir), 8)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Traceback" not in out.stdout + out.stderr
+  assert f"checkpoint {step8}" in out.stdout and "is damaged" in out.stdout
+  assert f"Resuming from {workdir}/checkpoints/4 (step 4)" in out.stdout
+  assert [p.name.split("-")[0] for p in (workdir / "checkpoints.damaged").iterdir()] == ["8"]  # kept
+  jax.tree.map(np.testing.assert_array_equal, read_params(workdir, 8), read_params(reference, 8))
 
 
 @pytest.mark.slow
@@ -388,20 +466,52 @@ def test_two_processes_train_checkpoint_and_resume(uninterrupted, tmp_path):
   port = free_port()
 
   def launch():
-    return [run_train([f"--config=configs/vit_tiny.py:{TINY_VIT}", f"--workdir={tmp_path}",
-                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                       f"--process_id={i}"], 2, wait=False) for i in range(2)]
+    return [run_train(vit_args(tmp_path) + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                            f"--process_id={i}"], 2, wait=False) for i in range(2)]
 
   kill_after_checkpoint(launch(), tmp_path, 4)
   procs = launch()
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
-  assert "Resuming from" in outs[0] and "2 process(es)" in outs[0]
+  assert f"Resuming from {tmp_path}/checkpoints/4 (step 4)" in outs[0] and "2 process(es)" in outs[0]
   data_state = tmp_path / "checkpoints" / "8" / "data"
   assert {p.name for p in data_state.glob("process_*.json")} == {"process_0-of-2.json",
                                                                   "process_1-of-2.json"}
   # Two processes x 2 devices read the same global batches as one process x 8 devices.
   np.testing.assert_allclose(train_losses(tmp_path), train_losses(reference), rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_cli_input_errors_are_one_message_without_traceback(uninterrupted, tmp_path):
+  (tmp_path / "a_file").write_text("")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  bert = tmp_path / "bert"
+  bert.mkdir()  # a checkpoint of another task, for init_from
+  cases = [
+      (["--config=configs/no_such_file.py"], "no config file 'configs/no_such_file.py'"),
+      ([f"--config={tmp_path}/broken.py"], "SyntaxError at line 1"),
+      (["--config=configs/vit_tiny.py:bogus"], "unknown config preset 'bogus'"),
+      (["--config=configs/vit_tiny.py:lrr=1"], "config has no field 'lrr'"),
+      (["--config=configs/vit_tiny.py", "--config.lr=fast"], "could not convert string to float"),
+      (["--config=configs/vit_tiny.py", "--config.no_such_field=1"], "unknown field(s) ['no_such_field']"),
+      (["--config=configs/vit_tiny.py:image_size=30"], "'patch_size': 7 does not divide image_size=30"),
+      (["--config=configs/vit_tiny.py:posenc=sinusoidal"], "does not support the 2D inputs"),
+      ([f"--config=configs/vit_tiny.py:init_from={tmp_path}"], f"no checkpoint under '{tmp_path}'"),
+      ([f"--config=configs/bert_small.py:init_from={uninterrupted[0]}"], "is a 'image_classification' run"),
+      ([f"--config=configs/vit_tiny.py:{TINY_VIT},model_options.width=32", f"--workdir={uninterrupted[0]}"],
+       "cannot resume from workdir"),
+      (["--config=configs/vit_tiny.py"], "is a file, not a directory"),
+  ]
+  procs = []
+  for args, _ in cases:
+    if not any(a.startswith("--workdir") for a in args):
+      args = args + [f"--workdir={tmp_path / 'a_file'}"]  # reached only by the last case
+    procs.append(run_train(args, 1, wait=False))
+  for (args, message), proc in zip(cases, procs):
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode not in (0, None), args
+    assert "Traceback" not in out and message in out, (args, out[-1500:])
+  assert sorted(int(p.name) for p in (uninterrupted[0] / "checkpoints").iterdir()) == [4, 8]  # untouched
 
 
 @pytest.mark.slow

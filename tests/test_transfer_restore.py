@@ -1,25 +1,32 @@
 """End to end: train at 28 px, restore the run at 56 / 14 px (and text 128 -> 512)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from posenc.training.config import ConfigError
-from posenc.training.loop import train
+from posenc import transfer
+from posenc.config import ConfigError, load_config_file
+from posenc.encodings import Geometry
+from posenc.training import setup, train
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(os.path.join(ROOT, "configs", f"{name}.py:{arg}"))
+
+
+def stored_params(workdir: str) -> dict:
+  step = max(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "params"))
 
 
 TINY_VIT = ("model_options.width=32,model_options.depth=2,model_options.num_heads=2,"
@@ -82,6 +89,64 @@ def test_restore_into_other_architecture_is_a_clear_error(vit28, tmp_path):
   with pytest.raises(ConfigError, match=r"(?s)init_from.*patch_embed: stored \(7, 7, 1, 32\), wanted \(4, 4, 1, 32\)"):
     train(config("vit_tiny", TINY_VIT + f",total_steps=1,warmup_steps=0,patch_size=4,init_from={source}"),
           str(tmp_path / "bad"))
+
+
+def test_restore_time_transfer_lands_sharded_on_an_fsdp_model_mesh(vit28):
+  """Orbax restore + jitted transfer, the table sharded over (model, fsdp) of 8 devices."""
+  source, _ = vit28
+  rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "model"), ("heads", "model"),
+           ("kv", None), ("vocab", "model"), ("posn", "model"), ("layers", None))
+  run = setup(config("vit_tiny", TINY_VIT + f",total_steps=0,image_size=56,init_from={source},"
+                     f"mesh.data=1,mesh.fsdp=4,mesh.model=2,logical_axis_rules={rules}"))
+  params = run.initial_state()["params"]
+  table = params["posenc"]["table"]
+  assert table.shape == (64, 32) and table.sharding.spec == P("model", "fsdp")
+  assert len(table.sharding.device_set) == 8 and len(table.addressable_shards) == 8
+  stored = stored_params(source)
+  want = transfer.transfer_params(stored, "learned", Geometry.grid(4, 4, 1), Geometry.grid(8, 8, 1))
+  np.testing.assert_allclose(np.asarray(table), want["posenc"]["table"], rtol=1e-6, atol=1e-6)
+  qkv = params["blocks"]["layers"]["attn"]["qkv"]  # unchanged leaves: straight into their sharding
+  assert qkv.sharding.spec == run.spec.shardings["params"]["blocks"]["layers"]["attn"]["qkv"].spec
+  np.testing.assert_array_equal(np.asarray(qkv), stored["blocks"]["layers"]["attn"]["qkv"])
+
+
+def test_checkpoint_from_before_geometry_metadata_still_restores(vit28, tmp_path, capsys):
+  """A checkpoint whose metadata holds only the run's config (as written before this version):
+  its geometry is read from that config, and it restores at a new size."""
+  source, _ = vit28
+  old = str(tmp_path / "old")
+  shutil.copytree(source, old)
+  for meta_file in (tmp_path / "old" / "checkpoints").glob("*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    legacy = {k: v for k, v in meta["config"].items() if k != "task"}
+    legacy["model_options"] = dict(legacy["model_options"], pool="cls")
+    meta_file.write_text(json.dumps({"config": legacy, "mesh": meta["mesh"]}))
+  results = train(config("vit_tiny", TINY_VIT + f",total_steps=0,image_size=56,init_from={old}"),
+                  str(tmp_path / "eval56"))
+  assert "posenc/table (16, 32) -> (64, 32)" in capsys.readouterr().out
+  assert results["accuracy"] == pytest.approx(vit28[1]["accuracy_56"], abs=1e-9)
+
+
+def test_restoring_another_encoding_is_a_clear_error(vit28, tmp_path):
+  source, _ = vit28
+  with pytest.raises(ConfigError, match="'posenc' is 'rope' but checkpoint .* was trained with 'learned'"):
+    setup(config("vit_tiny", TINY_VIT + f",posenc=rope,total_steps=0,init_from={source}"))
+
+
+def test_position_interpolation_scales_positions_into_the_trained_range(tmp_path):
+  """rope trained at 28 px (4x4 grid), restored at 56 px (8x8): positions scaled by 0.5, and
+  recorded, so a later restore of that run keeps the trained range."""
+  source = str(tmp_path / "rope28")
+  train(config("vit_tiny", TINY_VIT + ",posenc=rope,total_steps=2"), source)
+  arg = TINY_VIT + f",posenc=rope,total_steps=0,image_size=56,init_from={source},eval_image_sizes=(112,)"
+  plain = setup(config("vit_tiny", arg))
+  scaled = setup(config("vit_tiny", arg + ",transfer.interpolate_positions=True"))
+  assert plain.position_scale == 1.0 and scaled.position_scale == 0.5
+  assert scaled.meta["position_scale"] == 0.5
+  assert [e.position_scale for e in scaled.evals] == [0.5, 0.25]  # 112 px: 16x16 into the trained 4x4
+  assert [e.position_scale for e in plain.evals] == [1.0, 1.0]
+  got, without = train(scaled, str(tmp_path / "pi56")), train(plain, str(tmp_path / "plain56"))
+  assert got["loss"] != without["loss"] and got["loss_112"] != without["loss_112"]
 
 
 TINY_BERT = ("model_options.width=16,model_options.depth=1,model_options.num_heads=2,"

@@ -28,8 +28,6 @@ from tensorflow_datasets.core.utils import gcs_utils
 
 from posenc.data import fashion_mnist, text
 
-gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access  # never look up gs://tfds-data
-
 OURS = {"fashion_mnist": fashion_mnist.FashionMnistDebian, "text": text.GutenbergNovels}
 CHECK_SOURCE = {"fashion_mnist": fashion_mnist.check_source, "text": text.check_source}
 SPLITS = {
@@ -104,6 +102,7 @@ def builder(dataset: str, directory: str | None = None, source_dir: str | None =
   `source_dir` overrides where our builders read raw files (Fashion-MNIST IDX
   directory / dpkg -x root of the R packages).
   """
+  gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access  # never look up gs://tfds-data
   directory = directory or data_dir()
   if dataset in OURS:
     make = functools.partial(OURS[dataset], data_dir=directory)

@@ -48,6 +48,7 @@ import numpy as np
 import PIL.Image
 
 from posenc.data import datasets, text
+from posenc.encodings.base import as_hw
 
 IMAGE_STATS = {"fashion_mnist": (0.2858, 0.3529)}  # (mean, std) of the train split, pixels in [0, 1]
 DEFAULT_IMAGE_STATS = (0.5, 0.5)  # maps [0, 1] to [-1, 1]
@@ -220,15 +221,6 @@ class MaskTokens(grain.transforms.RandomMap):
             "valid": batch["valid"]}
 
 
-def _image_size(image_size) -> tuple[int, int] | None:
-  if image_size is None:
-    return None
-  size = (image_size, image_size) if isinstance(image_size, int | np.integer) else tuple(image_size)
-  if len(size) != 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in size):
-    raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
-  return int(size[0]), int(size[1])
-
-
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
   if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low or (
       high is not None and value >= high):
@@ -273,7 +265,7 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   else:
     if max_len is not None:
       raise ValueError(f"max_len is for dataset 'text', not {dataset!r}; use image_size.")
-    size = _image_size(image_size)
+    size = None if image_size is None else as_hw(image_size)
     datasets.info(dataset, directory)  # a clear error unless it has fixed-size images + labels
     records = ImageRecords(datasets.source(dataset, split, directory))
     mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)

@@ -1,4 +1,4 @@
-"""Geometry and the base class every position encoding derives from.
+"""Geometry, positions, and the base class every position encoding derives from.
 
 A model calls all four hooks of its encoding and never asks which encoding it
 is; hooks an encoding does not need keep the defaults below (identity / None).
@@ -7,6 +7,13 @@ Shapes: tokens ``x`` are ``[B, T, D]`` and ``q``/``k`` are ``[B, T, H, Dh]``
 where ``T = geometry.num_tokens`` (prefix tokens first, then the positions in
 row-major order). Prefix tokens (class token, registers) carry no position:
 every hook leaves them alone.
+
+``positions`` are data: ``[B, N, ndim]`` coordinates of the ``N`` non-prefix
+tokens, ``B`` either the batch or 1 (one set shared by the batch). The default
+(``Geometry.positions()``) is the integer grid ``(row, col)`` in 2D and
+``0..L-1`` in 1D; callers may pass others: restarting per packed sequence,
+offset for incremental decoding, scaled for position interpolation, real-valued
+for continuous encodings. The static ``geometry`` still gives the shapes.
 """
 from __future__ import annotations
 
@@ -15,7 +22,20 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+POSENC_KEY = "posenc"  # every model keeps its encoding at this attribute (parameter path root)
+
+
+def as_hw(size) -> tuple[int, int]:
+  """``28`` or ``(28, 32)`` -> ``(h, w)``; a clear ValueError for anything else."""
+  hw = (size, size) if isinstance(size, int | np.integer) else tuple(size) if isinstance(
+      size, tuple | list) else ()
+  if len(hw) != 2 or not all(isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0
+                             for s in hw):
+    raise ValueError(f"image size {size!r} must be a positive int or an (h, w) pair of them.")
+  return int(hw[0]), int(hw[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,27 +76,56 @@ class Geometry:
     return self.num_prefix + self.num_positions
 
   def coords(self) -> jnp.ndarray:
-    """Integer coordinates of the positions, ``[num_positions, ndim]``, row-major."""
+    """Integer coordinates of the positions, ``[num_positions, ndim]``, row-major (row, col)."""
     axes = [jnp.arange(s) for s in self.shape]
     return jnp.stack([a.reshape(-1) for a in jnp.meshgrid(*axes, indexing="ij")], axis=-1)
+
+  def positions(self) -> jnp.ndarray:
+    """The default positions, ``[1, num_positions, ndim]`` int32: this grid's coordinates."""
+    return self.coords().astype(jnp.int32)[None]
+
+  def to_dict(self) -> dict:
+    return {"shape": list(self.shape), "num_prefix": self.num_prefix}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Geometry":
+    return cls(tuple(d["shape"]), int(d.get("num_prefix", 0)))
 
   def __str__(self) -> str:
     dims = "x".join(map(str, self.shape))
     return f"{self.ndim}D {dims}" + (f" (+{self.num_prefix} prefix)" if self.num_prefix else "")
 
 
+def check_positions(positions, geometry: Geometry) -> jax.Array:
+  """``positions`` as ``[B, N, ndim]`` (1D ``[B, L]`` is accepted), or a clear ValueError."""
+  positions = jnp.asarray(positions)
+  if geometry.ndim == 1 and positions.ndim == 2:
+    positions = positions[..., None]
+  want = (geometry.num_positions, geometry.ndim)
+  if positions.ndim != 3 or tuple(positions.shape[1:]) != want:
+    form = "[B, L] or [B, L, 1]" if geometry.ndim == 1 else "[B, h*w, 2]"
+    raise ValueError(f"positions must be {form} with {want[0]} positions for {geometry}; got shape "
+                     f"{tuple(positions.shape)}.")
+  if not (jnp.issubdtype(positions.dtype, jnp.integer) or jnp.issubdtype(positions.dtype, jnp.floating)):
+    raise ValueError(f"positions must be integers or floats, got {positions.dtype}.")
+  return positions
+
+
 class Encoding(nnx.Module):
   """Base class: every hook is the identity / absent.
 
-  Subclasses set ``supported_ndims`` and override the hooks they use. The
-  constructor arguments a model always offers (and ``make`` passes on when a
-  subclass's ``__init__`` names them) are ``dim``, ``num_heads``,
-  ``num_layers``, ``geometry`` (the geometry the model is built at),
+  Subclasses set ``supported_ndims`` and ``continuous`` (whether real-valued
+  positions are accepted; table encodings look integer positions up) and
+  override the hooks they use. The constructor arguments a model always offers
+  (and ``make`` passes on when a subclass's ``__init__`` names them) are
+  ``dim``, ``num_heads``, ``num_layers``, ``geometry`` (the geometry the model
+  is built at; encodings that depend on it keep it as ``self.built``),
   ``param_dtype`` and ``rngs``.
   """
 
   name: str = "?"
   supported_ndims: tuple[int, ...] = (1, 2)
+  continuous: bool = True
 
   def check(self, geometry: Geometry) -> None:
     """Raise a clear ValueError if this encoding cannot serve ``geometry``."""
@@ -86,36 +135,28 @@ class Encoding(nnx.Module):
           f"position encoding '{self.name}' supports {dims} inputs, not {geometry}; "
           f"choose an encoding that supports {geometry.ndim}D (see posenc.encodings.names()).")
 
-  def embed(self, x: jax.Array, geometry: Geometry) -> jax.Array:
+  def embed(self, x: jax.Array, geometry: Geometry, positions: jax.Array) -> jax.Array:
     """Called once on the token embeddings ``[B, T, D]``."""
     return x
 
-  def attention_bias(self, geometry: Geometry, layer) -> jax.Array | None:
-    """``[H, T, T]`` float32 added to the attention logits of ``layer``, or None."""
+  def attention_bias(self, geometry: Geometry, positions: jax.Array, layer) -> jax.Array | None:
+    """``[B or 1, H, T, T]`` float32 added to the attention logits of ``layer``, or None."""
     return None
 
-  def rotate(self, q: jax.Array, k: jax.Array, geometry: Geometry, layer):
+  def rotate(self, q: jax.Array, k: jax.Array, geometry: Geometry, positions: jax.Array, layer):
     """Called on ``q, k`` ``[B, T, H, Dh]`` before q·k in ``layer``."""
     return q, k
 
-  def after_block(self, x: jax.Array, geometry: Geometry, layer) -> jax.Array:
+  def after_block(self, x: jax.Array, geometry: Geometry, positions: jax.Array, layer) -> jax.Array:
     """Called on ``x`` ``[B, T, D]`` after block ``layer`` (0-based)."""
     return x
 
-  # Resolution transfer (posenc.transfer calls these; ``self`` is the encoding
-  # built at the new geometry).
-
-  def transfer(self, params: dict, source: Geometry, target: Geometry, options) -> dict:
-    """This encoding's parameters (a nested dict of arrays) built at ``source``,
-    mapped to ``target``: pure jnp, traceable under ``jax.jit``. By default
-    nothing depends on the geometry, so they pass unchanged."""
-    return params
-
   @classmethod
-  def interpolation_options(cls, source: Geometry, target: Geometry) -> dict:
-    """Encoding options that map ``target``'s positions onto the trained range of
-    ``source`` (position interpolation), or ``{}`` where that means nothing."""
-    return {}
+  def transfer(cls, params: dict, source: Geometry, target: Geometry, options) -> dict:
+    """This encoding's parameters (a nested dict of arrays) built at ``source``, mapped to
+    ``target``: pure jnp, traceable under ``jax.jit``. ``options`` is a
+    ``posenc.transfer.TransferOptions``. By default nothing depends on the geometry."""
+    return params
 
 
 def split_prefix(x: jax.Array, geometry: Geometry, axis: int = 1):
@@ -125,6 +166,41 @@ def split_prefix(x: jax.Array, geometry: Geometry, axis: int = 1):
 
 
 def pad_prefix_bias(bias: jax.Array, geometry: Geometry) -> jax.Array:
-  """Pad a ``[H, N, N]`` bias over positions with zeros for the prefix tokens."""
+  """Pad a ``[B, H, N, N]`` bias over positions with zeros for the prefix tokens."""
   n = geometry.num_prefix
-  return jnp.pad(bias, ((0, 0), (n, 0), (n, 0))) if n else bias
+  return jnp.pad(bias, ((0, 0), (0, 0), (n, 0), (n, 0))) if n else bias
+
+
+def pair_offsets(positions: jax.Array) -> jax.Array:
+  """``[B, N, N, ndim]`` offsets ``pos_i - pos_j`` (query minus key) of ``[B, N, ndim]`` positions."""
+  return positions[:, :, None, :] - positions[:, None, :, :]
+
+
+def table_positions(enc: Encoding, positions: jax.Array, extent=None, *, relative: bool = False) -> jax.Array:
+  """Integer positions for a table lookup: a clear error for real-valued ones.
+
+  Concrete (not traced) positions are also checked against the table's ``extent``
+  per axis (``relative``: the spread of each row's positions, for tables of
+  offsets); under ``jit`` a lookup outside the table gives NaN (``lookup``),
+  never a silent clamp.
+  """
+  if not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"position encoding '{enc.name}' looks positions up in a table and needs integer "
+                     f"positions; got {positions.dtype}. Real-valued positions (position interpolation, "
+                     f"coordinate augmentation) need a continuous encoding such as rope, sincos2d or alibi.")
+  if extent is not None and not isinstance(positions, jax.core.Tracer) and positions.size:
+    values = np.asarray(positions)
+    low, high = values.min(axis=(0, 1)), values.max(axis=(0, 1))
+    spread = (values.max(axis=1) - values.min(axis=1)).max(axis=0)
+    if np.any(spread >= extent) if relative else (np.any(low < 0) or np.any(high >= extent)):
+      what = (f"offsets up to {np.asarray(extent) - 1} per axis; got positions {spread} apart" if relative
+              else f"positions 0..{np.asarray(extent) - 1} per axis; got {low} to {high}")
+      raise ValueError(f"position encoding '{enc.name}' has a table for {what}. Transfer its parameters "
+                       f"to a larger geometry with posenc.transfer.")
+  return positions
+
+
+def lookup(table: jax.Array, index: jax.Array, valid: jax.Array) -> jax.Array:
+  """``table[index]`` along axis 0; rows where ``valid`` is False are NaN (outside the table)."""
+  return jnp.take(table, jnp.where(valid, index, table.shape[0]), axis=0, mode="fill",
+                  fill_value=jnp.nan)

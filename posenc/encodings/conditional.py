@@ -4,7 +4,8 @@ The position tokens, laid out as their ``(h, w)`` grid, go through a depthwise
 3x3 convolution (with bias, zero padding) that is added back:
 ``x + conv(x)``, after the blocks in ``layers`` (CPVT: after the first block).
 Zero padding lets the conv see where the border is, which is how position
-information enters; away from the border it is translation equivariant.
+information enters; away from the border it is translation equivariant. It
+reads positions from the token layout, so the ``positions`` data is unused.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class ConditionalPositionEncoding(Encoding):
     grid = grid + conv + bias.astype(x.dtype)
     return jnp.concatenate([prefix, grid.reshape(b, -1, c)], axis=1)
 
-  def after_block(self, x: jax.Array, geometry: Geometry, layer) -> jax.Array:
+  def after_block(self, x: jax.Array, geometry: Geometry, positions: jax.Array, layer) -> jax.Array:
     self.check(geometry)
     params = (self.kernel[...], self.bias[...])
     if isinstance(layer, (int, np.integer)):  # static: no branch in the graph

@@ -1,8 +1,9 @@
 """Relative position encodings: a per-head bias added to the attention logits.
 
-All three return ``attention_bias(geometry, layer) -> [H, T, T]`` float32 whose
-entry ``[h, i, j]`` depends only on ``pos_i - pos_j`` (translation invariant);
-rows and columns of prefix tokens are 0.
+All three return ``attention_bias(geometry, positions, layer) -> [B or 1, H, T, T]``
+float32 whose entry ``[b, h, i, j]`` depends only on ``pos_i - pos_j`` (translation
+invariant); rows and columns of prefix tokens are 0. ``rel_bias`` looks integer
+offsets up in its table; ``cpb`` and ``alibi`` take real-valued positions.
 
 - ``rel_bias``: a learned table per head. 1D uses T5's log-spaced buckets of
   ``key - query`` (any length). 2D uses Swin's table of ``(2h-1)(2w-1)`` rows,
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from posenc.encodings.base import Encoding, Geometry, pad_prefix_bias
+from posenc.encodings.base import (Encoding, Geometry, lookup, pad_prefix_bias, pair_offsets,
+                                   table_positions)
 from posenc.encodings.registry import register
 from posenc.resize import resize_table
 
@@ -47,20 +49,13 @@ def t5_bucket(relative_position: jax.Array, num_buckets: int = 32,
   return bucket + jnp.where(distance < max_exact, distance, large)
 
 
-def grid_offsets(geometry: Geometry) -> jax.Array:
-  """``[N, N, ndim]`` int32 offsets ``pos_i - pos_j`` (query minus key)."""
-  coords = geometry.coords()
-  return coords[:, None, :] - coords[None, :, :]
-
-
-def table_index(geometry: Geometry, table_hw: tuple[int, int]) -> jax.Array:
-  """``[N, N]`` row of each pair's offset in a Swin table for grid ``table_hw``.
-
-  Row ``(dy + th-1) * (2tw-1) + (dx + tw-1)`` for ``(dy, dx) = query - key``.
-  """
+def table_index(offsets: jax.Array, table_hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+  """Row of each offset ``(dy, dx) = query - key`` in a Swin table for grid ``table_hw``, and
+  whether the table has it: row ``(dy + th-1) * (2tw-1) + (dx + tw-1)``."""
   th, tw = table_hw
-  offsets = grid_offsets(geometry)
-  return (offsets[..., 0] + th - 1) * (2 * tw - 1) + offsets[..., 1] + tw - 1
+  dy, dx = offsets[..., 0], offsets[..., 1]
+  valid = (jnp.abs(dy) < th) & (jnp.abs(dx) < tw)
+  return (dy + th - 1) * (2 * tw - 1) + dx + tw - 1, valid
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -102,13 +97,16 @@ class RelativeBias(Encoding):
   Parameter ``table``: 1D ``(num_buckets, H)``; 2D ``((2h-1)(2w-1), H)`` for the
   built grid ``(h, w)``, row ``(dy + h-1) * (2w-1) + (dx + w-1)`` for offset
   ``(dy, dx) = query - key`` (Swin's layout). With ``per_layer=True`` a leading
-  ``num_layers`` axis. Init: truncated normal, std 0.02 (as Swin).
+  ``num_layers`` axis. Init: truncated normal, std 0.02 (as Swin). Positions
+  must be integers (a table of offsets).
 
   A 2D grid larger than the built one needs offsets the table lacks: transfer
   the parameters (``posenc.transfer`` resamples the table). A smaller grid uses
   the central part of the table, which is exactly the same bias for the
   offsets it has, so it stays translation invariant.
   """
+
+  continuous = False
 
   def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
                num_layers: int = 1, num_buckets: int = 32, max_distance: int = 128,
@@ -142,18 +140,20 @@ class RelativeBias(Encoding):
           f"offsets of the larger {geometry} grid. Transfer the parameters to the new grid "
           f"with posenc.transfer (or --config.init_from), which resamples the table.")
 
-  def attention_bias(self, geometry: Geometry, layer) -> jax.Array:
+  def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
-    table = _layer_params(self.table[...], self.per_layer, self.num_layers, layer)
-    if geometry.ndim == 1:
-      pos = jnp.arange(geometry.shape[0])
-      index = t5_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
+    relative = self.built.ndim == 2
+    positions = table_positions(self, positions, self.built.shape if relative else None, relative=True)
+    table = _layer_params(self.table[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
+    offsets = pair_offsets(positions)  # [B, N, N, ndim], query - key
+    if relative:
+      bias = lookup(table, *table_index(offsets, self.built.shape))  # [B, N, N, H]
     else:
-      index = table_index(geometry, self.built.shape)
-    bias = jnp.take(table.T.astype(jnp.float32), index, axis=1, mode="clip")
-    return pad_prefix_bias(bias, geometry)
+      bias = jnp.take(table, t5_bucket(-offsets[..., 0], self.num_buckets, self.max_distance), axis=0)
+    return pad_prefix_bias(jnp.moveaxis(bias, -1, 1), geometry)
 
-  def transfer(self, params, source, target, options):
+  @classmethod
+  def transfer(cls, params, source, target, options):
     """2D: resample the ``(2h-1) x (2w-1)`` table (Swin); 1D buckets fit any length."""
     if source.ndim == 1:
       return params
@@ -199,21 +199,16 @@ class ContinuousPositionBias(Encoding):
       raise ValueError(f"position encoding 'cpb' (Swin-V2 continuous bias) supports 2D grids "
                        f"only, not {geometry}; for 1D use rel_bias, alibi or rope.")
 
-  def attention_bias(self, geometry: Geometry, layer) -> jax.Array:
+  def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
     w1, b1, w2 = (_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
                   for p in (self.w1, self.b1, self.w2))
-    # The MLP runs once per offset of this grid; the pairs gather from its output.
-    h, w = geometry.shape
-    dy, dx = jnp.meshgrid(jnp.arange(1 - h, h), jnp.arange(1 - w, w), indexing="ij")
     scale = jnp.asarray([max(n - 1, 1) for n in self.built.shape], jnp.float32)
-    coords = jnp.stack([dy, dx], axis=-1).reshape(-1, 2).astype(jnp.float32) / scale * 8.0
+    coords = pair_offsets(positions.astype(jnp.float32)) / scale * 8.0  # [B, N, N, 2]
     coords = jnp.sign(coords) * jnp.log2(jnp.abs(coords) + 1.0) / math.log2(8.0)
     hidden = jax.nn.relu(jnp.dot(coords, w1, precision="highest") + b1)
-    table = jnp.dot(hidden, w2, precision="highest")  # [(2h-1)(2w-1), H]
-    bias = 16.0 * jax.nn.sigmoid(jnp.take(table.T, table_index(geometry, (h, w)), axis=1,
-                                             mode="clip"))
-    return pad_prefix_bias(bias, geometry)
+    bias = 16.0 * jax.nn.sigmoid(jnp.dot(hidden, w2, precision="highest"))  # [B, N, N, H]
+    return pad_prefix_bias(jnp.moveaxis(bias, -1, 1), geometry)
 
 
 @register("alibi")
@@ -229,9 +224,11 @@ class ALiBi(Encoding):
       raise ValueError(f"alibi needs num_heads >= 1; got {num_heads}.")
     self.num_heads = num_heads
 
-  def attention_bias(self, geometry: Geometry, layer) -> jax.Array:
+  def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
-    offsets = grid_offsets(geometry).astype(jnp.float32)
-    distance = jnp.sqrt(jnp.sum(offsets * offsets, axis=-1))
+    offsets = pair_offsets(positions.astype(jnp.float32))
+    squared = jnp.sum(offsets * offsets, axis=-1)  # [B, N, N]
+    # sqrt has an infinite slope at 0: keep the gradient w.r.t. positions finite on the diagonal.
+    distance = jnp.where(squared > 0, jnp.sqrt(jnp.where(squared > 0, squared, 1.0)), 0.0)
     slopes = jnp.asarray(alibi_slopes(self.num_heads))
-    return pad_prefix_bias(-slopes[:, None, None] * distance, geometry)
+    return pad_prefix_bias(-slopes[:, None, None] * distance[:, None], geometry)

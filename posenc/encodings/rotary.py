@@ -9,9 +9,10 @@ together with feature ``i + Dh/2`` by ``angle[i]``, ``i < Dh/2``. (RoFormer and
 rope-vit pair neighbours ``(2i, 2i+1)``; that is the same rotation after a fixed
 permutation of the head features, which the learned q/k projections absorb.)
 
-Angles: ``angle[n, h, i] = sum_a pos[n, a] * freqs[a, h, i]`` with
-``pos = (t,)`` in 1D and ``pos = (x, y) = (column, row)`` on a 2D grid, times
-the static position-interpolation factor ``scale``; computed in float32.
+Angles: ``angle[b, n, h, i] = sum_a pos[b, n, a] * freqs[a, h, i]`` with
+``pos = (t,)`` in 1D and ``pos = (x, y) = (column, row)`` on a 2D grid, computed
+in float32 from the ``positions`` data, which may be real-valued: position
+interpolation is positions times a factor < 1 (``posenc.transfer.interpolation_scale``).
 
 - ``rope`` 1D: ``freqs[0, i] = theta**(-2i/Dh)``, theta 10000.
 - ``rope`` 2D, RoPE-Axial (Heo et al. 2024, "Rotary Position Embedding for
@@ -47,12 +48,6 @@ def rotate_half_pairs(x: jax.Array, angles: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def grid_positions(geometry: Geometry, scale: float = 1.0) -> jax.Array:
-  """float32 ``[N, ndim]`` positions: ``t`` in 1D, ``(x, y) = (column, row)`` in 2D."""
-  coords = geometry.coords()[:, ::-1]  # coords() is (row, col); rope-vit orders (x, y)
-  return coords.astype(jnp.float32) * jnp.float32(scale)
-
-
 def axial_frequencies(head_dim: int, ndim: int, theta: float) -> np.ndarray:
   """Fixed RoPE frequencies ``[ndim, 1, Dh/2]`` (1D: RoFormer; 2D: RoPE-Axial)."""
   half = head_dim // 2
@@ -82,10 +77,8 @@ def random_mixed_frequencies(key: jax.Array, num_layers: int, num_heads: int, he
 class _Rotary(Encoding):
   """Shared ``rotate``: subclasses say the frequencies ``[ndim, H or 1, Dh/2]``."""
 
-  scale: float = 1.0
-
   def _frequencies(self, geometry: Geometry, layer, head_dim: int, num_heads: int) -> jax.Array:
-    raise NotImplementedError
+    raise NotImplementedError  # abstract: rope and rope_mixed say their frequencies
 
   def _check_head_dim(self, head_dim: int, ndim: int) -> None:
     step = 2 * ndim  # a pair per frequency; in 2D half the pairs for x, half for y
@@ -95,7 +88,7 @@ class _Rotary(Encoding):
                        f"for {ndim}D inputs; got head_dim={head_dim}. Choose width and num_heads "
                        f"so that width / num_heads is a multiple of {step}.")
 
-  def rotate(self, q: jax.Array, k: jax.Array, geometry: Geometry, layer):
+  def rotate(self, q, k, geometry, positions, layer):
     self.check(geometry)
     if q.ndim != 4 or q.shape != k.shape or q.shape[1] != geometry.num_tokens:
       raise ValueError(f"position encoding '{self.name}' expects q and k of equal shape "
@@ -104,8 +97,8 @@ class _Rotary(Encoding):
     _, _, num_heads, head_dim = q.shape
     self._check_head_dim(head_dim, geometry.ndim)
     freqs = self._frequencies(geometry, layer, head_dim, num_heads).astype(jnp.float32)
-    pos = grid_positions(geometry, self.scale)  # [N, ndim]
-    angles = jnp.sum(pos[:, :, None, None] * freqs[None], axis=1)  # [N, H or 1, Dh/2]
+    pos = positions[..., ::-1].astype(jnp.float32)  # (row, col) -> rope-vit's (x, y)
+    angles = jnp.sum(pos[..., None, None] * freqs, axis=-3)  # [B, N, H or 1, Dh/2]
 
     def apply(x):
       prefix, tokens = split_prefix(x, geometry)
@@ -114,36 +107,20 @@ class _Rotary(Encoding):
 
     return apply(q), apply(k)
 
-  @classmethod
-  def interpolation_options(cls, source: Geometry, target: Geometry) -> dict:
-    """Position interpolation: scale positions so the largest side fits the trained one."""
-    return {"scale": min(1.0, *(s / t for s, t in zip(source.shape, target.shape)))}
-
-
-def _check_scale(name: str, scale: float) -> float:
-  scale = float(scale)
-  if not (math.isfinite(scale) and scale > 0):
-    raise ValueError(f"position encoding '{name}': scale (position interpolation factor) must "
-                     f"be a positive number, got {scale}.")
-  return scale
-
 
 @register("rope")
 class RoPE(_Rotary):
   """Fixed rotary embedding: RoFormer in 1D, RoPE-Axial on 2D grids. No parameters.
 
-  Options: ``theta`` (frequency base; default 10000 in 1D, 100 in 2D as in
-  RoPE-ViT), ``scale`` (positions are multiplied by it: position interpolation,
-  e.g. 0.5 maps a twice longer sequence onto the trained range).
+  Option: ``theta`` (frequency base; default 10000 in 1D, 100 in 2D as in RoPE-ViT).
   """
 
   def __init__(self, *, dim: int | None = None, num_heads: int | None = None,
-               theta: float | None = None, scale: float = 1.0):
+               theta: float | None = None):
     self.head_dim = dim // num_heads if dim and num_heads else None
     if theta is not None and not float(theta) > 1:
       raise ValueError(f"position encoding 'rope': theta must be > 1, got {theta}.")
     self.theta = None if theta is None else float(theta)
-    self.scale = _check_scale("rope", scale)
 
   def check(self, geometry: Geometry) -> None:
     super().check(geometry)
@@ -161,20 +138,18 @@ class RoPEMixed(_Rotary):
 
   ``freqs`` ``(num_layers, 2, H, Dh/2)``; the angle of pair ``i`` of head ``h`` at
   ``(x, y)`` in layer ``l`` is ``x * freqs[l, 0, h, i] + y * freqs[l, 1, h, i]``.
-  Options: ``theta`` (base of the initial magnitudes, 10 as in rope-vit),
-  ``scale`` (position interpolation, as for ``rope``).
+  Option: ``theta`` (base of the initial magnitudes, 10 as in rope-vit).
   """
 
   supported_ndims = (2,)
 
   def __init__(self, *, dim: int, num_heads: int, num_layers: int, theta: float = 10.0,
-               scale: float = 1.0, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"position encoding 'rope_mixed': dim={dim} is not divisible by "
                        f"num_heads={num_heads}.")
     self.head_dim = dim // num_heads
     self._check_head_dim(self.head_dim, 2)
-    self.scale = _check_scale("rope_mixed", scale)
     init = random_mixed_frequencies(rngs.params(), num_layers, num_heads, self.head_dim, theta)
     self.freqs = nnx.Param(init.astype(param_dtype), out_sharding=("layers", None, "heads", "kv"))
 
@@ -189,6 +164,6 @@ class RoPEMixed(_Rotary):
     if (heads, 2 * half) != (num_heads, head_dim):
       raise ValueError(f"position encoding 'rope_mixed' was built for {heads} heads of dim "
                        f"{2 * half}; got q/k with {num_heads} heads of dim {head_dim}.")
-    if isinstance(layer, int) and not 0 <= layer < num_layers:
+    if isinstance(layer, (int, np.integer)) and not 0 <= layer < num_layers:
       raise ValueError(f"position encoding 'rope_mixed' has {num_layers} layers; got layer={layer}.")
     return jax.lax.dynamic_index_in_dim(freqs, jnp.asarray(layer, jnp.int32), 0, keepdims=False)

@@ -4,8 +4,8 @@
                                image_size=32, patch_size=4)
     bert = posenc.models.create("bert-mini", posenc="alibi", rngs=nnx.Rngs(0), vocab_size=30522)
 
-Sizes: ``vit-mu`` (CPU-sized), ``vit-ti``, ``vit-s``, ``vit-b``; ``bert-mini``,
-``bert-small``, ``bert-base``. ``width`` / ``depth`` / ``num_heads`` /
+Sizes: ``vit-mu`` (CPU-sized), ``vit-ti``, ``vit-s``, ``vit-b``; ``bert-tiny``,
+``bert-mini``, ``bert-small``, ``bert-base`` (Turc et al. 2019). ``width`` / ``depth`` / ``num_heads`` /
 ``mlp_dim`` keyword arguments override the named size.
 """
 from __future__ import annotations

@@ -37,14 +37,28 @@ def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_dims: int = 1) -> jax.Array:
   """Contract the last ``in_dims`` axes of ``x`` with the first ones of ``kernel`` as ONE 2D matmul.
 
-  XLA:CPU runs dots on 3D operands (and their gradients) up to 2x slower than
-  the same dot on operands flattened to 2D; reshapes of contiguous arrays are free.
+  XLA:CPU runs dots on 3D operands (and their gradients) more slowly than the
+  same dot on operands flattened to 2D (benchmarks/speed.py); reshapes of
+  contiguous arrays are free.
   """
   lead, k_in, k_out = x.shape[:x.ndim - in_dims], kernel.shape[:in_dims], kernel.shape[in_dims:]
   y = x.reshape(-1, math.prod(k_in)) @ kernel.reshape(math.prod(k_in), -1)
   if bias is not None:
     y = y + bias.reshape(-1)
   return y.reshape(*lead, *k_out)
+
+
+def attention_mask(padding_mask: jax.Array | None, packing_ids: jax.Array | None) -> jax.Array | None:
+  """``[B, L or 1, L]`` bool (True = query may attend to key), or None when nothing is masked.
+
+  ``padding_mask [B, L]`` (True = real token) hides padded keys; ``packing_ids [B, L]``
+  confines each token to the tokens of its own packed sequence.
+  """
+  mask = None if padding_mask is None else padding_mask.astype(bool)[:, None, :]
+  if packing_ids is not None:
+    same = packing_ids[:, :, None] == packing_ids[:, None, :]
+    mask = same if mask is None else mask & same
+  return mask
 
 
 def apply_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -70,8 +84,8 @@ class Attention(nnx.Module):
   compute time (a ``[D, D]`` multiply instead of a ``[B, H, T, T]`` one). The
   encoding's ``rotate`` therefore sees a scaled query; rotations are linear, so
   this changes nothing. Heads are attended one at a time: on CPU, per-head
-  ``[B, T, T]`` matmuls and softmaxes run about 1.5x faster than one batched
-  ``[B, H, T, T]`` einsum (whose operands XLA must transpose), in both passes.
+  ``[B, T, T]`` matmuls and softmaxes beat one batched ``[B, H, T, T]`` einsum
+  (whose operands XLA must transpose), in both passes (benchmarks/speed.py).
   """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer, bias_init: Initializer,
@@ -93,22 +107,23 @@ class Attention(nnx.Module):
     self.out = param(out_init, rngs, (num_heads, head_dim, dim), param_dtype, ("heads", "kv", "embed"))
     self.out_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
 
-  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, layer, mask: jax.Array | None,
-               key: jax.Array | None = None) -> jax.Array:
-    """``x [B, T, D]``; ``mask`` broadcastable to ``[B, T, T]`` (True = may attend) or None."""
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
+               mask: jax.Array | None, key: jax.Array | None = None) -> jax.Array:
+    """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``mask`` broadcastable to ``[B, T, T]``
+    (True = may attend) or None."""
     dt = self.dtype
     scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None]
     w = self.qkv[...].astype(dt) * scale
     b = self.qkv_bias[...].astype(dt) * scale
     qkv = dense(x.astype(dt), w, b)  # [B, T, H, 3, Dh]
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    q, k = encoding.rotate(q, k, geometry, layer)
-    bias = encoding.attention_bias(geometry, layer)
+    q, k = encoding.rotate(q, k, geometry, positions, layer)
+    bias = encoding.attention_bias(geometry, positions, layer)  # [B or 1, H, T, T] or None
     heads = []
     for h in range(self.num_heads):
       logits = jnp.einsum("bqk,btk->bqt", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32)
       if bias is not None:
-        logits = logits + bias[h].astype(jnp.float32)
+        logits = logits + bias[:, h].astype(jnp.float32)
       if mask is not None:
         logits = jnp.where(mask, logits, MASKED_LOGIT)
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
@@ -154,7 +169,7 @@ class Block(nnx.Module):
     self.pre_ln, self.dropout, self.drop_path = pre_ln, dropout, drop_path
     self.num_layers = num_layers
 
-  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, layer, mask, key):
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer, mask, key):
     keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
     # Stochastic depth grows linearly with depth, 0 at the first block (as in DeiT / timm).
     path_rate = self.drop_path * layer / max(self.num_layers - 1, 1)
@@ -164,12 +179,14 @@ class Block(nnx.Module):
       return apply_drop_path(apply_dropout(y, self.dropout, k_drop), path_rate, k_path)
 
     if self.pre_ln:
-      x = x + branch(self.attn(self.ln1(x), encoding, geometry, layer, mask, keys[0]), keys[1], path_keys[0])
+      x = x + branch(self.attn(self.ln1(x), encoding, geometry, positions, layer, mask, keys[0]), keys[1],
+                     path_keys[0])
       x = x + branch(self.mlp(self.ln2(x)), keys[2], path_keys[1])
     else:
-      x = self.ln1(x + branch(self.attn(x, encoding, geometry, layer, mask, keys[0]), keys[1], path_keys[0]))
+      x = self.ln1(x + branch(self.attn(x, encoding, geometry, positions, layer, mask, keys[0]), keys[1],
+                              path_keys[0]))
       x = self.ln2(x + branch(self.mlp(x), keys[2], path_keys[1]))
-    return encoding.after_block(x, geometry, layer)
+    return encoding.after_block(x, geometry, positions, layer)
 
 
 @jax.custom_vjp
@@ -213,21 +230,21 @@ class BlockStack(nnx.Module):
     self.layers = make(rngs)
     self.num_layers, self.scan_layers = num_layers, scan_layers
 
-  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, mask: jax.Array | None,
-               key: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
+               mask: jax.Array | None, key: jax.Array | None) -> jax.Array:
     keys = [None] * self.num_layers if key is None else jax.random.split(key, self.num_layers)
     if not self.scan_layers:
       graphdef, state = nnx.split(self.layers)
       leaves, treedef = jax.tree.flatten(state)
       for layer, layer_leaves in enumerate(unstack_layers(leaves)):
         block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
-        x = block(x, encoding, geometry, layer, mask, keys[layer])
+        x = block(x, encoding, geometry, positions, layer, mask, keys[layer])
       return x
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run(x, block, layer, key, encoding):
-      return block(x, encoding, geometry, layer, mask, key)
+      return block(x, encoding, geometry, positions, layer, mask, key)
 
     keys = None if key is None else keys
     return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)

@@ -2,6 +2,7 @@
 
     bert = BERT(posenc="alibi", vocab_size=30522, max_len=128, rngs=nnx.Rngs(0), **BERT_SIZES["mini"])
     logits = bert(input_ids, segment_ids=segment_ids, padding_mask=padding_mask)   # [B, L, vocab]
+    logits = bert(input_ids, positions=pos, packing_ids=ids)  # several sequences in a row
     logits = bert(input_ids, predict_at=positions)                                # [B, P, vocab]
     hidden = bert.encode(input_ids, padding_mask=padding_mask)                    # [B, L, D]
 
@@ -11,7 +12,9 @@ Two kinds of ids, not to be confused:
     what ``posenc.data`` text batches carry.
   * ``packing_ids`` -- optional ids of the sequences packed into one row; when
     given, a token attends only to tokens with the same packing id
-    (block-diagonal attention). Positions still count from the row start.
+    (block-diagonal attention). Pass ``positions`` that restart in each
+    sequence, and each sequence is encoded exactly as on its own.
+``positions`` (``[B or 1, L]`` or ``[B or 1, L, 1]``) default to 0..L-1.
 ``padding_mask`` (True = real token) keeps every query away from padded keys:
 they get exactly zero attention weight, also when ``attention_bias`` hooks
 (ALiBi, T5 buckets) add to the logits.
@@ -23,24 +26,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry
-from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
+from posenc.encodings.base import Geometry, check_positions
+from posenc.models.attention import BlockStack, apply_dropout, attention_mask, dense, layer_norm, param
 
 # Turc et al. 2019 ("Well-Read Students Learn Better") sizes and BERT-base.
 BERT_SIZES = {
+    "tiny": dict(width=128, depth=2, num_heads=2, mlp_dim=512),
     "mini": dict(width=256, depth=4, num_heads=4, mlp_dim=1024),
     "small": dict(width=512, depth=4, num_heads=8, mlp_dim=2048),
     "base": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
 }
-
-
-def attention_mask(padding_mask: jax.Array | None, packing_ids: jax.Array | None) -> jax.Array | None:
-  """``[B, L or 1, L]`` bool (True = query may attend to key), or None when nothing is masked."""
-  mask = None if padding_mask is None else padding_mask[:, None, :]
-  if packing_ids is not None:
-    same = packing_ids[:, :, None] == packing_ids[:, None, :]
-    mask = same if mask is None else mask & same
-  return mask
 
 
 class BERT(nnx.Module):
@@ -101,13 +96,14 @@ class BERT(nnx.Module):
       if arr is not None and arr.shape != input_ids.shape:
         raise ValueError(f"{name} has shape {arr.shape} but input_ids has {input_ids.shape}; they must match.")
 
-  def encode(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-             padding_mask: jax.Array | None = None, packing_ids: jax.Array | None = None,
-             train: bool = False) -> jax.Array:
+  def encode(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None, padding_mask: jax.Array | None = None,
+             packing_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
     """Last hidden states ``[B, L, D]`` (compute dtype)."""
     self._check(input_ids, segment_ids, padding_mask, packing_ids)
     geometry = Geometry.seq(input_ids.shape[1])
     self.posenc.check(geometry)
+    positions = geometry.positions() if positions is None else check_positions(positions, geometry)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 
@@ -115,22 +111,23 @@ class BERT(nnx.Module):
     x = jnp.take(self.token_embed[...], input_ids, axis=0).astype(dt)
     segments = jnp.zeros_like(input_ids) if segment_ids is None else segment_ids
     x = x + jnp.take(self.segment_embed[...], segments, axis=0).astype(dt)
-    x = self.embed_norm(self.posenc.embed(x, geometry))
+    x = self.embed_norm(self.posenc.embed(x, geometry, positions))
     x = apply_dropout(x, self.dropout, embed_key)
-    mask = attention_mask(None if padding_mask is None else padding_mask.astype(bool), packing_ids)
-    x = self.blocks(x, self.posenc, geometry, mask, blocks_key)
+    mask = attention_mask(padding_mask, packing_ids)
+    x = self.blocks(x, self.posenc, geometry, positions, mask, blocks_key)
     return x if self.final_norm is None else self.final_norm(x)
 
-  def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-               padding_mask: jax.Array | None = None, packing_ids: jax.Array | None = None,
-               predict_at: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, padding_mask: jax.Array | None = None,
+               packing_ids: jax.Array | None = None, predict_at: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     """Masked-language-model logits ``[B, L, vocab]`` in float32.
 
     ``predict_at`` (int ``[B, P]``) runs the head only at those positions and returns
     ``[B, P, vocab]``: training needs logits only where tokens were masked (~15%).
     """
-    x = self.encode(input_ids, segment_ids=segment_ids, padding_mask=padding_mask, packing_ids=packing_ids,
-                    train=train)
+    x = self.encode(input_ids, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask,
+                    packing_ids=packing_ids, train=train)
     if predict_at is not None:
       x = jnp.take_along_axis(x, predict_at[..., None], axis=1)
     dt = self.dtype

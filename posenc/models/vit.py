@@ -3,10 +3,12 @@
     vit = ViT(posenc="rope_mixed", image_size=32, patch_size=4, num_classes=10, rngs=nnx.Rngs(0),
               **VIT_SIZES["ti"])
     logits = vit(images)                  # images [B, H, W, C]; any H, W divisible by 4
+    logits = vit(images, positions=pos)   # pos [B or 1, h*w, 2] patch coordinates (row, col)
 
 The geometry (patch grid + prefix tokens) is derived statically from the
-input's shape, so each new size compiles once. Fixed encodings recompute for a
-new grid; a learned grid raises the encoding's error asking for ``posenc.transfer``.
+input's shape, so each new size compiles once. Positions default to the
+integer patch grid. Fixed encodings recompute for a new grid; a learned grid
+raises the encoding's error asking for ``posenc.transfer``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry
+from posenc.encodings.base import Geometry, as_hw, check_positions
 from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
 
 # Standard sizes (ViT paper / DeiT); "mu" is a CPU-sized model for quick experiments.
@@ -25,10 +27,6 @@ VIT_SIZES = {
     "s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
 }
-
-
-def _pair(size) -> tuple[int, int]:
-  return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
 
 
 class ViT(nnx.Module):
@@ -52,10 +50,10 @@ class ViT(nnx.Module):
       if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {rate}.")
     self.patch_size, self.channels, self.pool = int(patch_size), int(channels), pool
-    self.num_prefix = (1 if pool == "cls" else 0) + int(num_registers)
+    self.num_prefix = self.prefix_tokens(pool, num_registers)
     self.dtype, self.dropout = dtype, dropout
     self.any_dropout = bool(dropout or attention_dropout or drop_path)
-    self.geometry = self.geometry_for(_pair(image_size))
+    self.geometry = self.geometry_for(as_hw(image_size))
 
     self.patch_embed = param(
         jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3),
@@ -79,6 +77,11 @@ class ViT(nnx.Module):
     self.head_bias = param(jax.nn.initializers.zeros, rngs, (num_classes,), param_dtype, ("vocab",))
     self.rngs = nnx.Rngs(dropout=rngs.dropout())
 
+  @staticmethod
+  def prefix_tokens(pool: str = "cls", num_registers: int = 0) -> int:
+    """Tokens before the patches: the class token (``pool="cls"``) and the registers."""
+    return (1 if pool == "cls" else 0) + int(num_registers)
+
   def geometry_for(self, image_hw: tuple[int, int]) -> Geometry:
     """The token geometry for images of size ``image_hw`` (a clear error if the patch doesn't divide it)."""
     h, w = image_hw
@@ -88,12 +91,14 @@ class ViT(nnx.Module):
                        f"images to multiples of {p} (e.g. {max(p, h // p * p)}x{max(p, w // p * p)}).")
     return Geometry.grid(h // p, w // p, num_prefix=self.num_prefix)
 
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    """``images [B, H, W, C]`` -> float32 logits ``[B, num_classes]``."""
+  def __call__(self, images: jax.Array, *, positions: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """``images [B, H, W, C]`` -> float32 logits ``[B, num_classes]``; ``positions`` of the patches
+    ``[B or 1, h*w, 2]`` (default: the integer grid)."""
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise ValueError(f"ViT expects images [batch, height, width, {self.channels}], got shape {images.shape}.")
     geometry = self.geometry_for(images.shape[1:3])
     self.posenc.check(geometry)
+    positions = geometry.positions() if positions is None else check_positions(positions, geometry)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 
@@ -106,9 +111,9 @@ class ViT(nnx.Module):
       prefix = jnp.concatenate(prefix, axis=0).astype(dt)
       x = jnp.concatenate([jnp.broadcast_to(prefix, (b,) + prefix.shape), x], axis=1)
 
-    x = self.posenc.embed(x, geometry)
+    x = self.posenc.embed(x, geometry, positions)
     x = apply_dropout(x, self.dropout, embed_key)
-    x = self.blocks(x, self.posenc, geometry, None, blocks_key)
+    x = self.blocks(x, self.posenc, geometry, positions, None, blocks_key)
     x = self.norm(x)
     pooled = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix:].mean(axis=1)
     return dense(pooled, self.head[...].astype(dt), self.head_bias[...].astype(dt)).astype(jnp.float32)

@@ -1,5 +1,13 @@
-"""Training: config validation, mesh/sharding, optimizer, steps, checkpoints, metrics, loop."""
-from posenc.training.config import ConfigError, default_workdir, validate
-from posenc.training.loop import NonFiniteLossError, Trainer, train
+"""Training: ``setup(config) -> Run``, ``train(run, workdir)``; task-agnostic.
 
-__all__ = ["ConfigError", "NonFiniteLossError", "Trainer", "default_workdir", "train", "validate"]
+Config validation, mesh/sharding, optimizer, steps, Orbax checkpoints, metrics and
+the loop. Nothing here asks which model family or dataset it trains: the config's
+task (``posenc.tasks``) says that.
+"""
+from posenc.config import ConfigError
+from posenc.training.config import default_workdir, validate
+from posenc.training.loop import NonFiniteLossError, evaluate, train
+from posenc.training.run import Run, setup
+
+__all__ = ["ConfigError", "NonFiniteLossError", "Run", "default_workdir", "evaluate", "setup", "train",
+           "validate"]

@@ -4,35 +4,49 @@ Layout: ``<workdir>/checkpoints/<step>/{params, train, data, meta}``:
   params  the model's parameters (pure dict; shapes say the geometry),
   train   step, optimizer state and the model's RNG state,
   data    the grain iterator position of every process,
-  meta    JSON: the run's config (what a transfer needs to know the old geometry).
+  meta    JSON: the run's config, task, geometry, encoding and its options (what a
+          transfer needs to know of the stored model without building it).
 Saves are async; the last ``keep`` checkpoints and the best one (highest eval
 ``accuracy``) are kept. Restoring reads the stored shapes from the checkpoint's
-metadata first, so a shape mismatch is a clear error, never a silent re-init.
+metadata first, so a shape mismatch is a clear error, never a silent re-init. A
+checkpoint that cannot be read (a truncated file, a half-written step) is moved
+to ``checkpoints.damaged/`` and the previous one is used, with a warning.
+
+Errors are ``CheckpointError``: they name the checkpoint and the problem, not
+config fields (the training loop says which field led there).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Any, Callable
+import shutil
+import time
+from typing import Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from posenc.training.config import ConfigError
+from posenc.transfer import flat_shapes, shape_diff
 
 BEST_METRIC = "accuracy"
 # Orbax splits a replicated array into one slice per replica and writes the slices in
 # parallel; each slice of a new shape costs a compile, seconds of them for a small
 # model on many CPU devices. Only arrays with slices of at least this size are split.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
+TRAIN_KEYS = ("step", "opt_state", "model_state")
 
-# (restored params, stored run's config dict, target abstract params) -> params at the
-# target shapes. Pure and traceable: it runs under jax.jit with the target shardings.
-TransferFn = Callable[[dict, dict, dict], dict]
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, unreadable, or does not fit what it is restored into."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint's files cannot be read (truncated, half written, corrupt)."""
 
 
 @contextlib.contextmanager
@@ -53,30 +67,15 @@ def _register_array_handler() -> None:
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
 
 
-def _name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """``{"a/b/c": shape}`` for arrays, ShapeDtypeStructs or Orbax ArrayMetadata."""
-  tree = getattr(tree, "tree", tree)  # Orbax TreeMetadata wraps the tree
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_name(p): tuple(x.shape) for p, x in leaves}
-
-
-def shape_mismatches(stored: dict, target: dict) -> list[str]:
-  """Human-readable differences between two ``flat_shapes`` dicts."""
-  out = [f"'{k}' is in the checkpoint but not in the model" for k in sorted(stored.keys() - target.keys())]
-  out += [f"'{k}' is in the model but not in the checkpoint" for k in sorted(target.keys() - stored.keys())]
-  out += [f"'{k}': stored {stored[k]}, wanted {target[k]}"
-          for k in sorted(stored.keys() & target.keys()) if stored[k] != target[k]]
-  return out
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Checkpointer:
   """A run's Orbax ``CheckpointManager`` (async saves, keep last K + best)."""
 
-  def __init__(self, directory: str, *, keep: int, read_only: bool = False):
+  def __init__(self, directory: str, *, keep: int = 1, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     _register_array_handler()
     keep_policy = policies.AnyPreservationPolicy([
@@ -92,66 +91,108 @@ class Checkpointer:
           cleanup_tmp_directories=not read_only, read_only=read_only)
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  @contextlib.contextmanager
+  def _reading(self, step: int, what: str):
+    """Any failure of Orbax to read checkpoint ``step`` becomes a DamagedCheckpoint naming it."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - whatever the reader raised, the files are the problem
+      raise DamagedCheckpoint(f"cannot read the {what} of checkpoint {self.path(step)} "
+                              f"({_first_line(e)}).") from None
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: dict, data_iter, meta: dict, metrics: dict | None = None) -> None:
     """Start an async save of ``state`` (step/params/opt_state/model_state) at ``step``."""
-    train = {k: state[k] for k in ("step", "opt_state", "model_state")}
     self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(train),
+        params=ocp.args.StandardSave(state["params"]),
+        train=ocp.args.StandardSave({k: state[k] for k in TRAIN_KEYS}),
         data=grain.checkpoint.CheckpointSave(data_iter), meta=ocp.args.JsonSave(meta)))
 
   def stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    return flat_shapes(self.manager.item_metadata(step)["params"])
+    with self._reading(step, "parameter shapes"):
+      return flat_shapes(self.manager.item_metadata(step)["params"])
 
   def meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with self._reading(step, "metadata"):
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state: dict, data_iter) -> dict:
     """Resume: everything at its stored shape, straight into the target shardings."""
-    problems = shape_mismatches(self.stored_shapes(step), flat_shapes(abstract_state["params"]))
+    problems = shape_diff(self.stored_shapes(step), flat_shapes(abstract_state["params"]))
     if problems:
-      raise ConfigError(
-          f"the checkpoint at step {step} in {self.directory} was made by a different model or "
-          f"geometry than this config ({'; '.join(problems[:4])}). To start from it at the new "
-          f"geometry use a fresh --workdir with --config.init_from={os.path.dirname(self.directory)}.")
-    train = {k: abstract_state[k] for k in ("step", "opt_state", "model_state")}
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state["params"]),
-        train=ocp.args.StandardRestore(train), data=grain.checkpoint.CheckpointRestore(data_iter)))
+      raise CheckpointError(f"checkpoint {self.path(step)} holds a different model or geometry than "
+                            f"the one being restored ({'; '.join(problems[:4])}).")
+    with self._reading(step, "state"):
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state["params"]),
+          train=ocp.args.StandardRestore({k: abstract_state[k] for k in TRAIN_KEYS}),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
     return {"params": out["params"], **out["train"]}
 
-  def restore_params(self, step: int, abstract_params: dict, transfer: TransferFn | None = None):
+  def restore_latest(self, abstract_state: dict, data_iter, warn: Callable[[str], None]
+                     ) -> tuple[dict, int] | None:
+    """The newest readable checkpoint as (state, step), or None when there is none.
+
+    A checkpoint that cannot be read is moved to ``<directory>.damaged/`` (nothing
+    is deleted) with a warning naming it, and the one before it is tried. A
+    checkpoint that reads but does not fit ``abstract_state`` is a CheckpointError.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return self.restore(step, abstract_state, data_iter), step
+      except DamagedCheckpoint as e:
+        moved = self._set_aside(step)
+        rest = f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else "no checkpoint is left"
+        warn(f"WARNING: {e} It is damaged: moved to {moved}; {rest}.")
+    if steps:
+      raise CheckpointError(f"every checkpoint in {self.directory} was damaged (now under "
+                            f"{self.directory}.damaged/); to start this run afresh, use a new workdir.")
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    target = os.path.join(self.directory + ".damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(self.path(step), target)
+    multihost_utils.sync_global_devices(f"posenc-set-aside-{step}")
+    self.manager.reload()
+    return target
+
+  def restore_params(self, step: int, abstract_params: dict, move: Callable[[dict], dict] | None = None):
     """Parameters only (a new run starting from this one); optimizer state starts fresh.
 
     Leaves whose shape is unchanged restore straight into their target sharding.
     Leaves whose shape changed are restored at their stored shape (from the
-    checkpoint's metadata), replicated, and ``transfer`` maps the tree to the
-    target shapes. Without a ``transfer`` any change is a clear error.
+    checkpoint's metadata), replicated, and ``move`` (a jitted transfer whose
+    output has the target shapes and shardings) maps the tree. Without ``move``
+    any change is a CheckpointError. Returns (params, one line per changed leaf).
     """
-    stored = self.stored_shapes(step)
-    target = flat_shapes(abstract_params)
+    stored, target = self.stored_shapes(step), flat_shapes(abstract_params)
     changed = {k for k in stored.keys() & target.keys() if stored[k] != target[k]}
-    if stored.keys() != target.keys() or (changed and transfer is None):
-      problems = shape_mismatches(stored, target)
-      raise ConfigError(f"config field 'init_from': checkpoint {self.directory}/{step} does not fit "
-                        f"this model ({'; '.join(problems[:6])}).")
+    if stored.keys() != target.keys() or (changed and move is None):
+      raise CheckpointError(f"checkpoint {self.path(step)} does not fit this model "
+                            f"({'; '.join(shape_diff(stored, target)[:6])}).")
 
     def read_as(path, x):
-      name = _name(path)
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
       if name not in changed:
         return x
       replicated = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
       return jax.ShapeDtypeStruct(stored[name], x.dtype, sharding=replicated)
 
     read = jax.tree_util.tree_map_with_path(read_as, abstract_params)
-    params = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(read)))["params"]
+    with self._reading(step, "parameters"):
+      params = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(read)))["params"]
     if changed:
-      source = self.meta(step).get("config", {})
-      params = jax.jit(lambda p: transfer(p, source, abstract_params),
-                       out_shardings=jax.tree.map(lambda x: x.sharding, abstract_params))(params)
+      params = move(params)
     return params, [f"{k} {stored[k]} -> {target[k]}" for k in sorted(changed)]
 
   def wait(self) -> None:
@@ -162,21 +203,16 @@ class Checkpointer:
     self.manager.close()
 
 
-def resolve_init_from(path: str) -> tuple[str, int]:
-  """``init_from`` -> (checkpoint root, step): a workdir, its ``checkpoints`` dir, or a step dir."""
+def resolve(path: str) -> tuple[str, int]:
+  """A run's workdir, its ``checkpoints`` directory or one step directory -> (checkpoint root, step)."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   base = os.path.basename(path)
   if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
     return os.path.dirname(path), int(base)
-  step = Checkpointer(path, keep=1, read_only=True).latest_step()
+  step = Checkpointer(path, read_only=True).latest_step() if os.path.isdir(path) else None
   if step is None:
-    raise ConfigError(f"config field 'init_from': no checkpoint under '{path}'; give a run's "
-                      f"workdir, its checkpoints/ directory or one step directory in it.")
+    raise CheckpointError(f"no checkpoint under '{path}'; give a run's workdir, its checkpoints/ "
+                          f"directory or one step directory in it.")
   return path, step
-
-
-def abstract_with(tree: Any, shardings: Any) -> Any:
-  """Arrays/ShapeDtypeStructs + shardings -> ShapeDtypeStructs carrying the shardings."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,129 +1,40 @@
-"""Config helpers: short ``get_config`` overrides and validation before any compile.
+"""The fields every run has, their validation (before any compile), the mesh and the workdir name.
 
-Every problem a config can have is reported as ONE ``ConfigError`` that names the
-field, what is wrong and how to fix it; ``train.py`` prints it without a traceback.
+A config is ``COMMON_FIELDS`` (configs/common.py sets their defaults) plus its
+task's own fields (``posenc.tasks.<task>.FIELDS``), nothing else. ``validate``
+checks the common ones here and hands the rest to the task.
 """
 from __future__ import annotations
 
-import ast
-import inspect
 import math
 import os
 import re
 
 import ml_collections
 
-from posenc import encodings
+from posenc import encodings, tasks, transfer
+from posenc.config import ConfigError, check_number
 
 MESH_AXES = ("data", "fsdp", "model")
-FIELDS = frozenset({
-    "model", "model_options", "posenc", "posenc_options", "dtype", "dataset", "augment",
-    "image_size", "patch_size", "max_len", "eval_image_sizes", "batch_size", "eval_batch_size",
-    "eval_max_batches", "total_steps", "warmup_steps", "lr", "weight_decay", "grad_clip_norm",
-    "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "init_from", "transfer", "mesh", "logical_axis_rules"})
+COMMON_FIELDS = frozenset({
+    "task", "model", "model_options", "posenc", "posenc_options", "dtype", "dataset", "batch_size",
+    "eval_batch_size", "eval_max_batches", "total_steps", "warmup_steps", "lr", "weight_decay",
+    "grad_clip_norm", "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every",
+    "keep_checkpoints", "init_from", "transfer", "mesh", "logical_axis_rules"})
 DTYPES = ("float32", "bfloat16")
-# Model families and the input dimensionality their encodings must support.
-FAMILIES = {"vit": 2, "bert": 1}
 
 
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field and the fix."""
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def split_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
-  """``"full,posenc=rope,eval_image_sizes=(14,28)"`` -> (["full"], {"posenc": "rope", ...}).
-
-  Commas inside brackets belong to the value; items without ``=`` are presets.
-  """
-  presets, overrides, depth, item = [], {}, 0, ""
-  for ch in (arg or "") + ",":
-    depth += (ch in "([{") - (ch in ")]}")
-    if ch == "," and depth == 0:
-      item = item.strip()
-      if "=" in item:
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value.strip()
-      elif item:
-        presets.append(item)
-      item = ""
-    else:
-      item += ch
-  return presets, overrides
-
-
-def _parse_value(text: str):
+def task_of(config) -> "tasks.Task":
   try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a bare word is a string
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
-  """Set dotted ``field=value`` pairs, parsing values as Python literals."""
-  for key, text in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    open_dict = bool(parents) and parents[-1].endswith("_options")  # model/posenc kwargs
-    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_dict):
-      raise ConfigError(f"config has no field '{key}'; fields: {', '.join(sorted(config))}.")
-    value = _parse_value(text)
-    if isinstance(node.get(leaf), float) and isinstance(value, int):
-      value = float(value)
-    if isinstance(node.get(leaf), tuple) and isinstance(value, (int, list)):
-      value = tuple(value) if isinstance(value, list) else (value,)
-    try:
-      node[leaf] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"config field '{key}': cannot set {text!r}: {e}") from None
-
-
-def get_config_with_arg(make_base, presets: dict, arg: str | None) -> ml_collections.ConfigDict:
-  """What a config file's ``get_config(arg)`` does: base, presets, then overrides."""
-  names, overrides = split_arg(arg)
-  config = make_base()
-  for name in names:
-    if name not in presets:
-      raise ConfigError(f"unknown config preset '{name}'; choose from {sorted(presets)} "
-                        f"or give field=value overrides.")
-    presets[name](config)
-  apply_overrides(config, overrides)
-  return config
-
-
-# --------------------------------------------------------------------------- derived values
-
-
-def model_family(model: str) -> str:
-  family = str(model).split("-")[0]
-  if family not in FAMILIES:
-    raise ConfigError(f"config field 'model': unknown model '{model}'; use a ViT "
-                      f"('vit-mu', 'vit-ti', 'vit-s', 'vit-b') or BERT ('bert-mini', "
-                      f"'bert-small', 'bert-base').")
-  return family
-
-
-def image_hw(size) -> tuple[int, int]:
-  """``28`` or ``(28, 32)`` -> ``(h, w)``."""
-  hw = (size, size) if isinstance(size, int) else tuple(size)
-  if len(hw) != 2 or not all(isinstance(s, int) and s > 0 for s in hw):
-    raise ConfigError(f"image size {size!r} must be a positive int or an (h, w) pair.")
-  return hw
+    return tasks.get(config.get("task"))
+  except ValueError as e:
+    raise ConfigError(f"config field 'task': {e}") from None
 
 
 def default_workdir(config: ml_collections.ConfigDict, config_name: str) -> str:
-  """``runs/<config>-<posenc>-<image_size or max_len>``."""
-  if model_family(config.model) == "vit":
-    h, w = image_hw(config.image_size)
-    size = str(h) if h == w else f"{h}x{w}"
-  else:
-    size = f"len{config.max_len}"
+  """``runs/<config>-<posenc>-<size>``."""
   name = os.path.splitext(os.path.basename(config_name))[0]
+  size = task_of(config).size_label(config)
   return os.path.join("runs", re.sub(r"[^\w.-]+", "_", f"{name}-{config.posenc}-{size}"))
 
 
@@ -146,88 +57,49 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _positive(config, *fields, allow_zero=False):
-  for f in fields:
-    v = config[f]
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
-      need = ">= 0" if allow_zero else "> 0"
-      raise ConfigError(f"config field '{f}' must be a number {need}, got {v!r}.")
-
-
-def _check_encoding(config, ndim: int) -> None:
-  names = encodings.names()
-  if config.posenc not in names:
-    raise ConfigError(f"config field 'posenc': unknown position encoding '{config.posenc}'; "
-                      f"choose one of: {', '.join(names)}.")
-  cls = encodings.get(config.posenc)
-  if ndim not in cls.supported_ndims:
-    fits = [n for n in names if ndim in encodings.get(n).supported_ndims]
-    raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the "
-                      f"{ndim}D inputs of model '{config.model}'; choose one of: {', '.join(fits)}.")
-  params = inspect.signature(cls.__init__).parameters.values()
-  accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-  accepted -= {"self"} | encodings.CONTEXT_KEYS
-  unknown = sorted(set(config.posenc_options) - accepted)
-  if unknown:
-    raise ConfigError(f"config field 'posenc_options': '{config.posenc}' has no option(s) "
-                      f"{unknown}; its options are {sorted(accepted) or 'none'}.")
-
-
-def _check_geometry(config, family: str) -> None:
-  if family == "vit":
-    for field, sizes in (("image_size", [config.image_size]),
-                         ("eval_image_sizes", list(config.eval_image_sizes))):
-      for size in sizes:
-        try:
-          hw = image_hw(size)
-        except ConfigError as e:
-          raise ConfigError(f"config field '{field}': {e}") from None
-        p = config.patch_size
-        if not isinstance(p, int) or p <= 0 or any(s % p for s in hw):
-          raise ConfigError(f"config field 'patch_size': {p!r} does not divide {field}={size!r}; "
-                            f"pick a patch size that divides every image size.")
-  else:
-    if not isinstance(config.max_len, int) or config.max_len < 2:
-      raise ConfigError(f"config field 'max_len' must be an int >= 2 for text, got {config.max_len!r}.")
-    if config.eval_image_sizes:
-      raise ConfigError("config field 'eval_image_sizes' applies to image models only; set it to ().")
-
-
-def _check_dataset(config, family: str) -> None:
-  from posenc import data  # imported late: data builders are heavy
+def transfer_options(config) -> transfer.TransferOptions:
+  """The config's ``transfer`` fields as TransferOptions (a clear error if invalid)."""
+  t = config.transfer
   try:
-    info = data.info(config.dataset)
-  except Exception as e:  # noqa: BLE001 - any failure to find the dataset is a config problem
-    raise ConfigError(f"config field 'dataset': cannot use '{config.dataset}': {e}") from None
-  kind = "images" if family == "vit" else "text"
-  has = "images" if getattr(info, "num_classes", None) else "text"
-  if kind != has:
-    raise ConfigError(f"config field 'dataset': '{config.dataset}' holds {has} but model "
-                      f"'{config.model}' needs {kind}; use 'fashion_mnist' for ViTs, 'text' for BERT.")
+    return transfer.TransferOptions(method=t.method, antialias=bool(t.antialias), extend=t.extend)
+  except ValueError as e:
+    raise ConfigError(f"config field 'transfer': {e}") from None
+
+
+def _check_encoding(config, task) -> None:
+  try:
+    cls = encodings.get(config.posenc)
+  except ValueError as e:
+    raise ConfigError(f"config field 'posenc': {e}") from None
+  if task.NDIM not in cls.supported_ndims:
+    fits = [n for n in encodings.names() if task.NDIM in encodings.get(n).supported_ndims]
+    raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the {task.NDIM}D "
+                      f"inputs of task '{config.task}'; choose one of: {', '.join(fits)}.")
+  if config.transfer.interpolate_positions and not cls.continuous:
+    raise ConfigError(f"config field 'transfer.interpolate_positions': '{config.posenc}' looks positions up "
+                      f"in a table and cannot take interpolated (real-valued) positions; set it False "
+                      f"(tables are resampled instead) or use a continuous encoding such as rope.")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
              check_dataset: bool = True) -> tuple[int, ...]:
   """Raise ``ConfigError`` for the first problem found; return the resolved mesh shape."""
-  unknown = sorted(set(config) - FIELDS) + [f"mesh.{k}" for k in sorted(set(config.mesh) - set(MESH_AXES))]
-  missing = sorted(FIELDS - set(config))
+  task = task_of(config)
+  fields = COMMON_FIELDS | set(task.FIELDS)
+  unknown = sorted(set(config) - fields) + [f"mesh.{k}" for k in sorted(set(config.mesh) - set(MESH_AXES))]
+  missing = sorted(fields - set(config))
   if unknown or missing:
-    raise ConfigError(f"config has unknown field(s) {unknown} / lacks field(s) {missing}; the fields "
-                      f"are: {', '.join(sorted(FIELDS))} (mesh: {', '.join(MESH_AXES)}).")
-  family = model_family(config.model)
-  _check_encoding(config, FAMILIES[family])
-  _check_geometry(config, family)
-  _positive(config, "batch_size", "eval_batch_size", "lr", "keep_checkpoints")
-  _positive(config, "total_steps", "warmup_steps", "weight_decay", "posenc_lr_mult", "grad_clip_norm",
-            "eval_every", "checkpoint_every", "log_every", "eval_max_batches", allow_zero=True)
-  for f in ("total_steps", "warmup_steps", "eval_every", "checkpoint_every", "log_every",
-            "eval_max_batches",
-            "batch_size", "eval_batch_size", "keep_checkpoints", "seed"):
-    if not isinstance(config[f], int):
-      raise ConfigError(f"config field '{f}' must be an int, got {config[f]!r}.")
+    raise ConfigError(f"config has unknown field(s) {unknown} / lacks field(s) {missing}; task "
+                      f"'{config.task}' has the fields: {', '.join(sorted(fields))} (mesh: {', '.join(MESH_AXES)}).")
+  if not isinstance(config.model_options, ml_collections.ConfigDict | dict):
+    raise ConfigError(f"config field 'model_options' must be a dict of overrides, got {config.model_options!r}.")
+  _check_encoding(config, task)
+  transfer_options(config)
+  check_number(config, "batch_size", "eval_batch_size", "keep_checkpoints", integer=True)
+  check_number(config, "lr")
+  check_number(config, "weight_decay", "posenc_lr_mult", "grad_clip_norm", allow_zero=True)
+  check_number(config, "total_steps", "warmup_steps", "eval_every", "checkpoint_every", "log_every",
+               "eval_max_batches", "seed", allow_zero=True, integer=True)
   if config.total_steps == 0 and not config.init_from:
     raise ConfigError("config field 'total_steps' is 0, which only evaluates a checkpoint: set "
                       "init_from to a run's workdir, or give total_steps > 0 to train.")
@@ -247,6 +119,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f"config field 'init_from': no directory '{config.init_from}'; give a run's "
                       f"workdir or one of its checkpoint step directories.")
+  task.validate(config)
   if check_dataset:
-    _check_dataset(config, family)
+    task.check_dataset(config)
   return shape

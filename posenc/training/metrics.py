@@ -21,6 +21,7 @@ class MetricLogger:
     self.tb_dir = os.path.join(workdir, "tb")
     self._last = (start_step, time.perf_counter())
     self._bar = None  # started by the first advance(), after compilation, so the ETA is honest
+    self.items: tuple[str, int] | None = None  # (what, how many per step): logs <what>_per_sec
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -74,6 +75,8 @@ class MetricLogger:
       now = time.perf_counter()
       if step > last_step:
         record["train/steps_per_sec"] = (step - last_step) / (now - last_time)
+        if self.items:
+          record[f"train/{self.items[0]}_per_sec"] = record["train/steps_per_sec"] * self.items[1]
       self._last = (step, now)
       if self._bar is not None:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)

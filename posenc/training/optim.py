@@ -11,11 +11,11 @@ from __future__ import annotations
 import jax
 import optax
 
-POSENC = "posenc"
+from posenc.encodings.base import POSENC_KEY
 
 
 def _is_posenc(path) -> bool:
-  return any(getattr(k, "key", None) == POSENC for k in path)
+  return any(getattr(k, "key", None) == POSENC_KEY for k in path)
 
 
 def posenc_mask(params) -> dict:

@@ -17,32 +17,11 @@ import optax
 from flax import nnx
 
 from posenc.training import sharding
-from posenc.training.config import image_hw, model_family
-
-
-def model_factory(config, info, *, image_size=None) -> Callable[[], nnx.Module]:
-  """A no-argument function that builds the config's model (at ``image_size`` if given)."""
-  from posenc import models  # imported late: models import every encoding
-  kwargs = dict(config.model_options)
-  if model_family(config.model) == "vit":
-    kwargs.update(num_classes=info.num_classes, channels=info.channels, patch_size=config.patch_size,
-                  image_size=image_hw(image_size or config.image_size))
-  else:
-    kwargs.update(vocab_size=info.vocab_size, max_len=config.max_len)
-  dtype = jnp.dtype(config.dtype)
-
-  def create():
-    rngs = nnx.Rngs(config.seed, dropout=config.seed + 1)
-    return models.create(config.model, posenc=config.posenc, rngs=rngs,
-                         posenc_options=dict(config.posenc_options), dtype=dtype,
-                         param_dtype=jnp.float32, **kwargs)
-
-  return create
 
 
 @dataclasses.dataclass
-class RunState:
-  """What the loop needs besides the arrays: graphdef, optimizer, shardings."""
+class StateSpec:
+  """How a run's train state is laid out: graphdef, optimizer, shapes and shardings, and its init."""
 
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
@@ -69,7 +48,7 @@ def _init_state(create, tx) -> dict:
           "model_state": nnx.to_pure_dict(rest)}
 
 
-def build(create: Callable[[], nnx.Module], tx: optax.GradientTransformation, rules, mesh) -> RunState:
+def build(create: Callable[[], nnx.Module], tx: optax.GradientTransformation, rules, mesh) -> StateSpec:
   graphdef, params, rest = abstract_params(create, rules, mesh)
   init = functools.partial(_init_state, create, tx)
   shapes = jax.eval_shape(init)
@@ -82,7 +61,7 @@ def build(create: Callable[[], nnx.Module], tx: optax.GradientTransformation, ru
                "model_state": get_sharding(rest)}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
-  return RunState(graphdef, tx, abstract, shardings, jax.jit(init, out_shardings=shardings))
+  return StateSpec(graphdef, tx, abstract, shardings, jax.jit(init, out_shardings=shardings))
 
 
 def count_params(params) -> int:

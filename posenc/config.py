@@ -1,0 +1,120 @@
+"""Config files' plumbing: ``get_config(arg)`` overrides, and the one error type for bad values.
+
+Every problem a config can have is reported as ONE ``ConfigError`` that names the
+field, what is wrong and how to fix it; ``train.py`` prints it without a traceback.
+Shared by ``configs/``, ``posenc.tasks`` (each validates its own fields) and
+``posenc.training`` (the fields every run has).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.machinery
+import importlib.util
+import os
+import traceback
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and the fix."""
+
+
+def split_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
+  """``"full,posenc=rope,eval_image_sizes=(14,28)"`` -> (["full"], {"posenc": "rope", ...}).
+
+  Commas inside brackets belong to the value; items without ``=`` are presets.
+  """
+  presets, overrides, depth, item = [], {}, 0, ""
+  for ch in (arg or "") + ",":
+    depth += (ch in "([{") - (ch in ")]}")
+    if ch == "," and depth == 0:
+      item = item.strip()
+      if "=" in item:
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+      elif item:
+        presets.append(item)
+      item = ""
+    else:
+      item += ch
+  return presets, overrides
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word is a string
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+  """Set dotted ``field=value`` pairs, parsing values as Python literals."""
+  for key, text in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+    open_dict = bool(parents) and parents[-1].endswith("_options")  # model/posenc kwargs
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_dict):
+      raise ConfigError(f"config has no field '{key}'; fields: {', '.join(sorted(config))}.")
+    value = _parse_value(text)
+    if isinstance(node.get(leaf), float) and isinstance(value, int):
+      value = float(value)
+    if isinstance(node.get(leaf), tuple) and isinstance(value, (int, list)):
+      value = tuple(value) if isinstance(value, list) else (value,)
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config field '{key}': cannot set {text!r}: {e}") from None
+
+
+def get_config_with_arg(make_base, presets: dict, arg: str | None) -> ml_collections.ConfigDict:
+  """What a config file's ``get_config(arg)`` does: base, presets, then overrides."""
+  names, overrides = split_arg(arg)
+  config = make_base()
+  for name in names:
+    if name not in presets:
+      raise ConfigError(f"unknown config preset '{name}'; choose from {sorted(presets)} "
+                        f"or give field=value overrides.")
+    presets[name](config)
+  apply_overrides(config, overrides)
+  return config
+
+
+def check_number(config, *fields, allow_zero: bool = False, integer: bool = False) -> None:
+  """ConfigError unless each field is a number > 0 (>= 0 with ``allow_zero``; an int with ``integer``)."""
+  for f in fields:
+    v = config[f]
+    bad_type = isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
+    if bad_type or v < 0 or (v == 0 and not allow_zero):
+      need = ("an int" if integer else "a number") + (" >= 0" if allow_zero else " > 0")
+      raise ConfigError(f"config field '{f}' must be {need}, got {v!r}.")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``"path/to/config.py[:arg]"`` -> its ``get_config(arg)``; one ConfigError for anything wrong."""
+  path, _, arg = spec.partition(":")
+  where = f"--config={spec}"
+  if not os.path.isfile(path):
+    raise ConfigError(f"{where}: no config file '{path}' (from {os.getcwd()}); give a Python config "
+                      f"file such as configs/vit_tiny.py.")
+  try:
+    loader = importlib.machinery.SourceFileLoader("posenc_user_config", path)
+    module_spec = importlib.util.spec_from_file_location("posenc_user_config", path, loader=loader)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - any failure to load the file: say where it broke
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    line = getattr(e, "lineno", None) or (frame.lineno if frame else "?")
+    raise ConfigError(f"{where}: '{path}' is not a loadable config file ({type(e).__name__} at line "
+                      f"{line}: {getattr(e, 'msg', None) or e}).") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{where}: '{path}' defines no get_config(arg=None) function.")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{where}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict.")
+  return config

@@ -1,0 +1,31 @@
+"""Tasks: everything that differs between model families, one module per task.
+
+A task owns its config fields and their validation, ``geometry(config, size)``
+(a pure function: no model is built), model construction, the input pipeline,
+forward / loss / metrics, and which other geometries it evaluates at.
+``posenc.training`` calls these and never asks which task it runs; a new family
+is one module here plus one config.
+
+    task = posenc.tasks.get(config.task)
+    geometry = task.geometry(config)            # Geometry.grid(4, 4, num_prefix=1), ...
+"""
+from __future__ import annotations
+
+from posenc.tasks.base import Task
+from posenc.tasks.image_classification import ImageClassification
+from posenc.tasks.masked_lm import MaskedLM
+
+TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), MaskedLM())}
+
+
+def names() -> list[str]:
+  return sorted(TASKS)
+
+
+def get(name) -> Task:
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(names())}.")
+  return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "get", "names"]

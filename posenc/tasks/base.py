@@ -1,0 +1,112 @@
+"""What every task provides (``Task``), and the loss and metrics the tasks share."""
+from __future__ import annotations
+
+import abc
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from posenc.config import ConfigError
+from posenc.encodings import Geometry
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted mean cross-entropy, and the summed statistics evaluation aggregates."""
+  logits = logits.astype(jnp.float32)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  stats = {"loss_sum": jnp.sum(xent * weights), "correct": jnp.sum(correct * weights),
+           "count": jnp.sum(weights)}
+  return stats["loss_sum"] / jnp.maximum(stats["count"], 1.0), stats
+
+
+class Task(abc.ABC):
+  """One kind of training problem. Subclasses set the class attributes and override the methods."""
+
+  name: str = "?"
+  FIELDS: dict[str, str] = {}   # this task's config fields -> what they mean
+  NDIM: int = 0                 # dimensionality of its positions (1: sequences, 2: image grids)
+  ITEMS: str = "items"          # what a batch counts, for throughput logs (images, tokens)
+  SIZE_FIELD: str = ""          # the config field that sets the geometry (image_size, max_len)
+
+  # ----------------------------------------------------------------- config
+  def validate(self, config) -> None:
+    """ConfigError for the first bad value among this task's fields."""
+
+  def check_dataset(self, config) -> None:
+    """ConfigError unless ``config.dataset`` exists and holds what this task reads."""
+
+  def size_label(self, config) -> str:
+    """The geometry in a workdir name, e.g. ``28`` or ``len128``."""
+    return str(config[self.SIZE_FIELD])
+
+  def at_size(self, config, size) -> ml_collections.ConfigDict:
+    """A copy of ``config`` at another geometry."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config[self.SIZE_FIELD] = size
+    return config
+
+  def eval_sizes(self, config) -> tuple:
+    """Other geometries evaluated during training, besides the trained one."""
+    return ()
+
+  # ----------------------------------------------------------------- geometry and model
+  @abc.abstractmethod
+  def geometry(self, config, size=None) -> Geometry:
+    """The token geometry of ``config`` (at ``size`` of ``SIZE_FIELD`` if given). Builds no model."""
+
+  def legacy_geometry(self, old_config: dict) -> Geometry | None:
+    """The geometry of a checkpoint written before geometries were recorded, from its stored
+    config, if it was this task's; else None."""
+    return None
+
+  @abc.abstractmethod
+  def create_model(self, config, size=None) -> nnx.Module:
+    """The config's model, built at ``size``; runs under ``nnx.eval_shape`` / ``jax.jit``."""
+
+  # ----------------------------------------------------------------- data and steps
+  @abc.abstractmethod
+  def loader(self, config, split: str, *, train: bool, batch_size: int, size=None):
+    """This process's batches of ``split`` (a grain dataset; iterators resume from their state)."""
+
+  @abc.abstractmethod
+  def forward(self, model, batch: Batch, *, train: bool, position_scale: float = 1.0
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(mean loss, summed statistics) of ``model`` on ``batch``; ``position_scale`` multiplies
+    the positions (position interpolation)."""
+
+  def metrics(self, stats: dict) -> dict:
+    """Reported metrics from summed statistics (one step's or a whole evaluation's)."""
+    count = jnp.maximum(stats["count"], 1.0)
+    return {"loss": stats["loss_sum"] / count, "accuracy": stats["correct"] / count}
+
+  @abc.abstractmethod
+  def items(self, batch: Batch) -> int:
+    """How many ``ITEMS`` a batch holds."""
+
+
+def build_model(config, **task_kwargs) -> nnx.Module:
+  """``posenc.models.create`` for ``config`` (model, encoding, overrides, dtype, seed) + the task's kwargs."""
+  from posenc import models  # imported late: models import every encoding
+  return models.create(config.model, posenc=config.posenc, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1),
+                       posenc_options=dict(config.posenc_options), dtype=jnp.dtype(config.dtype),
+                       param_dtype=jnp.float32, **{**dict(config.model_options), **task_kwargs})
+
+
+def dataset_info(config, has: str, hint: str):
+  """``posenc.data.info(config.dataset)``; ConfigError unless it has the attribute ``has``."""
+  from posenc import data  # imported late: data builders are heavy
+  try:
+    info = data.info(config.dataset)
+  except Exception as e:  # noqa: BLE001 - any failure to find the dataset is a config problem
+    raise ConfigError(f"config field 'dataset': cannot use '{config.dataset}': {e}") from None
+  if getattr(info, has, None) is None:
+    raise ConfigError(f"config field 'dataset': '{config.dataset}' does not fit task "
+                      f"'{config.task}' ({hint}).")
+  return info

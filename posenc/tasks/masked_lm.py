@@ -1,0 +1,67 @@
+"""Masked language modelling with a BERT-style encoder (Austen + Moby Dick, WordPiece)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from posenc.config import ConfigError
+from posenc.encodings import Geometry
+from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
+
+
+def masked_positions(weights: jax.Array, capacity: int) -> jax.Array:
+  """``[B, capacity]`` indices of each row's weighted tokens, in order, then unweighted ones."""
+  return jnp.argsort(weights <= 0, axis=1, stable=True)[:, :capacity]
+
+
+class MaskedLM(Task):
+  name = "masked_lm"
+  FIELDS = {"max_len": "tokens per packed row = the length the model is built at"}
+  NDIM = 1
+  ITEMS = "tokens"
+  SIZE_FIELD = "max_len"
+
+  def validate(self, config) -> None:
+    if not isinstance(config.max_len, int) or isinstance(config.max_len, bool) or config.max_len < 2:
+      raise ConfigError(f"config field 'max_len' must be an int >= 2, got {config.max_len!r}.")
+
+  def check_dataset(self, config) -> None:
+    dataset_info(config, "vocab_size", "it holds no text; use 'text'")
+
+  def size_label(self, config) -> str:
+    return f"len{config.max_len}"
+
+  def geometry(self, config, size=None) -> Geometry:
+    return Geometry.seq(config.max_len if size is None else size)
+
+  def legacy_geometry(self, old_config: dict) -> Geometry | None:
+    if old_config.get("image_size") or not old_config.get("max_len"):
+      return None
+    return Geometry.seq(old_config["max_len"])
+
+  def create_model(self, config, size=None):
+    info = dataset_info(config, "vocab_size", "")
+    return build_model(config, vocab_size=info.vocab_size, max_len=config.max_len if size is None else size)
+
+  def loader(self, config, split, *, train, batch_size, size=None):
+    from posenc import data
+    return data.make_loader(config.dataset, split, batch_size=batch_size, train=train, seed=config.seed,
+                            max_len=config.max_len if size is None else size,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+  def forward(self, model, batch, *, train, position_scale=1.0):
+    """Logits only at the masked tokens (``mlm_capacity`` per row): the head is most of the step."""
+    from posenc.data.pipeline import mlm_capacity
+    ids = batch["input_ids"]
+    weights = batch["mlm_weights"] * batch["valid"].astype(jnp.float32)[:, None]
+    at = masked_positions(weights, mlm_capacity(ids.shape[1]))
+    positions = None
+    if position_scale != 1.0:
+      positions = Geometry.seq(ids.shape[1]).positions() * position_scale
+    logits = model(ids, positions=positions, segment_ids=batch["segment_ids"],
+                   padding_mask=batch["padding_mask"], predict_at=at, train=train)
+    take = lambda x: jnp.take_along_axis(x, at, axis=1)  # noqa: E731
+    return cross_entropy(logits, take(batch["mlm_targets"]), take(weights))
+
+  def items(self, batch) -> int:
+    return int(batch["input_ids"].size)
