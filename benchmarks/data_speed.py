@@ -5,7 +5,9 @@
 
 Columns: `data b/s` = batches/s of the loader alone; `step b/s` = train steps/s of
 the model on a fixed batch (no input pipeline); `loop b/s` = steps/s when the
-loader feeds the step (grain prefetches in a background thread). Training is not
+loader feeds the step (grain prefetches in a background thread). The step is posenc's real
+one (``posenc.training.setup(config).train_step`` on configs/vit_tiny.py or
+configs/bert_small.py at the case's model, size and batch, learned positions). Training is not
 input-bound when `loop b/s` is close to `step b/s`, i.e. `data b/s` is well above it.
 `first s` = seconds to create the loader and get its first batch (in this process;
 TFDS data already prepared).
@@ -20,13 +22,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-import posenc.models  # noqa: E402
+from configs import bert_small, vit_tiny  # noqa: E402
 from posenc.data import make_loader  # noqa: E402
-from posenc.training import steps  # noqa: E402
+from posenc.training import setup, sharding  # noqa: E402
 
 # (dataset, split, train, batch size, image size / max_len, model)
 CASES = [
@@ -48,19 +47,23 @@ def batches_for(dataset, split, train, batch_size, size, workers, seed=0):
 
 
 def make_step(model_name, size, batch):
-  """A jitted train step (posenc.training.steps) of `model_name` with learned positions."""
+  """posenc's train step (``setup(config).train_step``) of ``model_name`` with learned positions,
+  compiled on ``batch``; returns (step on a host batch, its state)."""
   if model_name.startswith("vit"):
-    model = posenc.models.create(model_name, posenc="learned", rngs=nnx.Rngs(0), num_classes=10,
-                                 image_size=size, patch_size=4, channels=1)
+    config = vit_tiny.get_config()
+    with config.ignore_type():  # the field is an int; a (h, w) size is valid too
+      config.image_size, config.patch_size = size, 4
   else:
-    model = posenc.models.create(model_name, posenc="learned", rngs=nnx.Rngs(0),
-                                 vocab_size=30522, max_len=size)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(1e-3)
-  state = {"step": 0, "params": nnx.to_pure_dict(params), "model_state": nnx.to_pure_dict(rest)}
-  state["opt_state"] = tx.init(state["params"])
-  train_step = jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0)
-  state, metrics = train_step(state, batch)  # compile
+    config = bert_small.get_config()
+    config.max_len = size
+  config.model, config.posenc = model_name, "learned"
+  config.batch_size = config.eval_batch_size = len(next(iter(batch.values())))
+  run = setup(config)
+
+  def train_step(state, host_batch):
+    return run.train_step(state, sharding.global_batch(host_batch, run.batch_sharding))
+
+  state, metrics = train_step(run.spec.init(), batch)  # compile
   jax.block_until_ready(metrics)
   return train_step, state
 

@@ -1,7 +1,7 @@
 """How fast posenc trains, evaluates and transfers, on whatever devices are present.
 
     python benchmarks/speed.py            # full run; writes benchmarks/results/speed.{md,json} + plots
-    python benchmarks/speed.py --quick    # tiny sizes (CI: tests/test_benchmarks.py)
+    python benchmarks/speed.py --quick    # CI only (tests/test_benchmarks.py): tiny models, meaningless numbers
     python benchmarks/speed.py --sections bert   # re-measure one section, keep the others
 
 Sections (each a markdown table):
@@ -11,16 +11,19 @@ Sections (each a markdown table):
      configs/bert_small.py): items/s, step time, compile time, GFLOP/step (XLA's cost
      analysis), model FLOP utilisation against a matmul measured in the same rounds,
      overhead vs `none` at the same size, memory, and the input pipeline's items/s.
-  3. Evaluation at several resolutions (parameters transferred by posenc.transfer).
-  4. Transfer on restore: an Orbax checkpoint restored at a new resolution.
-All steps are posenc's real ones: ``posenc.training.Trainer``'s jitted train/eval step and
-optimizer (AdamW + clipping + schedule), built from the configs.
+  3. Evaluation at several resolutions (the run's ``evals``: parameters moved by
+     ``posenc.transfer.jit_transfer``, then its eval step).
+  4. Transfer on restore: an Orbax checkpoint restored at a new resolution, as ``init_from``
+     does (``Checkpointer.restore_params`` + ``jit_transfer`` from the recorded geometry).
+All steps are posenc's real ones, built from the configs by ``posenc.training.setup(config)``:
+its jitted train step (AdamW + clipping + schedule) and eval steps.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,15 +45,12 @@ import timing  # noqa: E402
 from configs import bert_small, vit_tiny  # noqa: E402
 
 import speed_report  # noqa: E402
-from posenc import data, encodings, transfer  # noqa: E402
+from posenc import encodings, transfer  # noqa: E402
+from posenc.encodings import Geometry  # noqa: E402
 from posenc.models import VIT_SIZES  # noqa: E402
-from posenc.training import Trainer, sharding  # noqa: E402
-from posenc.training.checkpoint import Checkpointer, flat_shapes  # noqa: E402
-from posenc.training import resolution  # noqa: E402
-from posenc.training.config import validate  # noqa: E402
-from posenc.training.optim import make_optimizer  # noqa: E402
-from posenc.training.state import build, model_factory  # noqa: E402
-from posenc.training.steps import make_train_step  # noqa: E402
+from posenc.training import ConfigError, Run, setup, sharding  # noqa: E402
+from posenc.training.checkpoint import Checkpointer  # noqa: E402
+from posenc.training.config import transfer_options  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Profile:
   """What to measure: models, (size, global batch) pairs, encodings, repeats."""
 
   vit_model: str
-  vit_options: dict           # model options over the config's (sizes come from the model name)
+  vit_options: dict           # model options over the config's (the model name says the size)
   patch: int
   vit_sizes: tuple            # ((image side, batch), ...); the first is the linen comparison's
   bert_model: str
@@ -74,7 +74,7 @@ class Profile:
 
 
 SIZE_OPTIONS = ("width", "depth", "num_heads", "mlp_dim")
-TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+TINY = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
 SECTIONS = ("vit", "bert", "eval", "restore")
 PROFILES = {
     # 2-core CPU: ViT-Ti/4 at 32 (the headline) and 64 pixels; BERT-mini at 4096 tokens/step.
@@ -83,8 +83,9 @@ PROFILES = {
     # Accelerators: ViT-B/16 at 224 / 384 and BERT-base, in bfloat16.
     "gpu": Profile("vit-b", {}, 16, ((224, 128), (384, 32)), "bert-base", {}, ((128, 256), (512, 64)),
                    "bfloat16", 10, 8192, (160, 224, 320, 384), 256),
-    # CI: as little compiling as covers every section; asserts only that the tables are well-formed.
-    "quick": Profile("vit-mu", TINY, 4, ((8, 8),), "bert-mini", TINY, ((16, 8),), "float32", 2, 256, (8, 16), 8,
+    # CI only (tests/test_benchmarks.py): one-layer models and the fewest compiles that fill every
+    # table; its numbers mean nothing.
+    "quick": Profile("vit-mu", TINY, 4, ((8, 8),), "bert-tiny", TINY, ((16, 8),), "float32", 2, 64, (8, 16), 8,
                      dict(vit=("none", "learned"), bert=("learned",)), ("learned",)),
 }
 
@@ -92,16 +93,11 @@ PROFILES = {
 # --------------------------------------------------------------------------- configs and steps
 
 
-def _model_options(config, overrides: dict) -> ml_collections.ConfigDict:
-  """The config's model options without its size fields (the model name says the size), + overrides."""
-  options = {k: v for k, v in config.model_options.to_dict().items() if k not in SIZE_OPTIONS}
-  return ml_collections.ConfigDict({**options, **overrides})
-
-
 def vit_config(p: Profile, posenc: str, size: int, batch: int) -> ml_collections.ConfigDict:
   """configs/vit_tiny.py:full with this profile's model, patch, size and batch."""
   c = vit_tiny.get_config("full")
-  c.model, c.model_options, c.patch_size = p.vit_model, _model_options(c, p.vit_options), p.patch
+  c.model, c.patch_size = p.vit_model, p.patch
+  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.vit_options})
   c.posenc, c.image_size, c.batch_size, c.eval_batch_size, c.dtype = posenc, size, batch, p.eval_batch, p.dtype
   return c
 
@@ -109,7 +105,8 @@ def vit_config(p: Profile, posenc: str, size: int, batch: int) -> ml_collections
 def bert_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collections.ConfigDict:
   """configs/bert_small.py:full with this profile's model, length and batch."""
   c = bert_small.get_config("full")
-  c.model, c.model_options = p.bert_model, _model_options(c, p.bert_options)
+  c.model = p.bert_model
+  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.bert_options})
   c.posenc, c.max_len, c.batch_size, c.dtype = posenc, length, batch, p.dtype
   return c
 
@@ -126,34 +123,26 @@ def abstract_batch(batch: dict, batch_sharding) -> dict:
 
 
 def unrolled_flops(config, batch: dict) -> float | None:
-  """XLA's FLOP count of the lowered train step with the layers unrolled.
+  """XLA's FLOP count of the lowered train step with the layers unrolled; None when they already are.
 
   XLA counts a loop body once, so a scanned layer stack is counted with its
   layers unrolled (the same arithmetic; nothing is compiled or allocated).
   """
+  if config.model_options.get("scan_layers", True) is False:
+    return None  # the caller counts the step it compiles
   c = ml_collections.ConfigDict(config.to_dict())
   c.model_options.scan_layers = False
-  mesh = sharding.make_mesh(validate(c, num_devices=jax.device_count(), check_dataset=False))
-  rules = tuple(tuple(r) for r in c.logical_axis_rules)
   try:
-    run = build(model_factory(c, data.info(c.dataset)), make_optimizer(c), rules, mesh)
-  except ValueError:  # a model without the option: the caller counts the compiled program
+    run = setup(c)
+  except ConfigError:  # a model without the option: the caller counts the compiled program
     return None
-  lowered = jax.jit(make_train_step(run.graphdef, run.tx)).lower(
-      run.abstract, abstract_batch(batch, sharding.batch_sharding(mesh, rules)))
-  return timing.xla_flops(lowered)
+  return timing.xla_flops(run.train_step.lower(run.spec.abstract, abstract_batch(batch, run.batch_sharding)))
 
 
-def items_in(batch: dict) -> int:
-  """Images, or tokens, in a batch."""
-  return int(np.size(batch["label"]) if "image" in batch else np.size(batch["input_ids"]))
-
-
-def train_entry(name: str, config, batch: dict, workdir: str) -> tuple[timing.Timed, Trainer]:
-  """posenc's real train step for ``config`` (``Trainer.train_step``), compiled and run once."""
-  trainer = Trainer(config, workdir)
-  state = trainer.run.init()
-  global_batch = sharding.global_batch(batch, trainer.batch_sharding)
+def train_entry(name: str, run: Run, batch: dict) -> timing.Timed:
+  """posenc's real train step (``run.train_step``, from ``setup(config)``), compiled and run once."""
+  state = run.spec.init()
+  global_batch = sharding.global_batch(batch, run.batch_sharding)
   holder = {"state": state}
 
   def make_call(compiled):
@@ -162,9 +151,9 @@ def train_entry(name: str, config, batch: dict, workdir: str) -> tuple[timing.Ti
       return metrics
     return call
 
-  flops = unrolled_flops(config, batch)
-  return timing.compile_timed(name, trainer.train_step, (state, global_batch), items_in(batch), make_call,
-                              flops), trainer
+  flops = unrolled_flops(run.config, batch)
+  return timing.compile_timed(name, run.train_step, (state, global_batch), run.task.items(batch), make_call,
+                              flops)
 
 
 def linen_entry(p: Profile, batch: dict) -> timing.Timed:
@@ -182,17 +171,19 @@ def linen_entry(p: Profile, batch: dict) -> timing.Timed:
     return call
 
   return timing.compile_timed("Flax linen reference", step, (params, opt_state, images, labels),
-                              items_in(batch), make_call)
+                              int(np.size(batch["label"])), make_call)
 
 
-def first_batch(dataset: str, split: str, train: bool, batch: int, size: int) -> dict:
-  return next(data_speed.batches_for(dataset, split, train, batch, size, 0))
+def first_batch(run: Run, split: str, train: bool, size=None) -> dict:
+  """The first batch of the run's own loader (``run.loader``) at ``size`` (None: as trained)."""
+  return next(iter(run.loader(split, train=train, size=size)))
 
 
-def loader_rate(dataset: str, split: str, train: bool, batch: int, size: int, batches: int) -> float:
+def loader_rate(run: Run, split: str, train: bool, size: int, batches: int) -> float:
   """Items/s of the input pipeline alone (``posenc.data.make_loader``, in-process)."""
-  it = data_speed.batches_for(dataset, split, train, batch, size, 0)
-  items = items_in(next(it))
+  c = run.config
+  it = data_speed.batches_for(c.dataset, split, train, c.batch_size if train else c.eval_batch_size, size, 0)
+  items = run.task.items(next(it))
   return items * data_speed.rate(lambda: next(it), batches)
 
 
@@ -201,27 +192,25 @@ def loader_rate(dataset: str, split: str, train: bool, batch: int, size: int, ba
 
 def train_group(p: Profile, family: str, size: int, batch: int, log, with_linen: bool) -> dict:
   """Every encoding's train step at one size, timed in interleaved rounds with a matmul."""
-  dataset, make_config = ("fashion_mnist", vit_config) if family == "vit" else ("text", bert_config)
-  sample = first_batch(dataset, "train", True, batch, size)
-  entries, trainers = [], []
-  with tempfile.TemporaryDirectory() as tmp:
-    for name in family_encodings(p, family):
-      config = make_config(p, name, size, batch)
-      entry, trainer = train_entry(name, config, sample, os.path.join(tmp, name))
-      entries.append(entry)
-      trainers.append(trainer)
-      log(f"  {family} {size} {name}: compiled in {entry.compile_s:.1f}s")
-      if with_linen and name == "learned":  # ABAB: the reference right after the same model
-        entries.append(linen_entry(p, sample))
-        log(f"  {family} {size} linen reference: compiled in {entries[-1].compile_s:.1f}s")
-    matmul = timing.matmul_reference(p.matmul_n, jnp.dtype(p.dtype))
-    timing.time_interleaved(entries + [matmul], p.rounds,
-                            on_round=lambda r: log(f"  {family} {size}: round {r + 1}/{p.rounds}"))
-    for trainer in trainers:
-      trainer.close()
-  loader = loader_rate(dataset, "train", True, batch, size, batches=max(3, 2 * p.rounds))
+  make_config = vit_config if family == "vit" else bert_config
+  entries, runs, sample = [], [], None
+  for name in family_encodings(p, family):
+    run = setup(make_config(p, name, size, batch))
+    if sample is None:  # one batch for every contender
+      sample = first_batch(run, "train", True)
+    entry = train_entry(name, run, sample)
+    entries.append(entry)
+    runs.append(run)
+    log(f"  {family} {size} {name}: compiled in {entry.compile_s:.1f}s")
+    if with_linen and name == "learned":  # ABAB: the reference right after the same model
+      entries.append(linen_entry(p, sample))
+      log(f"  {family} {size} linen reference: compiled in {entries[-1].compile_s:.1f}s")
+  matmul = timing.matmul_reference(p.matmul_n, jnp.dtype(p.dtype))
+  timing.time_interleaved(entries + [matmul], p.rounds,
+                          on_round=lambda r: log(f"  {family} {size}: round {r + 1}/{p.rounds}"))
+  loader = loader_rate(runs[0], "train", True, size, batches=max(3, 2 * p.rounds))
   return dict(family=family, size=size, batch=batch, entries=entries, matmul=matmul, loader=loader,
-              model=trainers[0].config.model)
+              model=runs[0].config.model)
 
 
 # --------------------------------------------------------------------------- section 3 + 4
@@ -230,75 +219,74 @@ def train_group(p: Profile, family: str, size: int, batch: int, log, with_linen:
 def eval_at_sizes(p: Profile, log) -> list[dict]:
   """ViT (learned grid) built at the first train size, evaluated at each of ``p.eval_sizes``.
 
-  The Trainer's own evaluation seams: per size, its jitted transfer of the
-  parameters (``posenc.training.resolution.make_transfer``: first call compiles)
-  and its eval step (compile time, images/s); beside them the eval loader's images/s.
+  The run's own evaluation (``setup(config).evals``, one ``EvalAt`` per size):
+  per size, its jitted transfer of the parameters (``EvalAt.move``, made by
+  ``posenc.transfer.jit_transfer``; the first call compiles) and its eval step
+  (compile time, images/s); beside them the eval loader's images/s.
   """
   train_size, batch = p.vit_sizes[0]
   config = vit_config(p, "learned", train_size, batch)
   config.eval_image_sizes = tuple(s for s in p.eval_sizes if s != train_size)
+  run = setup(config)
+  state = run.spec.init()
+  at_size = {train_size if at.size is None else at.size: at for at in run.evals}
   rows, entries = [], []
-  with tempfile.TemporaryDirectory() as tmp:
-    trainer = Trainer(config, tmp)
-    state = trainer.run.init()
-    for size in p.eval_sizes:
-      eval_step, move = trainer.eval_sizes[None if size == train_size else size]
-      times = []
-      for _ in range(max(2, p.rounds) if move else 0):
-        start = time.perf_counter()
-        params = jax.block_until_ready(move(state["params"]))
-        times.append(time.perf_counter() - start)
-      test = sharding.global_batch(first_batch("fashion_mnist", "test", False, p.eval_batch, size),
-                                   trainer.batch_sharding)
-      args = (params if move else state["params"], state["model_state"], test)
-      entries.append(timing.compile_timed(f"eval {size}", eval_step, args, p.eval_batch,
-                                          lambda c, args=args: lambda: c(*args)))
-      loader = loader_rate("fashion_mnist", "test", False, p.eval_batch, size, max(3, 2 * p.rounds))
-      rows.append(dict(size=size, train_size=train_size, tokens=(size // p.patch) ** 2 + 1,
-                       transfer_first_s=times[0] if times else None,
-                       transfer_s=statistics.median(times[1:]) if times else None,
-                       eval=entries[-1], loader=loader))
-      log(f"  eval {size}: compiled in {entries[-1].compile_s:.1f}s")
-    timing.time_interleaved(entries, p.rounds)
-    trainer.close()
+  for size in p.eval_sizes:
+    at = at_size[size]
+    times, params = [], state["params"]
+    for _ in range(max(2, p.rounds) if at.move else 0):
+      start = time.perf_counter()
+      params = jax.block_until_ready(at.move(state["params"]))
+      times.append(time.perf_counter() - start)
+    test = sharding.global_batch(first_batch(run, "test", False, at.size), run.batch_sharding)
+    args = (params, state["model_state"], test)
+    entries.append(timing.compile_timed(f"eval {size}", at.step, args, run.task.items(test),
+                                        lambda c, args=args: lambda: c(*args)))
+    loader = loader_rate(run, "test", False, size, max(3, 2 * p.rounds))
+    rows.append(dict(size=size, train_size=train_size, tokens=math.prod(at.geometry.shape) + at.geometry.num_prefix,
+                     transfer_first_s=times[0] if times else None,
+                     transfer_s=statistics.median(times[1:]) if times else None,
+                     eval=entries[-1], loader=loader))
+    log(f"  eval {size}: compiled in {entries[-1].compile_s:.1f}s")
+  timing.time_interleaved(entries, p.rounds)
   return rows
 
 
 def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
   """An Orbax checkpoint saved at the first ViT size, restored at the last eval size.
 
-  Restores go through ``Checkpointer.restore_params`` with the Trainer's jitted
-  transfer seam (``posenc.training.resolution.make_transfer`` over ``posenc.transfer``);
-  encodings whose parameters keep their shapes (``none``) are the plain-restore baseline.
+  As ``init_from`` does it: the target run reads the checkpoint's metadata (the
+  source run's ``run.meta``: geometry, encoding), builds the jitted transfer from
+  that geometry to its own (``posenc.transfer.jit_transfer``, onto its parameters'
+  shardings) and restores through ``Checkpointer.restore_params``; every restore
+  builds and compiles the transfer anew, as a new run does. Encodings whose
+  parameters keep their shapes (``none``) are the plain-restore baseline.
   """
   (source_size, batch), target_size = p.vit_sizes[0], p.eval_sizes[-1]
-  info = data.info("fashion_mnist")
   rows = []
   for name in p.restore_encodings or names:
-    source_config, target_config = (vit_config(p, name, s, batch) for s in (source_size, target_size))
-    shapes = [flat_shapes(transfer.param_dict(resolution.abstract_model(c, info)))
-              for c in (source_config, target_config)]
+    source, target = (setup(vit_config(p, name, s, batch)) for s in (source_size, target_size))
+    shapes = [transfer.flat_shapes(r.spec.abstract["params"]) for r in (source, target)]
     if shapes[0] == shapes[1] and name != "none" and not p.restore_encodings:
       continue
     with tempfile.TemporaryDirectory() as tmp:
-      writer = Trainer(source_config, os.path.join(tmp, "source"))
-      state = writer.run.init()
+      writer = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1)
+      state, data_iter = source.spec.init(), iter(source.loader("train", train=True))
       start = time.perf_counter()
-      writer.ckpt.save(0, state, iter(data.make_loader("fashion_mnist", "train", batch_size=batch, train=True,
-                                                       seed=0, image_size=source_size)), writer.meta)
+      writer.save(0, state, data_iter, source.meta)
       writer.close()  # waits for the async save
       save_s = time.perf_counter() - start
-      reader = Trainer(target_config, os.path.join(tmp, "target"))
-      move = resolution.make_transfer(source_config, target_config, info, resolution.options(target_config))
-      ckpt = Checkpointer(os.path.join(tmp, "source", "checkpoints"), keep=1, read_only=True)
-      times = []
+      ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), read_only=True)
+      wanted, times = target.spec.abstract["params"], []
       for _ in range(max(2, p.rounds)):
         start = time.perf_counter()
-        params, changed = ckpt.restore_params(0, reader.run.abstract["params"], lambda x, _, __: move(x))
+        meta = ckpt.meta(0)
+        move = transfer.jit_transfer(meta["posenc"], Geometry.from_dict(meta["geometry"]), target.geometry,
+                                     wanted, transfer_options(target.config))
+        params, changed = ckpt.restore_params(0, wanted, move)
         jax.block_until_ready(params)
         times.append(time.perf_counter() - start)
       ckpt.close()
-      reader.close()
     rows.append(dict(posenc=name, source=source_size, target=target_size, changed=changed, save_s=save_s,
                      first_s=times[0], again_s=statistics.median(times[1:]),
                      megabytes=sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20))

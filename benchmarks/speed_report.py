@@ -37,7 +37,7 @@ def headline(group: dict) -> list[str]:
     return []
   per_round = [r / o for o, r in zip(ours.times, ref.times)]
   ratio = ours.rate / ref.rate
-  rows = [("posenc (`learned`, real Trainer train step)", ours), ("Flax linen reference (benchmarks/linen_vit.py)", ref)]
+  rows = [("posenc (`learned`, real train step of `setup(config)`)", ours), ("Flax linen reference (benchmarks/linen_vit.py)", ref)]
   lines = [f"## 1. posenc vs a straightforward Flax linen ViT", "",
            f"Model `{group['model']}` (patch from the config), {group['size']}×{group['size']} Fashion-MNIST images, "
            f"batch {group['batch']}, AdamW, same batch for both. posenc's step also clips gradients, "
@@ -105,9 +105,10 @@ def markdown(results: dict) -> str:
   if results.get("eval"):
     rows = results["eval"]
     lines += [f"## 3. Evaluation at several resolutions", "",
-              f"ViT with a learned grid built at {rows[0]['train_size']} px, evaluated at each size through the "
-              f"Trainer's own seams: its jitted parameter transfer (`eval_image_sizes`; bicubic; the first call "
-              f"compiles) and its eval step.", "",
+              f"ViT with a learned grid built at {rows[0]['train_size']} px, evaluated at each size as training "
+              f"evaluates it (`eval_image_sizes`; the run's `evals` from `posenc.training.setup`): the jitted "
+              f"parameter transfer (`posenc.transfer.jit_transfer`, bicubic; the first call compiles) and the "
+              f"eval step.", "",
               "| image side | tokens | transfer s (first call) | transfer ms (again) | eval compile s "
               "| eval img/s | loader img/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -118,10 +119,11 @@ def markdown(results: dict) -> str:
     lines.append("")
   if results.get("restore"):
     lines += ["## 4. Transfer on restore", "",
-              "An Orbax checkpoint (Trainer's Checkpointer) saved at one resolution and restored into the "
-              "model at another with `Checkpointer.restore_params` and the Trainer's transfer seam "
-              "(`posenc.training.resolution.make_transfer`): unchanged leaves load straight into their target "
-              "sharding, changed ones are transferred under `jit` (each restore traces and compiles it).", "",
+              "An Orbax checkpoint (`posenc.training.checkpoint.Checkpointer`) saved at one resolution and "
+              "restored into the model at another as `init_from` does it: `posenc.transfer.jit_transfer` from "
+              "the geometry recorded in the checkpoint's metadata to the target run's, and "
+              "`Checkpointer.restore_params`: unchanged leaves load straight into their target sharding, "
+              "changed ones are transferred under `jit` (each restore builds, traces and compiles it).", "",
               "| posenc | from → to | parameters transferred | save s | restore s (first) | restore s (again) "
               "| params MB |", "|---|---|---|---:|---:|---:|---:|"]
     for r in results["restore"]:
