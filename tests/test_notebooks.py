@@ -4,6 +4,10 @@ The notebooks are committed with their outputs; to refresh them after a change:
 
     python tests/test_notebooks.py                       # all of them
     python tests/test_notebooks.py notebooks/02_*.ipynb  # some of them
+
+Notebooks that train read their budget from the environment (QUICK's variables):
+the refresh above runs them at their defaults (the committed outputs), the
+``test_notebook_runs`` check at QUICK's tiny budget (does it run, not what it says).
 """
 from __future__ import annotations
 
@@ -21,12 +25,20 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 1200  # catches a hung cell; a loaded 2-core machine needs minutes for one
 MAX_TOTAL_BYTES = 3 * 2**20  # committed outputs (PNG figures) stay small
+# The notebooks' budget knobs (defaults in the notebooks: 200 steps, 2,000 test images),
+# set tiny for the test run.
+QUICK = {"POSENC_NOTEBOOK_STEPS": "8", "POSENC_NOTEBOOK_EVAL_IMAGES": "100"}
 
 
-def kernel_env() -> dict[str, str]:
+def kernel_env(quick: bool = False) -> dict[str, str]:
   """A user's kernel environment (conftest's 8 simulated devices removed) that imports
-  this checkout's posenc, whichever checkout an editable install points at."""
-  env = dict(os.environ)
+  this checkout's posenc, whichever checkout an editable install points at.
+
+  ``quick``: the notebooks' tiny budget (QUICK); otherwise their defaults, whatever
+  the calling shell sets."""
+  env = {k: v for k, v in os.environ.items() if k not in QUICK}
+  if quick:
+    env.update(QUICK)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags)
@@ -34,12 +46,13 @@ def kernel_env() -> dict[str, str]:
   return env
 
 
-def execute(path: Path) -> nbformat.NotebookNode:
-  """Run ``path`` in its own directory; raises CellExecutionError on the first failing cell."""
+def execute(path: Path, quick: bool = False) -> nbformat.NotebookNode:
+  """Run ``path`` in its own directory; raises CellExecutionError on the first failing cell.
+  ``quick``: at the tiny budget (QUICK), else at the notebooks' defaults."""
   nb = nbformat.read(path, as_version=4)
   client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                           resources={"metadata": {"path": str(path.parent)}})
-  client.execute(env=kernel_env())
+  client.execute(env=kernel_env(quick))
   return nb
 
 
@@ -64,6 +77,17 @@ def test_committed_with_outputs(path):
       f"{path.name} has no figure"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_training_budget_from_env(path):
+  """A notebook that trains takes its step count from POSENC_NOTEBOOK_STEPS, so that
+  test_notebook_runs stays quick."""
+  nb = nbformat.read(path, as_version=4)
+  code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+  if "posenc.training import" in code:
+    assert 'os.environ.get("POSENC_NOTEBOOK_STEPS"' in code, \
+        f"{path.name} trains but does not read POSENC_NOTEBOOK_STEPS"
+
+
 def test_committed_size():
   total = sum(p.stat().st_size for p in NOTEBOOKS)
   assert total < MAX_TOTAL_BYTES, f"notebooks take {total / 2**20:.1f} MiB; lower the figure dpi"
@@ -72,7 +96,7 @@ def test_committed_size():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path):
-  nb = execute(path)
+  nb = execute(path, quick=True)
   errors = [o.ename for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
   assert not errors, errors
