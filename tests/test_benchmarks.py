@@ -9,7 +9,6 @@ runtime, and the study runs beside the speed runs (each keeps one core busy).
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -20,33 +19,14 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Their numbers are not used, so the quick runs compile for speed instead of runtime: no LLVM
-# optimisation, and XLA:CPU's older (much faster to compile) elemental emitters.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-@functools.cache
-def fast_compile_flags() -> str:
-  """FAST_COMPILE as XLA_FLAGS, without the options this jaxlib does not know (XLA aborts on those)."""
-  import jax
-  known = []
-  for name, value in FAST_COMPILE.items():
-    try:
-      jax.jit(lambda x: x + 1).lower(1.0).compile({name: value})
-      known.append(f"--{name}={str(value).lower()}")
-    except Exception:  # noqa: BLE001 - an option this XLA does not have
-      pass
-  return " ".join(known)
-
-
 def quick_env(cache_dir) -> dict[str, str]:
   """The environment of a quick benchmark run: one CPU device, as a user runs it (conftest's
-  simulated devices are for the in-process tests), fast compiles, and every compile cached for
-  the test's next run: in the session's cache (conftest's), else in ``cache_dir``. (study.py
-  keeps its own cache under its --workdir.)"""
+  simulated devices are for the in-process tests), fast compiles (conftest's flags: the quick runs'
+  numbers are not used), and every compile cached for the test's next run: in the session's cache
+  (conftest's), else in ``cache_dir``. (study.py keeps its own cache under its --workdir.)"""
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [fast_compile_flags()]).strip()
+  env["XLA_FLAGS"] = " ".join(flags).strip()
   env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
   return env

@@ -314,7 +314,9 @@ def test_restore_params_transfers_only_changed_leaves(tmp_path):
 
 
 def run_train(args: list[str], devices: int, *, wait: bool = True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # conftest's others
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])}
   cmd = [sys.executable, str(REPO / "train.py"), *args]
   if not wait:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
