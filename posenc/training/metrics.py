@@ -12,6 +12,20 @@ import time
 from tqdm import tqdm
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch (it imports torch when it can, which
+  costs seconds per process; scalars need only numpy)."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricLogger:
   """``log(step, metrics, prefix)`` writes one record to every sink."""
 
@@ -26,8 +40,7 @@ class MetricLogger:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # imported here: it imports torch when present
-    self._tb = SummaryWriter(self.tb_dir)
+    self._tb = _summary_writer()(self.tb_dir)
     self._total = total_steps
 
   @property
