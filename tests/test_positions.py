@@ -101,7 +101,7 @@ def test_per_row_positions_equal_rows_run_one_at_a_time(posenc_name):
       ((ids[1:],), dict(positions=positions[1:])), ((ids,), dict(positions=positions[..., None]))])
   np.testing.assert_allclose(both[0], first[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(both[1], second[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(flat, both)  # [B, L] and [B, L, 1] are the same positions
+  np.testing.assert_allclose(flat, both, rtol=1e-6, atol=1e-6)  # [B, L] and [B, L, 1] are the same positions
 
 
 def test_positions_of_the_wrong_shape_are_a_clear_error():

@@ -1,12 +1,15 @@
-"""Models that take any position encoding by name: a ViT and a BERT-style encoder.
+"""Models that take any position encoding by name: a ViT, a BERT-style encoder and a GPT-style decoder.
 
     vit = posenc.models.create("vit-ti", posenc="rope_mixed", rngs=nnx.Rngs(0), num_classes=10,
                                image_size=32, patch_size=4)
     bert = posenc.models.create("bert-mini", posenc="alibi", rngs=nnx.Rngs(0), vocab_size=30522)
+    gpt = posenc.models.create("gpt-nano", posenc="rope", rngs=nnx.Rngs(0), vocab_size=4096, max_len=128)
+    tokens = posenc.models.generate(gpt, prompt_ids, max_new_tokens=32)
 
 Sizes: ``vit-mu`` (CPU-sized), ``vit-ti``, ``vit-s``, ``vit-b``; ``bert-tiny``,
-``bert-mini``, ``bert-small``, ``bert-base`` (Turc et al. 2019). ``width`` / ``depth`` / ``num_heads`` /
-``mlp_dim`` keyword arguments override the named size.
+``bert-mini``, ``bert-small``, ``bert-base`` (Turc et al. 2019); ``gpt-nano``,
+``gpt-mini`` (CPU-sized), ``gpt-small`` (GPT-2 small). ``width`` / ``depth`` /
+``num_heads`` / ``mlp_dim`` keyword arguments override the named size.
 """
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ import inspect
 import jax.numpy as jnp
 from flax import nnx
 
+from posenc.models.attention import KVCache
 from posenc.models.bert import BERT, BERT_SIZES
+from posenc.models.generate import generate
+from posenc.models.gpt import GPT, GPT_SIZES
 from posenc.models.vit import VIT_SIZES, ViT
 
-_FAMILIES = {"vit": (ViT, VIT_SIZES), "bert": (BERT, BERT_SIZES)}
+_FAMILIES = {"vit": (ViT, VIT_SIZES), "bert": (BERT, BERT_SIZES), "gpt": (GPT, GPT_SIZES)}
 MODEL_NAMES = tuple(f"{family}-{size}" for family, (_, sizes) in _FAMILIES.items() for size in sizes)
 
 
@@ -42,4 +48,5 @@ def create(name: str, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | Non
   return nnx.jit(build)(rngs)
 
 
-__all__ = ["BERT", "BERT_SIZES", "MODEL_NAMES", "VIT_SIZES", "ViT", "create"]
+__all__ = ["BERT", "BERT_SIZES", "GPT", "GPT_SIZES", "KVCache", "MODEL_NAMES", "VIT_SIZES", "ViT", "create",
+           "generate"]

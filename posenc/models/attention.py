@@ -8,7 +8,7 @@ maps them to a mesh by the config's rules. ``dtype`` is the compute dtype,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,17 +48,31 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_
   return y.reshape(*lead, *k_out)
 
 
-def attention_mask(padding_mask: jax.Array | None, packing_ids: jax.Array | None) -> jax.Array | None:
-  """``[B, L or 1, L]`` bool (True = query may attend to key), or None when nothing is masked.
+def attention_mask(padding_mask: jax.Array | None, packing_ids: jax.Array | None, *,
+                   causal: bool = False, length: int | None = None) -> jax.Array | None:
+  """``[B or 1, L or 1, L]`` bool (True = query may attend to key), or None when nothing is masked.
 
   ``padding_mask [B, L]`` (True = real token) hides padded keys; ``packing_ids [B, L]``
-  confines each token to the tokens of its own packed sequence.
+  confines each token to the tokens of its own packed sequence; ``causal`` hides
+  every later token (``length`` is L when neither array is given).
   """
   mask = None if padding_mask is None else padding_mask.astype(bool)[:, None, :]
   if packing_ids is not None:
     same = packing_ids[:, :, None] == packing_ids[:, None, :]
     mask = same if mask is None else mask & same
+  if causal:
+    given = [a.shape[1] for a in (padding_mask, packing_ids) if a is not None]
+    if length is None and not given:
+      raise ValueError("a causal attention_mask needs length= when no padding_mask or packing_ids is given.")
+    n = given[0] if length is None else length
+    order = jnp.tril(jnp.ones((n, n), bool))[None]
+    mask = order if mask is None else mask & order
   return mask
+
+
+def causal_cache_mask(start, num_queries: int, cache_len: int) -> jax.Array:
+  """``[1, T, S]``: query ``i`` (cache slot ``start + i``) may see slots ``0..start + i``."""
+  return (jnp.arange(cache_len)[None, :] <= start + jnp.arange(num_queries)[:, None])[None]
 
 
 def apply_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -107,18 +121,18 @@ class Attention(nnx.Module):
     self.out = param(out_init, rngs, (num_heads, head_dim, dim), param_dtype, ("heads", "kv", "embed"))
     self.out_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
 
-  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
-               mask: jax.Array | None, key: jax.Array | None = None) -> jax.Array:
-    """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``mask`` broadcastable to ``[B, T, T]``
-    (True = may attend) or None."""
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x [B, T, D]`` -> q (scaled), k, v, each ``[B, T, H, Dh]``."""
     dt = self.dtype
     scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None]
     w = self.qkv[...].astype(dt) * scale
     b = self.qkv_bias[...].astype(dt) * scale
     qkv = dense(x.astype(dt), w, b)  # [B, T, H, 3, Dh]
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    q, k = encoding.rotate(q, k, geometry, positions, layer)
-    bias = encoding.attention_bias(geometry, positions, layer)  # [B or 1, H, T, T] or None
+    return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+
+  def _attend(self, q, k, v, bias, mask, key) -> jax.Array:
+    """Queries ``[B, T, H, Dh]`` over keys/values ``[B, S, H, Dh]``; ``bias [B or 1, H, T, S]``."""
+    dt = self.dtype
     heads = []
     for h in range(self.num_heads):
       logits = jnp.einsum("bqk,btk->bqt", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32)
@@ -132,6 +146,47 @@ class Attention(nnx.Module):
       heads.append(jnp.einsum("bqt,btk->bqk", probs, v[:, :, h]))
     out = jnp.stack(heads, axis=2)
     return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
+
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
+               mask: jax.Array | None, key: jax.Array | None = None) -> jax.Array:
+    """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``mask`` broadcastable to ``[B, T, T]``
+    (True = may attend) or None."""
+    q, k, v = self._qkv(x)
+    q, k = encoding.rotate(q, k, geometry, positions, layer)
+    bias = encoding.attention_bias(geometry, positions, layer)  # [B or 1, H, T, T] or None
+    return self._attend(q, k, v, bias, mask, key)
+
+  def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
+             cache: "LayerCache") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Causal attention of ``T`` new tokens ``x [B, T, D]`` (at ``positions``, geometry ``(T,)``)
+    over a cache of ``S`` slots; returns the output and the updated ``(k, v)`` of this layer.
+
+    The new k/v are rotated with the new positions, then written at ``cache.start``.
+    ``attention_bias`` is called with the positions of all ``S`` slots and its rows
+    of the new queries are kept: O(S^2) per call and layer, for any bias hook.
+    """
+    q, k, v = self._qkv(x)
+    q, k = encoding.rotate(q, k, geometry, positions, layer)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.start, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.start, axis=1)
+    num_slots, num_new = k_cache.shape[1], x.shape[1]
+    bias = encoding.attention_bias(Geometry.seq(num_slots), cache.positions, layer)  # [., H, S, S]
+    if bias is not None:
+      bias = jax.lax.dynamic_slice_in_dim(bias, cache.start, num_new, axis=2)
+    mask = causal_cache_mask(cache.start, num_new, num_slots)
+    return self._attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), bias, mask, None), (
+        k_cache, v_cache)
+
+
+class LayerCache(NamedTuple):
+  """One layer's view of a KV cache: ``k``/``v`` ``[B, S, H, Dh]`` (k already rotated),
+  the positions of all ``S`` slots ``[B or 1, S, ndim]`` (new ones included), and
+  ``start``, the slot of the first new token (int32 scalar)."""
+
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  start: jax.Array
 
 
 class Mlp(nnx.Module):
@@ -170,6 +225,23 @@ class Block(nnx.Module):
     self.num_layers = num_layers
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer, mask, key):
+    attend = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k)
+    return self._residuals(x, attend, encoding, geometry, positions, layer, key)
+
+  def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer,
+             cache: LayerCache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """New tokens ``x`` through the block with a KV cache (inference: no dropout)."""
+    updated = []
+
+    def attend(y, _):
+      out, kv = self.attn.decode(y, encoding, geometry, positions, layer, cache)
+      updated.append(kv)
+      return out
+
+    x = self._residuals(x, attend, encoding, geometry, positions, layer, None)
+    return x, updated[0]
+
+  def _residuals(self, x, attend, encoding: Encoding, geometry: Geometry, positions, layer, key):
     keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
     # Stochastic depth grows linearly with depth, 0 at the first block (as in DeiT / timm).
     path_rate = self.drop_path * layer / max(self.num_layers - 1, 1)
@@ -179,12 +251,10 @@ class Block(nnx.Module):
       return apply_drop_path(apply_dropout(y, self.dropout, k_drop), path_rate, k_path)
 
     if self.pre_ln:
-      x = x + branch(self.attn(self.ln1(x), encoding, geometry, positions, layer, mask, keys[0]), keys[1],
-                     path_keys[0])
+      x = x + branch(attend(self.ln1(x), keys[0]), keys[1], path_keys[0])
       x = x + branch(self.mlp(self.ln2(x)), keys[2], path_keys[1])
     else:
-      x = self.ln1(x + branch(self.attn(x, encoding, geometry, positions, layer, mask, keys[0]), keys[1],
-                              path_keys[0]))
+      x = self.ln1(x + branch(attend(x, keys[0]), keys[1], path_keys[0]))
       x = self.ln2(x + branch(self.mlp(x), keys[2], path_keys[1]))
     return encoding.after_block(x, geometry, positions, layer)
 
@@ -248,3 +318,44 @@ class BlockStack(nnx.Module):
 
     keys = None if key is None else keys
     return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)
+
+  def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
+             cache: "KVCache") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """New tokens ``x [B, T, D]`` through every block with the KV cache ``cache``: its
+    ``positions`` already hold the new tokens' at slot ``cache.length``, where their k/v go.
+    Returns ``x`` and the new ``k``, ``v`` ``[layers, B, S, H, Dh]``."""
+    def one(block, encoding, x, layer, k, v):
+      view = LayerCache(k, v, cache.positions, cache.length)
+      return block.decode(x, encoding, geometry, positions, layer, view)
+
+    if not self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      leaves, treedef = jax.tree.flatten(state)
+      ks, vs = [], []
+      for layer, layer_leaves in enumerate(unstack_layers(leaves)):
+        block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
+        x, (k, v) = one(block, encoding, x, layer, cache.k[layer], cache.v[layer])
+        ks.append(k)
+        vs.append(v)
+      return x, jnp.stack(ks), jnp.stack(vs)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0, None), out_axes=(nnx.Carry, 0, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def run(x, block, layer, k, v, encoding):
+      x, (k, v) = one(block, encoding, x, layer, k, v)
+      return x, k, v
+
+    return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), cache.k, cache.v, encoding)
+
+
+class KVCache(NamedTuple):
+  """The KV cache of a decoder: ``k``/``v`` ``[layers, B, S, H, Dh]`` in the compute dtype (k
+  already rotated by the encoding), the positions of the ``S`` slots ``[B or 1, S, ndim]``
+  (data: what ``attention_bias`` sees), and ``length``, the slots filled (int32 scalar).
+  Decoding a step writes the new tokens' positions into ``positions`` at ``length``
+  and the blocks use that as ``start``."""
+
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  length: jax.Array

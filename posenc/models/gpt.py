@@ -1,0 +1,139 @@
+"""GPT-2-style decoder-only causal language model.
+
+    gpt = GPT(posenc="rope", vocab_size=4096, max_len=128, rngs=nnx.Rngs(0), **GPT_SIZES["nano"])
+    logits = gpt(input_ids)                                   # [B, L, vocab], causal
+    logits = gpt(input_ids, positions=pos, packing_ids=ids)   # several sequences in a row
+    cache = gpt.init_cache(batch_size=2, length=64)           # incremental decoding
+    logits, cache = gpt.decode(prompt_ids, cache)             # prefill
+    logits, cache = gpt.decode(next_ids[:, None], cache)      # one step
+
+Position information enters only through the encoding's hooks (default
+``learned``, a table of ``max_len`` rows like GPT-2's). Attention is causal by
+token order; ``packing_ids`` additionally confine each token to its own packed
+sequence (pass ``positions`` that restart in each), ``padding_mask`` (True = real
+token) hides padded keys. ``posenc.models.generate`` decodes with the KV cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from posenc import encodings
+from posenc.encodings.base import Geometry, check_positions
+from posenc.models.attention import (BlockStack, KVCache, apply_dropout, attention_mask, dense, layer_norm,
+                                     param)
+
+# nano/mini are CPU sizes; small is GPT-2 small (124M parameters at vocab 50257, max_len 1024).
+GPT_SIZES = {
+    "nano": dict(width=128, depth=4, num_heads=4, mlp_dim=512),
+    "mini": dict(width=256, depth=4, num_heads=4, mlp_dim=1024),
+    "small": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+}
+
+
+class GPT(nnx.Module):
+  """Token embedding, position via the encoding hooks, pre-LN blocks, final LayerNorm, tied head.
+
+  As GPT-2: GELU tanh approximation, LayerNorm eps 1e-5, weights N(0, 0.02^2)
+  and zero biases, the residual projections (attention output, second MLP
+  layer) N(0, (0.02 / sqrt(2 depth))^2), and the head is the token embedding
+  matrix transposed (no bias). ``max_len`` is the length the encoding is built
+  for (e.g. the rows of a learned table).
+  """
+
+  def __init__(self, *, posenc: str = "learned", rngs: nnx.Rngs, posenc_options: dict | None = None,
+               vocab_size: int = 50257, max_len: int = 1024, width: int = 768, depth: int = 12,
+               num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0, attention_dropout: float = 0.0,
+               scan_layers: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+    for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}.")
+    init = jax.nn.initializers.normal(0.02)
+    self.vocab_size, self.max_len, self.dtype, self.dropout = vocab_size, max_len, dtype, dropout
+    self.any_dropout = bool(dropout or attention_dropout)
+    self.geometry = Geometry.seq(max_len)
+
+    self.token_embed = param(init, rngs, (vocab_size, width), param_dtype, ("vocab", "embed"))
+    self.posenc = encodings.make(posenc, dim=width, num_heads=num_heads, num_layers=depth,
+                                 geometry=self.geometry, param_dtype=param_dtype, rngs=rngs,
+                                 **(posenc_options or {}))
+    self.blocks = BlockStack(
+        depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-5,
+        gelu_approximate=True, kernel_init=init, bias_init=jax.nn.initializers.zeros, dropout=dropout,
+        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    # GPT-2 scales the init of the projections that write into the residual stream.
+    layers = self.blocks.layers
+    for p in (layers.attn.out, layers.mlp.fc2):
+      p[...] = (p[...] * (2 * depth) ** -0.5).astype(param_dtype)
+    self.final_norm = layer_norm(width, 1e-5, dtype, param_dtype, rngs)
+    self.rngs = nnx.Rngs(dropout=rngs.dropout())
+
+  def _check(self, input_ids, padding_mask, packing_ids) -> None:
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"GPT expects integer input_ids [batch, length], got {input_ids.dtype} "
+                       f"{input_ids.shape}.")
+    for name, arr in (("padding_mask", padding_mask), ("packing_ids", packing_ids)):
+      if arr is not None and arr.shape != input_ids.shape:
+        raise ValueError(f"{name} has shape {arr.shape} but input_ids has {input_ids.shape}; they must match.")
+
+  def _embed(self, input_ids, geometry, positions) -> jax.Array:
+    x = jnp.take(self.token_embed[...], input_ids, axis=0).astype(self.dtype)
+    return self.posenc.embed(x, geometry, positions)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    x = self.final_norm(x)
+    return dense(x, self.token_embed[...].astype(self.dtype).T).astype(jnp.float32)
+
+  def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+               padding_mask: jax.Array | None = None, packing_ids: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """Next-token logits ``[B, L, vocab]`` in float32; position ``t`` sees tokens ``<= t``."""
+    self._check(input_ids, padding_mask, packing_ids)
+    geometry = Geometry.seq(input_ids.shape[1])
+    self.posenc.check(geometry)
+    positions = geometry.positions() if positions is None else check_positions(positions, geometry)
+    key = self.rngs.dropout() if train and self.any_dropout else None
+    embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
+
+    x = apply_dropout(self._embed(input_ids, geometry, positions), self.dropout, embed_key)
+    mask = attention_mask(padding_mask, packing_ids, causal=True, length=input_ids.shape[1])
+    x = self.blocks(x, self.posenc, geometry, positions, mask, blocks_key)
+    return self._logits(x)
+
+  def init_cache(self, batch_size: int, length: int, *, positions_dtype=jnp.int32) -> KVCache:
+    """An empty KV cache of ``length`` slots; a clear error if the encoding cannot serve
+    ``length`` tokens (e.g. more than a learned table's ``max_len``). Slots' positions start
+    as ``0..length-1``; ``decode`` overwrites them with the positions it is given."""
+    geometry = Geometry.seq(length)
+    self.posenc.check(geometry)
+    attn = self.blocks.layers.attn
+    shape = (self.blocks.num_layers, batch_size, length, attn.num_heads, attn.head_dim)
+    zeros = jnp.zeros(shape, self.dtype)
+    return KVCache(zeros, zeros, geometry.positions().astype(positions_dtype), jnp.zeros((), jnp.int32))
+
+  def decode(self, input_ids: jax.Array, cache: KVCache, *,
+             positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Logits ``[B, T, vocab]`` of ``T`` new tokens that follow the ``cache.length`` cached ones,
+    and the cache with them added. ``positions`` of the new tokens (``[B or 1, T]`` or
+    ``[B or 1, T, 1]``) default to ``cache.length + 0..T-1``. Inference only (no dropout);
+    the caller keeps ``cache.length + T`` within the cache (under ``jit`` it is not checked).
+    """
+    self._check(input_ids, None, None)
+    geometry = Geometry.seq(input_ids.shape[1])
+    start = cache.length
+    if positions is None:
+      positions = (start + jnp.arange(geometry.num_positions, dtype=jnp.int32))[None, :, None]
+    positions = check_positions(positions, geometry)
+    if positions.dtype != cache.positions.dtype:
+      raise ValueError(f"positions are {positions.dtype} but the cache holds {cache.positions.dtype} "
+                       f"positions; build it with init_cache(..., positions_dtype={positions.dtype}).")
+    batch = max(positions.shape[0], cache.positions.shape[0])
+    slots = jnp.broadcast_to(cache.positions, (batch, *cache.positions.shape[1:]))
+    slots = jax.lax.dynamic_update_slice_in_dim(
+        slots, jnp.broadcast_to(positions, (batch, *positions.shape[1:])), start, axis=1)
+    cache = cache._replace(positions=slots)
+    x = self._embed(input_ids, geometry, positions)
+    x, k, v = self.blocks.decode(x, self.posenc, geometry, positions, cache)
+    return self._logits(x), KVCache(k, v, slots, start + geometry.num_positions)
