@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from flax import nnx
 
 import posenc  # noqa: F401  (flax config)
 from posenc.encodings import Geometry, make
+from posenc.encodings.rotary import rope_frequencies
 from posenc.transfer import interpolation_scale
 
 H, DH, L = 2, 16, 3  # heads, head dim, layers
@@ -284,7 +286,9 @@ def test_clear_errors():
     (_rope, [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
     (_rope, [Geometry.grid(2, 3, 1), Geometry.grid(7, 5, 1)]),
     (_mixed, [Geometry.grid(2, 3, 1), Geometry.grid(7, 5, 1)]),
-], ids=["rope-1d", "rope-2d", "rope_mixed"])
+    (lambda: _rope(scaling="yarn", original_length=8), [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
+    (lambda: _rope(scaling="ntk", original_length=8), [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
+], ids=["rope-1d", "rope-2d", "rope_mixed", "rope-yarn", "rope-ntk"])
 def test_jit_at_two_geometries_finite_values_and_grads(build, geometries):
   enc = build()
   graphdef, state = nnx.split(enc)
@@ -411,3 +415,123 @@ def test_rotation_at_real_positions_matches_closed_form(label, build, geometry):
   for a, b in zip(rotate(enc, q, k, geometry, layer, ints.astype(np.float32)),
                   rotate(enc, q, k, geometry, layer, ints)):
     np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- context extension: ntk, yarn
+def _hf_rope_config(kind, head_dim, theta, n, length, factor):
+  """HF config for the same extension, and its (inv_freq, attention factor) at ``n`` positions."""
+  from transformers import LlamaConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  if kind == "ntk":  # HF's dynamic NTK; our factor=None is its factor 1
+    params = {"rope_type": "dynamic", "rope_theta": theta, "factor": 1.0 if factor is None else factor}
+    max_len = length
+  else:
+    s = max(1.0, n / length) if factor is None else factor
+    params = {"rope_type": "yarn", "rope_theta": theta, "factor": s,
+              "original_max_position_embeddings": length}
+    max_len = round(length * s)
+  config = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
+                       max_position_embeddings=max_len, rope_parameters=params)
+  init = ROPE_INIT_FUNCTIONS["dynamic" if kind == "ntk" else "yarn"]
+  inv_freq, attention_factor = init(config, None, seq_len=n) if kind == "ntk" else init(config, None)
+  return config, inv_freq.numpy(), attention_factor
+
+
+EXTEND = [(8, 16, None), (16, 16, None), (16, 16, 4.0), (40, 16, None), (300, 64, 3.5),
+          (8192, 2048, None), (1000, 2048, 2.0)]
+
+
+@pytest.mark.parametrize("head_dim,theta", [(16, 10000.0), (64, 500000.0), (64, 10000.0)])
+@pytest.mark.parametrize("n,length,factor", EXTEND, ids=str)
+@pytest.mark.parametrize("kind", ["ntk", "yarn"])
+def test_rope_scaling_frequencies_match_hf(kind, n, length, factor, head_dim, theta):
+  ours, attention = rope_frequencies(head_dim, theta, n, kind, length, factor)
+  _, theirs, hf_attention = _hf_rope_config(kind, head_dim, theta, n, length, factor)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+  assert attention == pytest.approx(hf_attention, rel=1e-12)
+  plain = theta ** -(np.arange(0, head_dim, 2) / head_dim)
+  if n <= length and (factor is None or kind == "ntk"):  # within the trained length: no change
+    np.testing.assert_allclose(ours, plain, rtol=1e-12)
+    assert attention == 1.0
+  else:
+    assert not np.allclose(ours, plain, rtol=1e-3)
+    s = max(1.0, n / length) if factor is None else factor
+    assert attention == (pytest.approx(0.1 * math.log(s) + 1) if kind == "yarn" else 1.0)
+  if kind == "yarn" and (n, length, head_dim, theta) == (8192, 2048, 64, 10000.0):
+    ratio = ours / plain  # fast pairs kept, slow pairs divided by s = 4, a ramp between
+    np.testing.assert_allclose(ratio[:8], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(ratio[21:], 0.25, rtol=1e-12)
+    assert np.all((ratio[9:20] < 1) & (ratio[9:20] > 0.25))
+
+
+@pytest.mark.parametrize("kind,n,length,factor", [
+    ("ntk", 40, 16, None), ("ntk", 40, 16, 2.0), ("yarn", 40, 16, None), ("yarn", 12, 16, 2.0)], ids=str)
+def test_scaled_rope_rotation_matches_hf_llama(kind, n, length, factor):
+  """The whole rotation, attention factor on cos and sin included, against HF's Llama rope."""
+  from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+  config, _, _ = _hf_rope_config(kind, DH, 10000.0, n, length, factor)
+  geometry = Geometry.seq(n, num_prefix=1)
+  enc = _rope(scaling=kind, original_length=length, **({} if factor is None else {"factor": factor}))
+  q, k = _qk(geometry)
+  qr, kr = rotate(enc, q, k, geometry, 0)
+  tq, tk = (torch.from_numpy(np.array(x[:, 1:])) for x in (q, k))
+  cos, sin = LlamaRotaryEmbedding(config)(tq, torch.arange(n)[None])
+  hq, hk = apply_rotary_pos_emb(tq, tk, cos, sin, unsqueeze_dim=2)
+  np.testing.assert_allclose(qr[:, 1:], hq.numpy(), atol=3e-5)
+  np.testing.assert_allclose(kr[:, 1:], hk.numpy(), atol=3e-5)
+  np.testing.assert_array_equal(qr[:, :1], q[:, :1])  # the prefix token is not turned (nor scaled)
+
+
+@pytest.mark.parametrize("kind", ["ntk", "yarn"])
+def test_scaled_rope_logits_depend_only_on_offsets(kind):
+  geometry = Geometry.seq(24)
+  enc, plain = _rope(scaling=kind, original_length=8), _rope()
+  q0, k0 = _qk(Geometry.seq(1), seed=1, batch=1)  # the same content at every position
+  q, k = jnp.tile(q0, (2, 24, 1, 1)), jnp.tile(k0, (2, 24, 1, 1))
+  base = _logits(*rotate(enc, q, k, geometry, 0))
+  scale = np.abs(base).max()
+  at100 = _logits(*rotate(enc, q, k, geometry, 0, geometry.positions() + 100))
+  np.testing.assert_allclose(at100, base, atol=1e-4 * scale)
+  i, j = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+  for offset in (-5, 0, 3, 23):
+    values = base[0][:, i - j == offset]
+    np.testing.assert_allclose(values, np.broadcast_to(values[:, :1], values.shape), atol=1e-4 * scale)
+  p = _real_positions(geometry, low=0.0, high=24.0)
+  real = _logits(*rotate(enc, q, k, geometry, 0, p))
+  np.testing.assert_allclose(_logits(*rotate(enc, q, k, geometry, 0, p + np.float32(37.25))), real,
+                             atol=2e-4 * scale)
+  unscaled = _logits(*rotate(plain, q, k, geometry, 0))
+  assert np.abs(base - unscaled).max() > 1e-2 * scale  # N = 24 > L = 8: the extension acts
+  # q.k at offset 0 is the unrotated q.k times the attention factor squared (1 for ntk).
+  mscale = 0.1 * math.log(3.0) + 1 if kind == "yarn" else 1.0
+  diagonal = functools.partial(np.diagonal, axis1=-2, axis2=-1)
+  np.testing.assert_allclose(diagonal(base), mscale ** 2 * diagonal(unscaled), rtol=1e-5)
+  # Within the trained length nothing changes.
+  short = Geometry.seq(8)
+  np.testing.assert_array_equal(rotate(enc, q[:, :8], k[:, :8], short, 0)[0],
+                                rotate(plain, q[:, :8], k[:, :8], short, 0)[0])
+
+
+def test_scaling_clear_errors():
+  with pytest.raises(ValueError, match=r"scaling must be one of \('none', 'ntk', 'yarn'\), got 'linear'"):
+    _rope(scaling="linear")
+  with pytest.raises(ValueError, match=r"scaling='yarn' needs original_length"):
+    _rope(scaling="yarn")
+  with pytest.raises(ValueError, match=r"original_length and factor apply only with scaling"):
+    _rope(original_length=8)
+  with pytest.raises(ValueError, match=r"factor must be >= 1"):
+    _rope(scaling="ntk", original_length=8, factor=0.5)
+  with pytest.raises(ValueError, match=r"beta_fast > beta_slow > 0"):
+    _rope(scaling="yarn", original_length=8, beta_fast=1, beta_slow=2)
+  with pytest.raises(ValueError, match=r"scaling='yarn' extends 1D sequences only, not 2D 2x2"):
+    _rope(scaling="yarn", original_length=8, geometry=Geometry.grid(2, 2))
+  q, k = _qk(Geometry.grid(2, 2))
+  with pytest.raises(ValueError, match=r"1D sequences only"):
+    make("rope", scaling="ntk", original_length=8).rotate(q, k, Geometry.grid(2, 2),
+                                                          Geometry.grid(2, 2).positions(), 0)
+  q, k = _qk(Geometry.seq(5), dh=2)
+  with pytest.raises(ValueError, match=r"scaling='ntk' needs head_dim >= 4"):
+    make("rope", scaling="ntk", original_length=4).rotate(q, k, Geometry.seq(5),
+                                                          Geometry.seq(5).positions(), 0)

@@ -8,7 +8,7 @@ from posenc.encodings.base import POSENC_KEY, Encoding, Geometry, as_hw, check_p
 from posenc.encodings.registry import CONTEXT_KEYS, get, make, names, register
 
 # Importing the family modules registers their encodings.
-from posenc.encodings import absolute, conditional, relative, rotary  # noqa: E402,F401
+from posenc.encodings import absolute, conditional, functional_bias, relative, rotary  # noqa: E402,F401
 
 __all__ = ["CONTEXT_KEYS", "POSENC_KEY", "Encoding", "Geometry", "as_hw", "check_positions", "get", "make",
            "names", "register"]

@@ -24,6 +24,26 @@ interpolation is positions times a factor < 1 (``posenc.transfer.interpolation_s
 
 No tables: both work at any sequence length or grid size. Prefix tokens (class
 token, registers) are not rotated.
+
+Context extension (``rope`` 1D, option ``scaling``), matched to Hugging Face's
+rope utils for a sequence of ``N`` positions (the static geometry length)
+trained at ``original_length`` ``L``; ``rope_frequencies`` computes both:
+
+- ``"ntk"``: NTK-aware base, HF's ``dynamic``: ``theta' = theta * a**(Dh/(Dh-2))``,
+  ``a = factor * max(N, L) / L - (factor - 1)``; ``factor=None`` means 1, so
+  ``a = max(1, N / L)`` and nothing changes while ``N <= L``.
+- ``"yarn"``: YaRN, HF's ``yarn`` (correction range truncated to whole
+  dimensions): frequencies blend ``freq / s`` (interpolation) and ``freq``
+  (extrapolation) along a ramp over the pairs set by ``beta_fast``/``beta_slow``
+  rotations in ``L``; cos and sin (so the rotated q and k) are multiplied by
+  ``0.1 ln s + 1`` (1 if ``s <= 1``), scaling q.k by its square. ``s = factor``,
+  or ``max(1, N / L)`` when ``factor=None`` (dynamic). A fixed ``factor``
+  applies at every ``N``, as in HF.
+
+``N`` is the length of the geometry ``rotate`` is called with: a KV-cache
+decoder that rotates one new token per call sees ``N = 1``, so the dynamic
+settings (``ntk``; ``yarn`` without ``factor``) are for full-sequence calls;
+``yarn`` with a fixed ``factor`` is the same at every ``N``.
 """
 from __future__ import annotations
 
@@ -38,13 +58,16 @@ from posenc.encodings.base import Encoding, Geometry, split_prefix
 from posenc.encodings.registry import register
 
 
-def rotate_half_pairs(x: jax.Array, angles: jax.Array) -> jax.Array:
-  """Turn features ``(i, i + Dh/2)`` of ``x [..., Dh]`` by ``angles [..., Dh/2]``.
+def rotate_half_pairs(x: jax.Array, angles: jax.Array, scale: float = 1.0) -> jax.Array:
+  """Turn features ``(i, i + Dh/2)`` of ``x [..., Dh]`` by ``angles [..., Dh/2]``; cos and sin
+  are multiplied by ``scale`` (YaRN's attention factor).
 
   Computed in float32, returned in ``x.dtype``.
   """
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
@@ -56,6 +79,33 @@ def axial_frequencies(head_dim: int, ndim: int, theta: float) -> np.ndarray:
   mag = theta ** (-np.arange(0, head_dim, 4) / head_dim)  # Dh/4 magnitudes per axis
   zeros = np.zeros_like(mag)
   return np.stack([np.concatenate([mag, zeros]), np.concatenate([zeros, mag])])[:, None, :]
+
+
+SCALINGS = ("none", "ntk", "yarn")
+
+
+def rope_frequencies(head_dim: int, theta: float, length: int, scaling: str = "none",
+                     original_length: int | None = None, factor: float | None = None,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> tuple[np.ndarray, float]:
+  """1D RoPE inverse frequencies ``[Dh/2]`` (float64) and the attention factor for a
+  sequence of ``length`` positions (see the module docstring for ``scaling``)."""
+  exponents = np.arange(0, head_dim, 2) / head_dim
+  if scaling == "none":
+    return theta ** -exponents, 1.0
+  if scaling == "ntk":
+    f = 1.0 if factor is None else factor
+    a = f * max(length, original_length) / original_length - (f - 1.0)
+    return (theta * a ** (head_dim / (head_dim - 2))) ** -exponents, 1.0
+  s = max(1.0, length / original_length) if factor is None else factor
+
+  def correction_dim(rotations):  # the pair index that turns ``rotations`` times in L positions
+    return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low = max(math.floor(correction_dim(beta_fast)), 0)
+  high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+  ramp = np.clip((np.arange(head_dim // 2) - low) / ((high - low) or 0.001), 0.0, 1.0)
+  freqs = theta ** -exponents
+  return freqs / s * ramp + freqs * (1.0 - ramp), (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
 
 
 def random_mixed_frequencies(key: jax.Array, num_layers: int, num_heads: int, head_dim: int,
@@ -80,6 +130,9 @@ class _Rotary(Encoding):
   def _frequencies(self, geometry: Geometry, layer, head_dim: int, num_heads: int) -> jax.Array:
     raise NotImplementedError  # abstract: rope and rope_mixed say their frequencies
 
+  def _attention_factor(self, geometry: Geometry, head_dim: int) -> float:
+    return 1.0  # what cos and sin are multiplied by
+
   def _check_head_dim(self, head_dim: int, ndim: int) -> None:
     step = 2 * ndim  # a pair per frequency; in 2D half the pairs for x, half for y
     if head_dim % step:
@@ -99,10 +152,11 @@ class _Rotary(Encoding):
     freqs = self._frequencies(geometry, layer, head_dim, num_heads).astype(jnp.float32)
     pos = positions[..., ::-1].astype(jnp.float32)  # (row, col) -> rope-vit's (x, y)
     angles = jnp.sum(pos[..., None, None] * freqs, axis=-3)  # [B, N, H or 1, Dh/2]
+    scale = self._attention_factor(geometry, head_dim)
 
     def apply(x):
       prefix, tokens = split_prefix(x, geometry)
-      tokens = rotate_half_pairs(tokens, angles)
+      tokens = rotate_half_pairs(tokens, angles, scale)
       return jnp.concatenate([prefix, tokens], axis=1) if geometry.num_prefix else tokens
 
     return apply(q), apply(k)
@@ -112,24 +166,62 @@ class _Rotary(Encoding):
 class RoPE(_Rotary):
   """Fixed rotary embedding: RoFormer in 1D, RoPE-Axial on 2D grids. No parameters.
 
-  Option: ``theta`` (frequency base; default 10000 in 1D, 100 in 2D as in RoPE-ViT).
+  Options: ``theta`` (frequency base; default 10000 in 1D, 100 in 2D as in RoPE-ViT);
+  1D context extension (module docstring): ``scaling`` in ``"none"`` (default),
+  ``"ntk"``, ``"yarn"``; ``original_length`` (the trained length, required unless
+  ``"none"``); ``factor`` (None: from the sequence length); ``beta_fast=32``,
+  ``beta_slow=1`` (YaRN's ramp).
   """
 
   def __init__(self, *, dim: int | None = None, num_heads: int | None = None,
-               theta: float | None = None):
+               theta: float | None = None, scaling: str = "none", original_length: int | None = None,
+               factor: float | None = None, beta_fast: float = 32.0, beta_slow: float = 1.0):
     self.head_dim = dim // num_heads if dim and num_heads else None
     if theta is not None and not float(theta) > 1:
       raise ValueError(f"position encoding 'rope': theta must be > 1, got {theta}.")
     self.theta = None if theta is None else float(theta)
+    if scaling not in SCALINGS:
+      raise ValueError(f"position encoding 'rope': scaling must be one of {SCALINGS}, got {scaling!r}.")
+    if scaling == "none" and (original_length is not None or factor is not None):
+      raise ValueError("position encoding 'rope': original_length and factor apply only with "
+                       "scaling='ntk' or 'yarn'; scaling is 'none'.")
+    if scaling != "none" and (isinstance(original_length, bool) or original_length is None
+                              or not isinstance(original_length, int | np.integer) or original_length < 1):
+      raise ValueError(f"position encoding 'rope': scaling={scaling!r} needs original_length, the "
+                       f"trained sequence length (a positive int); got {original_length!r}.")
+    if factor is not None and not float(factor) >= 1:
+      raise ValueError(f"position encoding 'rope': factor must be >= 1 (or None: from the sequence "
+                       f"length); got {factor}.")
+    if not float(beta_fast) > float(beta_slow) > 0:
+      raise ValueError(f"position encoding 'rope': needs beta_fast > beta_slow > 0; got "
+                       f"beta_fast={beta_fast}, beta_slow={beta_slow}.")
+    self.scaling = scaling
+    self.original_length = None if original_length is None else int(original_length)
+    self.factor = None if factor is None else float(factor)
+    self.beta_fast, self.beta_slow = float(beta_fast), float(beta_slow)
 
   def check(self, geometry: Geometry) -> None:
     super().check(geometry)
+    if self.scaling != "none" and geometry.ndim != 1:
+      raise ValueError(f"position encoding 'rope': scaling={self.scaling!r} extends 1D sequences only, "
+                       f"not {geometry}; use scaling='none' (or position interpolation) on 2D grids.")
     if self.head_dim is not None:
       self._check_head_dim(self.head_dim, geometry.ndim)
 
+  def _scaled(self, geometry: Geometry, head_dim: int) -> tuple[np.ndarray, float]:
+    if self.scaling == "ntk" and head_dim < 4:
+      raise ValueError(f"position encoding 'rope': scaling='ntk' needs head_dim >= 4; got {head_dim}.")
+    return rope_frequencies(head_dim, self.theta or 10000.0, geometry.shape[0], self.scaling,
+                            self.original_length, self.factor, self.beta_fast, self.beta_slow)
+
   def _frequencies(self, geometry, layer, head_dim, num_heads):
+    if self.scaling != "none":
+      return jnp.asarray(self._scaled(geometry, head_dim)[0].reshape(1, 1, -1), jnp.float32)
     theta = self.theta or (10000.0 if geometry.ndim == 1 else 100.0)
     return jnp.asarray(axial_frequencies(head_dim, geometry.ndim, theta), jnp.float32)
+
+  def _attention_factor(self, geometry, head_dim):
+    return self._scaled(geometry, head_dim)[1] if self.scaling == "yarn" else 1.0
 
 
 @register("rope_mixed")

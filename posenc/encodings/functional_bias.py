@@ -1,0 +1,170 @@
+"""Functional relative biases (1D): ``fire`` and ``kerple``, learned functions of the distance.
+
+Both return ``attention_bias(geometry, positions, layer) -> [B or 1, H, T, T]``
+float32, zero in the rows and columns of prefix tokens, and take real-valued
+positions. Both use the distance ``|i - j|`` on either side of the query, so
+the same bias serves a bidirectional encoder and a causal decoder (whose mask
+hides the keys after the query anyway).
+
+- ``kerple``: KERPLE's logarithmic kernel (Chi et al. 2022), a per-head
+  function of the offset only (translation invariant).
+- ``fire``: FIRE (Li et al. 2023), an MLP of the log distance divided by the
+  log of the query position (progressive interpolation); it depends on the
+  query position as well, through the normaliser, so it is not translation
+  invariant once the query passes the learned threshold.
+
+1D only: a 2D geometry is a clear error.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from posenc.encodings.base import Encoding, pad_prefix_bias, pair_offsets
+from posenc.encodings.registry import register
+from posenc.encodings.relative import _layer_params
+
+FIRE_EPS = 1e-6  # added to FIRE's normaliser (the paper's eps)
+KERPLE_INIT_MIN = 1e-2  # KERPLE's clamp floor, used here for the initial values only
+
+
+def _positive_int(name: str, option: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"position encoding '{name}': {option} must be a positive int, got {value!r}.")
+  return value
+
+
+def _positive_float(name: str, option: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    raise ValueError(f"position encoding '{name}': {option} must be a number > 0, got {value!r}.")
+  return float(value)
+
+
+def _distance(positions: jax.Array) -> jax.Array:
+  """``[B, N, N]`` float32 ``|pos_i - pos_j|`` of ``[B, N, 1]`` positions."""
+  return jnp.abs(pair_offsets(positions.astype(jnp.float32))[..., 0])
+
+
+def _uniform(low: float, high: float):
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, jnp.float32, low, high).astype(dtype)
+  return init
+
+
+def inverse_softplus(y: jax.Array) -> jax.Array:
+  """``x`` with ``softplus(x) = y`` for ``y > 0``."""
+  return y + jnp.log(-jnp.expm1(-y))
+
+
+@register("kerple")
+class Kerple(Encoding):
+  """KERPLE-log: ``bias[h, i, j] = -r1_h * log(1 + r2_h * |pos_i - pos_j|)``.
+
+  ``r1, r2 > 0`` per head, kept positive by a softplus: the parameters
+  ``raw_r1``, ``raw_r2`` ``(H,)`` (``(num_layers, H)`` with ``per_layer``)
+  store ``softplus^-1(r)``. (The paper's code clamps ``r`` at 0.01 after each
+  step; a softplus keeps every gradient alive instead.) Init as the paper's
+  code: ``r1 ~ U(0, 2)``, ``r2 ~ U(0, 1)``, floored at 0.01. One ``r1, r2``
+  per head shared by all layers, as in the paper's GPT-NeoX code (one module
+  passed to every layer); ``per_layer=True`` gives each layer its own. The
+  paper's causal bias uses ``i - j >= 0``; here ``|i - j|`` on both sides.
+  """
+
+  supported_ndims = (1,)
+
+  def __init__(self, *, num_heads: int, num_layers: int = 1, per_layer: bool = False,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    _positive_int(self.name, "num_heads", num_heads)
+    self.num_layers = _positive_int(self.name, "num_layers", num_layers)
+    self.per_layer = bool(per_layer)
+    shape, names = ((num_layers, num_heads), ("layers", "heads")) if per_layer else ((num_heads,), ("heads",))
+
+    def param(high):
+      r = jnp.maximum(jax.random.uniform(rngs.params(), shape, jnp.float32, 0.0, high), KERPLE_INIT_MIN)
+      return nnx.Param(inverse_softplus(r).astype(param_dtype), out_sharding=names)
+
+    self.raw_r1, self.raw_r2 = param(2.0), param(1.0)
+
+  def coefficients(self, layer) -> tuple[jax.Array, jax.Array]:
+    """``(r1, r2)``, each ``(H,)`` float32, of ``layer``."""
+    return tuple(jax.nn.softplus(_layer_params(p[...], self.per_layer, self.num_layers, layer)
+                                 .astype(jnp.float32)) for p in (self.raw_r1, self.raw_r2))
+
+  def attention_bias(self, geometry, positions, layer):
+    self.check(geometry)
+    r1, r2 = (r[:, None, None] for r in self.coefficients(layer))
+    bias = -r1 * jnp.log1p(r2 * _distance(positions)[:, None])  # [B, H, N, N]
+    return pad_prefix_bias(bias, geometry)
+
+
+@register("fire")
+class FIRE(Encoding):
+  """FIRE: ``bias[h, i, j] = f(psi(|i - j|) / psi(max(L, i)))_h``, ``i`` the query.
+
+  ``psi(x) = log(|c| x + 1)`` and ``L = |threshold_scale| * init_threshold``,
+  with ``c`` and ``threshold_scale`` learned scalars (absolute values keep
+  them positive, as the paper's code does); the normaliser gets ``+ 1e-6``.
+  ``f`` is an MLP ``1 -> hidden_dim (ReLU) -> H``. Defaults are the paper's:
+  ``hidden_dim=32``, ``init_c=0.1``, ``init_threshold=512`` (``L`` starts
+  there; ``threshold_scale`` starts at 1), MLP initialised like torch's
+  ``nn.Linear`` (``U(+-1/sqrt(fan_in))`` for weights and biases).
+  ``per_layer=True`` (default) gives each layer its own MLP, ``c`` and ``L``;
+  ``per_layer=False`` shares one set across layers (layer-shared FIRE).
+
+  Parameters: ``w1 (1, W)``, ``b1 (W,)``, ``w2 (W, H)``, ``b2 (H,)``, ``c ()``,
+  ``threshold_scale ()``, each with a leading ``num_layers`` axis when
+  ``per_layer``: ``2W + W*H + H + 2`` per set.
+
+  Keys after the query (``j > i``) use the distance ``|i - j|`` with the same
+  query normaliser (the paper's code takes ``|c (i - j)|``), so for a
+  bidirectional encoder the bias is symmetric in the offset up to the
+  normaliser. The bias depends on the query position only through
+  ``max(L, i)``: it is translation invariant while every query position
+  stays below ``L``.
+  """
+
+  supported_ndims = (1,)
+
+  def __init__(self, *, num_heads: int, num_layers: int = 1, hidden_dim: int = 32,
+               init_c: float = 0.1, init_threshold: float = 512.0, per_layer: bool = True,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    _positive_int(self.name, "num_heads", num_heads)
+    self.num_layers = _positive_int(self.name, "num_layers", num_layers)
+    hidden_dim = _positive_int(self.name, "hidden_dim", hidden_dim)
+    init_c = _positive_float(self.name, "init_c", init_c)
+    self.init_threshold = _positive_float(self.name, "init_threshold", init_threshold)
+    self.per_layer = bool(per_layer)
+    lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
+
+    def param(shape, names, init):
+      return nnx.Param(init(rngs.params(), (*lead, *shape), param_dtype),
+                       out_sharding=(*lead_name, *names))
+
+    bound = 1.0 / math.sqrt(hidden_dim)
+    self.w1 = param((1, hidden_dim), (None, "mlp"), _uniform(-1.0, 1.0))  # fan_in 1
+    self.b1 = param((hidden_dim,), ("mlp",), _uniform(-1.0, 1.0))
+    self.w2 = param((hidden_dim, num_heads), ("mlp", "heads"), _uniform(-bound, bound))
+    self.b2 = param((num_heads,), ("heads",), _uniform(-bound, bound))
+    self.c = param((), (), nnx.initializers.constant(init_c))
+    self.threshold_scale = param((), (), nnx.initializers.constant(1.0))
+
+  def normalized_distance(self, positions, layer) -> jax.Array:
+    """``psi(|i - j|) / psi(max(L, i))``, ``[B, N, N]`` float32: the MLP's input."""
+    c, scale = (jnp.abs(_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32))
+                for p in (self.c, self.threshold_scale))
+    query = positions[..., 0].astype(jnp.float32)  # [B, N]
+    # log1p, not log(c x + 1): a multiply-add XLA may fuse or not gives other bits per program.
+    normaliser = jnp.log1p(c * jnp.maximum(query, scale * self.init_threshold)) + FIRE_EPS
+    return jnp.log1p(c * _distance(positions)) / normaliser[:, :, None]
+
+  def attention_bias(self, geometry, positions, layer):
+    self.check(geometry)
+    w1, b1, w2, b2 = (_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
+                      for p in (self.w1, self.b1, self.w2, self.b2))
+    x = self.normalized_distance(positions, layer)[..., None]  # [B, N, N, 1]
+    hidden = jax.nn.relu(x * w1[0] + b1)  # [B, N, N, W]
+    bias = jnp.dot(hidden, w2, precision="highest") + b2  # [B, N, N, H]
+    return pad_prefix_bias(jnp.moveaxis(bias, -1, 1), geometry)
