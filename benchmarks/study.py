@@ -38,9 +38,10 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
+import study_lm  # noqa: E402
 import study_report  # noqa: E402
 import timing  # noqa: E402
-from configs import bert_small, vit_tiny  # noqa: E402
+from configs import bert_small, gpt_tiny, vit_tiny  # noqa: E402
 from posenc.training import train  # noqa: E402
 
 
@@ -78,6 +79,17 @@ BERT_VARIANTS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0
 # its trained length only, with the variant), so both halves' tables, the transfer and the
 # resumable record are exercised with the fewest runs (six). Its numbers mean nothing.
 QUICK_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
+GPT_ENCODINGS = ("learned", "learned+copy", "sinusoidal", "rope", "rope+pi", "rope+ntk", "rope+yarn", "alibi",
+                 "rel_bias", "fire", "kerple", "none")
+
+
+def gpt_variants(length: int) -> tuple:
+  """Evaluated from another encoding's run, without training: (label, trained label, overrides)."""
+  rope = f"posenc_options.original_length={length}"
+  return (("learned+copy", "learned", "transfer.extend=copy"),
+          ("rope+pi", "rope", "transfer.interpolate_positions=True"),
+          ("rope+ntk", "rope", f"posenc_options.scaling=ntk,{rope}"),
+          ("rope+yarn", "rope", f"posenc_options.scaling=yarn,{rope}"))
 
 PROFILES = {
     # On 2 CPU cores with one process per seed: ViT about 1 h, BERT about 1.5 h. The default models
@@ -89,13 +101,21 @@ PROFILES = {
                "image_size", 28, (14, 21, 28, 42, 56), VIT_ENCODINGS, 30, 0.25, 0.1),
         Family("bert", bert_small, "max_len=128,batch_size=16,total_steps=800,warmup_steps=80,lr=2e-3,"
                "model_options.pre_ln=True,eval_every=0,eval_max_batches=0", "max_len", 128, (64, 128, 256, 512),
-               BERT_ENCODINGS, 20, 0.25, 0.1, BERT_VARIANTS))),
+               BERT_ENCODINGS, 20, 0.25, 0.1, BERT_VARIANTS),
+        # GPT: byte-level BPE of 512 (near character level: 2.2M train tokens), L = 64, 2000 steps of
+        # 32 rows; test perplexity at 64..1024 on the same 32,768 test tokens.
+        study_lm.LMFamily("gpt", gpt_tiny, "vocab_size=512,max_len=64,total_steps=2000,warmup_steps=100,"
+                          "eval_every=0,checkpoint_every=0", 64, (1, 2, 4, 8, 16), 64, 32768, GPT_ENCODINGS,
+                          gpt_variants(64)))),
     "quick": dict(seeds=(0,), families=(
         Family("vit", vit_tiny, QUICK_TINY + ",total_steps=2,warmup_steps=1,batch_size=8,eval_batch_size=64,"
                "eval_max_batches=1,eval_every=0", "image_size", 28, (14, 28), ("learned",), 2, 0.25, 0.1),
         Family("bert", bert_small, QUICK_TINY + ",total_steps=2,warmup_steps=1,batch_size=8,eval_batch_size=8,"
                "eval_max_batches=1,eval_every=0", "max_len", 16, (16,), ("sinusoidal_scaled",), 2, 0.25, 0.1,
-               BERT_VARIANTS))),
+               BERT_VARIANTS),
+        study_lm.LMFamily("gpt", gpt_tiny, QUICK_TINY + ",max_len=16,vocab_size=512,total_steps=2,warmup_steps=1,"
+                          "batch_size=8,eval_batch_size=8,eval_every=0", 16, (1, 2), 8, 64, ("rope", "rope+yarn"),
+                          gpt_variants(16)))),
 }
 
 
@@ -175,15 +195,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny budget for CI (profile 'quick')")
   parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
-  parser.add_argument("--families", nargs="+", choices=["vit", "bert"], default=["vit", "bert"])
+  parser.add_argument("--families", nargs="+", choices=["vit", "bert", "gpt"], default=["vit", "bert", "gpt"])
   parser.add_argument("--encodings", nargs="+", default=None,
                       help="run only these encodings (labels); the report still shows every one")
   parser.add_argument("--report-only", action="store_true",
                       help="write the report from the cells recorded so far; run nothing")
-  parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "study"),
-                      help="run directories and cells.jsonl (the resumable record)")
+  parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "study"), help="run directories")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
-                      help="directory for study.md, study.json and study.png")
+                      help="directory for study.md, study.json, study.png and study_cells.jsonl (the "
+                           "resumable record of every finished number: commit it as cells finish)")
   args = parser.parse_args(argv)
   profile = PROFILES["quick" if args.quick else "full"]
   root = os.path.abspath(os.path.join(args.workdir, "quick" if args.quick else "full"))
@@ -193,21 +213,29 @@ def main(argv=None) -> int:
   start = time.time()
   log = lambda msg: print(f"[study {time.time() - start:7.0f}s] {msg}", file=sys.stderr, flush=True)
   families = [f for f in profile["families"] if f.name in args.families]
-  cells = Cells(os.path.join(root, "cells.jsonl"), {f.name: f.budget for f in profile["families"]})
+  os.makedirs(args.out, exist_ok=True)
+  cells = Cells(os.path.join(args.out, f"study_cells{'_quick' if args.quick else ''}.jsonl"),
+                {f.name: f.budget for f in profile["families"]})
   if cells.stale:
     log(f"{cells.stale} recorded cells were measured under other settings; they are set aside")
   for family in [] if args.report_only else families:
     if args.encodings:
       family = dataclasses.replace(family, encodings=tuple(e for e in family.encodings if e in args.encodings))
-    study_family(family, tuple(args.seeds or profile["seeds"]), cells, root, log)
+    seeds = tuple(args.seeds or profile["seeds"])
+    if isinstance(family, study_lm.LMFamily):
+      study_lm.study(family, seeds, cells, root, log, run)
+    else:
+      study_family(family, seeds, cells, root, log)
   if args.encodings or (args.seeds and set(args.seeds) != set(profile["seeds"])):
     log("a share of the study is done; run without --seeds / --encodings for the report")
     return 0
+  # The report shows every family with recorded cells, whichever families this invocation ran.
+  reported = [f for f in profile["families"] if any(row["family"] == f.name for row in cells.rows.values())]
   results = dict(profile="quick" if args.quick else "full", header=timing.machine_lines(),
                  seconds=time.time() - start, seeds=list(profile["seeds"]),
-                 families=[study_report.describe(f) for f in families],
-                 cells=[row for row in cells.rows.values()
-                        if row["seed"] in profile["seeds"] and row["family"] in args.families])
+                 families=[study_report.describe(f) for f in reported],
+                 baselines={f.name: study_lm.baselines(f) for f in reported if isinstance(f, study_lm.LMFamily)},
+                 cells=[row for row in cells.rows.values() if row["seed"] in profile["seeds"]])
   markdown = study_report.markdown(results)
   print(markdown)
   study_report.write(results, markdown, args.out)

@@ -2,27 +2,37 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
 
 MODES = {"transfer": "(a) no fine-tuning: the trained model, position parameters transferred",
          "finetune": "(b) after a short fine-tune at each geometry"}
+LM_MODES = {"nonoverlap": "non-overlapping windows of the evaluated length",
+            "sliding": "sliding windows of the evaluated length, scoring their last S tokens"}
 TITLES = {"vit": ("ViT on Fashion-MNIST", "test accuracy (%) by image side", "×"),
-          "bert": ("BERT-style encoder, masked language modelling", "test MLM accuracy (%) by sequence length", "")}
+          "bert": ("BERT-style encoder, masked language modelling", "test MLM accuracy (%) by sequence length", ""),
+          "gpt": ("GPT-style causal LM, length extrapolation", "test perplexity by evaluated length", "")}
+CONFIGS = {"vit": "vit_tiny", "bert": "bert_small", "gpt": "gpt_tiny"}
 
 
 def describe(family) -> dict:
-  """What a report needs to know of a study.Family."""
-  return dict(name=family.name, overrides=family.overrides, field=family.field, base=family.base,
-              sizes=list(family.sizes), encodings=list(family.encodings),
-              finetune_steps=family.finetune_steps, finetune_lr_scale=family.finetune_lr_scale,
-              posenc_lr_mult=family.posenc_lr_mult, variants=dict(family.variants))
+  """What a report needs to know of a study.Family or study_lm.LMFamily."""
+  out = dict(name=family.name, overrides=family.overrides, base=family.base, sizes=list(family.sizes),
+             encodings=list(family.encodings))
+  if hasattr(family, "stride"):  # a language-model family: modes are window kinds
+    return dict(out, kind="lm", field="max_len", stride=family.stride, eval_tokens=family.eval_tokens,
+                variants={label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants
+                          if label in family.encodings})
+  return dict(out, kind="accuracy", field=family.field, finetune_steps=family.finetune_steps,
+              finetune_lr_scale=family.finetune_lr_scale, posenc_lr_mult=family.posenc_lr_mult,
+              variants=dict(family.variants))
 
 
 def summary(cells: list[dict], family: str, posenc: str, mode: str, size: int,
             metric: str = "accuracy") -> tuple[float, float, int]:
-  """(mean, sample std, count) over seeds of the accuracy in percent, or of the loss."""
+  """(mean, sample std, count) over seeds of the accuracy in percent, or of the loss / perplexity."""
   scale = 100 if metric == "accuracy" else 1
   values = [scale * c[metric] for c in cells
             if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
@@ -37,13 +47,39 @@ def cell_text(mean: float, std: float, count: int, digits: int = 1) -> str:
   return f"{mean:.{digits}f}" if count == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def lm_lines(results: dict, f: dict) -> list[str]:
+  title, what, _ = TITLES[f["name"]]
+  seeds = sorted({c["seed"] for c in results["cells"] if c["family"] == f["name"]})
+  base = results.get("baselines", {}).get(f["name"], {})
+  lines = [f"## {title}: trained at length {f['base']}, {what}", "",
+           f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/gpt_tiny.py:{f['overrides']}`; "
+           f"every length and mode scores the same {f['eval_tokens']:,} test tokens; S = {f['stride']}."]
+  lines += [f"`{label}`: {text}." for label, text in f.get("variants", {}).items()]
+  if base:
+    lines += ["", f"Baselines on the same tokens (train-split counts): unigram (no context) perplexity "
+                  f"{base['unigram']:.1f}; bigram (the previous token only, interpolated with the unigram at "
+                  f"weight {base['bigram_weight']:.2f}) {base['bigram']:.1f}."]
+  lines.append("")
+  for mode, caption in LM_MODES.items():
+    lines += [f"### {caption}: test perplexity", "",
+              "| posenc | " + " | ".join(f"{n}" + (" (trained)" if n == f["base"] else "") for n in f["sizes"]) + " |",
+              "|---|" + "---:|" * len(f["sizes"])]
+    for posenc in f["encodings"]:
+      row = [cell_text(*summary(results["cells"], f["name"], posenc, mode, n, "perplexity"), 1) for n in f["sizes"]]
+      lines.append(f"| `{posenc}` | " + " | ".join(row) + " |")
+    lines.append("")
+  return lines
+
+
 def family_lines(results: dict, f: dict) -> list[str]:
+  if f.get("kind") == "lm":
+    return lm_lines(results, f)
   title, what, cross = TITLES[f["name"]]
   sizes = f["sizes"]
   label = lambda s: f"{s}{cross}{s}" if cross else str(s)
   seeds = sorted({c["seed"] for c in results["cells"] if c["family"] == f["name"]})
   lines = [f"## {title}: trained at {label(f['base'])}, {what}", "",
-           f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/{'vit_tiny' if f['name'] == 'vit' else 'bert_small'}.py:{f['overrides']}`; "
+           f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/{CONFIGS[f['name']]}.py:{f['overrides']}`; "
            f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, "
            f"position parameters at {f['posenc_lr_mult']}× that."]
   lines += [f"`{label}` is `{args}`." for label, args in f.get("variants", {}).items()] + [""]
@@ -83,9 +119,11 @@ def plot(results: dict, path: str) -> None:
   families = results["families"]
   fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False, sharey="row")
   for row, f in zip(axes, families):
-    for ax, (mode, caption) in zip(row, MODES.items()):
+    lm = f.get("kind") == "lm"
+    for ax, (mode, caption) in zip(row, (LM_MODES if lm else MODES).items()):
       for posenc in f["encodings"]:
-        stats = [summary(results["cells"], f["name"], posenc, mode, s) for s in f["sizes"]]
+        stats = [summary(results["cells"], f["name"], posenc, mode, s, "loss" if lm else "accuracy")
+                 for s in f["sizes"]]
         ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o",
                     capsize=2, label=posenc, linestyle="--" if posenc == "none" else "-")
       ax.axvline(f["base"], color="grey", linewidth=0.8)
@@ -93,7 +131,11 @@ def plot(results: dict, path: str) -> None:
       ax.set_xticks(f["sizes"], [str(s) for s in f["sizes"]])
       ax.set_title(f"{f['name']}: {caption.split(':')[0]}", fontsize=10)
       ax.set_xlabel(f["field"])
-      ax.set_ylabel("accuracy (%)")
+      ax.set_ylabel("test log-perplexity (nats per token)" if lm else "accuracy (%)")
+      if lm and results.get("baselines", {}).get(f["name"]):
+        for name, style in (("unigram", ":"), ("bigram", "-.")):
+          ax.axhline(math.log(results["baselines"][f["name"]][name]), color="black", linestyle=style,
+                     linewidth=0.8, label=f"{name} baseline")
     row[1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=80)

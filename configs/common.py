@@ -12,8 +12,8 @@ from posenc.config import get_config_with_arg  # noqa: F401  (what config files'
 def base(task: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # --- task and model -----------------------------------------------------------------
-  c.task = task                   # posenc.tasks name: image_classification | masked_lm
-  c.model = ""                    # posenc.models name, e.g. vit-mu | vit-ti | bert-tiny | bert-mini
+  c.task = task                   # posenc.tasks name: image_classification | masked_lm | causal_lm
+  c.model = ""                    # posenc.models name, e.g. vit-mu | vit-ti | bert-tiny | gpt-nano
   c.model_options = ml_collections.ConfigDict()  # overrides of the named size and model kwargs
   c.posenc = "learned"            # position encoding (posenc.encodings.names())
   c.posenc_options = ml_collections.ConfigDict()  # its options: --config.posenc_options.NAME=VALUE

@@ -4,7 +4,8 @@ A task owns its config fields and their validation, ``geometry(config, size)``
 (a pure function: no model is built), model construction, the input pipeline,
 forward / loss / metrics, and which other geometries it evaluates at.
 ``posenc.training`` calls these and never asks which task it runs; a new family
-is one module here plus one config.
+is one module here plus one config. Tasks: image_classification (ViT),
+masked_lm (BERT), causal_lm (GPT).
 
     task = posenc.tasks.get(config.task)
     geometry = task.geometry(config)            # Geometry.grid(4, 4, num_prefix=1), ...
@@ -12,10 +13,11 @@ is one module here plus one config.
 from __future__ import annotations
 
 from posenc.tasks.base import Task
+from posenc.tasks.causal_lm import CausalLM
 from posenc.tasks.image_classification import ImageClassification
 from posenc.tasks.masked_lm import MaskedLM
 
-TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), MaskedLM())}
+TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), MaskedLM(), CausalLM())}
 
 
 def names() -> list[str]:

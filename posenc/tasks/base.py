@@ -56,6 +56,10 @@ class Task(abc.ABC):
     """Other geometries evaluated during training, besides the trained one."""
     return ()
 
+  def size_suffix(self, size) -> str:
+    """What metrics measured at ``size`` (one of ``eval_sizes``) append to their names."""
+    return f"_{size}"
+
   # ----------------------------------------------------------------- geometry and model
   @abc.abstractmethod
   def geometry(self, config, size=None) -> Geometry:

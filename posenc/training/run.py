@@ -147,7 +147,7 @@ def _eval_at(config, task, spec, mesh, batch_sharding, geometry, size, scale) ->
                  in_shardings=(jax.tree.map(lambda x: x.sharding, params), spec.shardings["model_state"],
                                batch_sharding),
                  out_shardings=sharding.replicated(mesh))
-  return EvalAt(size, target, step, move, scale, "" if size is None else f"_{size}")
+  return EvalAt(size, target, step, move, scale, "" if size is None else task.size_suffix(size))
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:

@@ -1,0 +1,124 @@
+"""Causal (next-token) language modelling with a GPT-style decoder, and its length evaluation.
+
+Training rows pack the train split's documents (byte-level BPE, joined by an
+end-of-text token) with positions that restart per document and packing ids
+that keep documents apart. Evaluation scores the split's token stream in
+windows of every length in ``eval_lengths`` (the ALiBi paper's protocol): non-
+overlapping windows, and, with ``eval_stride`` S, sliding windows that score
+only their last S tokens. Every length and mode scores exactly the same tokens:
+the first ``scored_tokens`` targets of the stream, a multiple of every window
+and stride.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from posenc.config import ConfigError
+from posenc.encodings import Geometry
+from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
+
+
+def _positive_int(config, field: str, minimum: int = 1) -> int:
+  value = config[field]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ConfigError(f"config field '{field}' must be an int >= {minimum}, got {value!r}.")
+  return value
+
+
+class CausalLM(Task):
+  name = "causal_lm"
+  FIELDS = {
+      "max_len": "tokens per training row = the length the model is built at (L)",
+      "vocab_size": "byte-level BPE vocabulary, trained on the train split (stored and reused)",
+      "eval_lengths": "also evaluate windows of these lengths (e.g. 2L, 4L, ...); () = only L",
+      "eval_stride": "sliding-window stride S for those lengths (scores the last S of each); 0 = none",
+      "eval_tokens": "score at most this many tokens of the split per evaluation (0 = all that fit)",
+  }
+  NDIM = 1
+  ITEMS = "tokens"
+  SIZE_FIELD = "max_len"
+
+  def validate(self, config) -> None:
+    _positive_int(config, "max_len", 2)
+    _positive_int(config, "vocab_size", 257)  # the 256 byte symbols and the end-of-text token
+    lengths = list(config.eval_lengths)
+    for n in lengths:
+      if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ConfigError(f"config field 'eval_lengths' holds {n!r}; give ints >= 2.")
+    stride = config.eval_stride
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 0:
+      raise ConfigError(f"config field 'eval_stride' must be an int >= 0, got {stride!r}.")
+    if stride and any(stride > n for n in lengths):
+      raise ConfigError(f"config field 'eval_stride' ({stride}) exceeds an evaluated length {lengths}; a "
+                        f"sliding window scores its last S tokens, so S <= every length.")
+    if not isinstance(config.eval_tokens, int) or config.eval_tokens < 0:
+      raise ConfigError(f"config field 'eval_tokens' must be an int >= 0, got {config.eval_tokens!r}.")
+    if config.eval_max_batches:
+      raise ConfigError("config field 'eval_max_batches' must be 0 for causal_lm: every length must score "
+                        "the same tokens; cap them with eval_tokens instead.")
+
+  def check_dataset(self, config) -> None:
+    if config.dataset != "text":
+      raise ConfigError(f"config field 'dataset': causal_lm reads the text corpus ('text'), not "
+                        f"'{config.dataset}'.")
+    dataset_info(config, "vocab_size", "it holds no text; use 'text'")
+
+  def size_label(self, config) -> str:
+    return f"len{config.max_len}"
+
+  def eval_sizes(self, config) -> tuple:
+    """(length, stride) pairs: non-overlapping (stride None) and, with eval_stride, sliding."""
+    sizes = [(n, None) for n in config.eval_lengths]
+    if config.eval_stride:
+      sizes += [(n, config.eval_stride) for n in (config.max_len, *config.eval_lengths)]
+    return tuple(sizes)
+
+  def size_suffix(self, size) -> str:
+    length, stride = size
+    return f"_{length}" + (f"_s{stride}" if stride else "")
+
+  def geometry(self, config, size=None) -> Geometry:
+    return Geometry.seq(config.max_len if size is None else size[0])
+
+  def create_model(self, config, size=None):
+    return build_model(config, vocab_size=config.vocab_size, max_len=config.max_len if size is None else size[0])
+
+  def scored_tokens(self, config, split: str) -> int:
+    """How many targets every evaluation of ``split`` scores: a multiple of every window and stride."""
+    from posenc.data import lm
+    unit = math.lcm(config.max_len, *config.eval_lengths, config.eval_stride or 1)
+    fits = (lm.stream_length(split, config.vocab_size) - 1) // unit * unit
+    cap = config.eval_tokens // unit * unit if config.eval_tokens else fits
+    if min(fits, cap) < unit:
+      raise ConfigError(f"the {split} split is too short to score one window of {unit} tokens; lower "
+                        f"eval_lengths / eval_stride or raise eval_tokens.")
+    return min(fits, cap)
+
+  def loader(self, config, split, *, train, batch_size, size=None):
+    from posenc.data import lm
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if train:
+      return lm.lm_loader(split, batch_size=batch_size, max_len=config.max_len, train=True, seed=config.seed,
+                          vocab_size=config.vocab_size, **shard)
+    length, stride = (config.max_len, None) if size is None else size
+    return lm.lm_eval_loader(split, batch_size=batch_size, length=length, stride=stride,
+                             scored_tokens=self.scored_tokens(config, split), vocab_size=config.vocab_size,
+                             **shard)
+
+  def forward(self, model, batch, *, train, position_scale=1.0):
+    positions = batch["positions"]
+    if position_scale != 1.0:
+      positions = positions * position_scale
+    logits = model(batch["input_ids"], positions=positions, packing_ids=batch["packing_ids"], train=train)
+    weights = batch["weights"] * batch["valid"].astype(jnp.float32)[:, None]
+    return cross_entropy(logits, batch["targets"], weights)
+
+  def metrics(self, stats: dict) -> dict:
+    out = super().metrics(stats)
+    return {**out, "perplexity": jnp.exp(out["loss"])}
+
+  def items(self, batch) -> int:
+    return int(batch["input_ids"].size)
