@@ -464,3 +464,64 @@ def test_sinusoidal_table_closed_form_at_real_positions():
     assert table.shape == (1, 11, D)
     np.testing.assert_allclose(table[0], vaswani_at(p[0, :, 0], D, temperature), atol=2e-5)
     np.testing.assert_allclose(table[0, 0], np.tile([0.0, 1.0], D // 2), atol=0)  # p = 0
+
+
+# --- learned: resample (FlexiViT-style, any grid) ---
+
+def test_learned_resample_at_the_built_grid_changes_nothing():
+  x = tokens(GRID)
+  np.testing.assert_array_equal(embed(build("learned", GRID, resample=True), x, GRID),
+                                embed(build("learned", GRID), x, GRID))
+
+
+@pytest.mark.parametrize("other", [Geometry.grid(5, 6, num_prefix=1), Geometry.grid(2, 3, num_prefix=1)])
+def test_learned_resample_elsewhere_adds_the_resized_table_with_gradients(other):
+  from posenc.resize import resize_grid
+  enc = build("learned", GRID, resample=True)
+  x = tokens(other)
+  graphdef, params, rest = nnx.split(enc, nnx.Param, ...)
+
+  def both(params, x):
+    table = params["table"][...]
+    out = nnx.merge(graphdef, params, rest).embed(x, other, other.positions())
+    want = x.at[:, 1:].add(resize_grid(table, GRID.shape, other.shape, method="bicubic"))
+    return out, want
+
+  out, want = jax.jit(both)(params, x)
+  np.testing.assert_array_equal(out, want)  # exactly resize_grid's table (bicubic, antialiased)
+  assert out.shape == (2, other.num_tokens, D)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(both(p, x)[0] ** 2)))(params)["table"][...]
+  assert np.isfinite(grad).all() and np.all(np.abs(grad).sum(axis=-1) > 0)  # every stored row learns
+
+
+def test_learned_resample_options_and_the_transfer_error_without_it():
+  other = Geometry.grid(5, 6, num_prefix=1)
+  with pytest.raises(ValueError, match=r"'learned' was built for the 3x4 grid.*posenc\.transfer"):
+    embed(build("learned", GRID, resample=False), tokens(other), other)
+  with pytest.raises(ValueError, match=r"resample=True resamples a 2D grid table"):
+    build("learned", SEQ, resample=True)
+  with pytest.raises(ValueError, match=r"resample_method must be one of .*'cubic'"):
+    build("learned", GRID, resample=True, resample_method="cubic")
+  nearest = build("learned", GRID, resample=True, resample_method="nearest")
+  out = np.asarray(embed(nearest, tokens(Geometry.grid(6, 8, num_prefix=1)),
+                         Geometry.grid(6, 8, num_prefix=1)))
+  table = np.asarray(nearest.table[...]).reshape(3, 4, D)
+  x = np.asarray(tokens(Geometry.grid(6, 8, num_prefix=1)))
+  np.testing.assert_allclose((out - x)[:, 1:].reshape(2, 6, 8, D)[:, ::2, ::2], np.broadcast_to(table, (2, 3, 4, D)),
+                             rtol=1e-6, atol=1e-6)
+
+
+# --- sincos2d: CAPE ---
+
+def test_sincos2d_cape_is_off_at_evaluation_and_changes_the_table_when_training():
+  enc = build("sincos2d", GRID, cape=True)
+  assert enc.augments and not build("sincos2d", GRID).augments
+  x = tokens(GRID)
+  pos = jnp.broadcast_to(GRID.positions(), (2, GRID.num_positions, 2))
+  plain = embed(build("sincos2d", GRID), x, GRID)
+  np.testing.assert_array_equal(embed(enc, x, GRID, enc.coordinates(pos, GRID)), plain)  # key=None
+  augmented = enc.coordinates(pos, GRID, jax.random.key(0))
+  out = np.asarray(embed(enc, x, GRID, augmented))
+  want = np.stack([mocov3_at(c, D) for c in np.asarray(augmented)])  # the same table, augmented coordinates
+  np.testing.assert_allclose(out[:, 1:] - np.asarray(x)[:, 1:], want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, plain) and not np.allclose(out[0, 1:] - x[0, 1:], out[1, 1:] - x[1, 1:])

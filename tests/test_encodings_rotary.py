@@ -535,3 +535,63 @@ def test_scaling_clear_errors():
   with pytest.raises(ValueError, match=r"scaling='ntk' needs head_dim >= 4"):
     make("rope", scaling="ntk", original_length=4).rotate(q, k, Geometry.seq(5),
                                                           Geometry.seq(5).positions(), 0)
+
+
+# ---------------------------------------------------------------- DINOv3: normalised coordinates, periods
+def _dinov3_angles(geometry, mode="separate", base=100.0, min_period=None, max_period=None):
+  """DINOv3's RopePositionEmbedding angles, written from its formulas: coords = arange(0.5, n) / d,
+  2 * coords - 1; periods base**(2k / (Dh/2)) (or min..max_period, geometric); angle = 2 pi u / period.
+  Returned in this module's layout [N, Dh/2]: x (column) pairs first, then y (row)."""
+  h, w = geometry.shape
+  d = {"separate": (h, w), "max": (max(h, w),) * 2, "min": (min(h, w),) * 2}[mode]
+  rows = 2 * np.arange(0.5, h) / d[0] - 1
+  cols = 2 * np.arange(0.5, w) / d[1] - 1
+  u = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
+  if min_period is None:
+    periods = base ** (2 * np.arange(DH // 4) / (DH // 2))
+  else:
+    periods = min_period * (max_period / min_period) ** np.linspace(0, 1, DH // 4)
+  return np.concatenate([2 * np.pi * u[:, 1:] / periods, 2 * np.pi * u[:, :1] / periods], axis=-1)
+
+
+@pytest.mark.parametrize("options", [
+    dict(normalize_coords="separate"), dict(normalize_coords="max"), dict(normalize_coords="min", base=50.0),
+    dict(normalize_coords="separate", min_period=0.5, max_period=20.0)], ids=str)
+def test_normalized_rope_matches_dinov3_closed_form(options):
+  geometry = Geometry.grid(3, 5, num_prefix=1)
+  enc = _rope(**options)
+  q, k = _qk(geometry)
+  coords = enc.coordinates(geometry.positions(), geometry)  # as a model does, once per forward
+  qr, kr = rotate(enc, q, k, geometry, 0, coords)
+  opts = {key: v for key, v in options.items() if key != "normalize_coords"}
+  angles = _dinov3_angles(geometry, options["normalize_coords"], **opts)
+  for x, xr in ((q, qr), (k, kr)):
+    np.testing.assert_array_equal(xr[:, :1], x[:, :1])  # the class token is not rotated
+    expected = _to_interleaved(x[:, 1:]) * np.exp(1j * angles)[None, :, None, :]
+    np.testing.assert_allclose(_to_interleaved(xr[:, 1:]), expected, atol=3e-5)
+
+
+def test_normalized_rope_options_and_errors():
+  enc = _rope(normalize_coords="separate", augment=True)
+  assert (enc.base, enc.shift_coords, enc.jitter_coords, enc.rescale_coords) == (100.0, None, None, 2.0)
+  assert enc.augments and not _rope(normalize_coords="separate").augments and not _rope().augments
+  with pytest.raises(ValueError, match=r"base, min_period and max_period .*set normalize_coords"):
+    _rope(base=100.0)
+  with pytest.raises(ValueError, match=r"theta and scaling apply to the integer grid"):
+    _rope(normalize_coords="separate", theta=100.0)
+  with pytest.raises(ValueError, match=r"normalize_coords must be None or one of"):
+    _rope(normalize_coords="both")
+  with pytest.raises(ValueError, match=r"min_period and max_period go together"):
+    _rope(normalize_coords="separate", min_period=1.0)
+  with pytest.raises(ValueError, match=r"either base or min_period"):
+    _rope(normalize_coords="separate", base=10.0, min_period=1.0, max_period=4.0)
+  with pytest.raises(ValueError, match=r"0 < min_period < max_period"):
+    _rope(normalize_coords="separate", min_period=4.0, max_period=1.0)
+  with pytest.raises(ValueError, match=r"augment=True augments normalised coordinates"):
+    _rope(augment=True)
+  with pytest.raises(ValueError, match=r"apply only with augment=True"):
+    _rope(normalize_coords="separate", shift_coords=0.1)
+  with pytest.raises(ValueError, match=r"jitter_coords must be None \(off\) or >= 1"):
+    _rope(normalize_coords="separate", augment=True, jitter_coords=0.5)
+  with pytest.raises(ValueError, match=r"normalises 2D grids, not 1D 8"):
+    _rope(normalize_coords="separate", geometry=Geometry.seq(8))

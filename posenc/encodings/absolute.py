@@ -19,6 +19,11 @@ Positions: tables (``learned``, ``factorized``) look integer positions up
 concrete positions outside the table; under ``jit`` a position outside the
 table gives NaN, never a silent clamp). ``sinusoidal`` and ``sincos2d`` take
 any real positions.
+
+Any grid size: ``learned`` (2D) with ``resample=True`` resamples its table from
+the built grid to the grid of each forward (FlexiViT-style; ``posenc.resize.resize_grid``,
+differentiable). ``sincos2d`` with ``cape=True`` augments its coordinates when
+training (CAPE: global shift, local shift, global scaling; ``SinCos2D``).
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from posenc.encodings import coordinates as coords_lib
 from posenc.encodings.base import Encoding, Geometry, lookup, split_prefix, table_positions
 from posenc.encodings.registry import register
-from posenc.resize import resize_1d, resize_grid
+from posenc.resize import METHODS, resize_1d, resize_grid
 
 _TABLE_AXES = ("posn", "embed")  # logical axis names of every table here
 
@@ -75,13 +81,26 @@ class Learned(Encoding):
   The default std 0.02 is BERT's and the original ViT's (vision_transformer:
   plain ``normal(0.02)``; BERT's TF code truncates at 2 std; today's
   big_vision uses ``normal(1/sqrt(D))``, i.e. ``init_std=D**-0.5``).
+
+  ``resample=True`` (2D; FlexiViT-style, for multi-resolution training): at a
+  grid other than the built one the table is resampled in the forward pass from
+  the built grid (``posenc.resize.resize_grid`` with ``resample_method``, default
+  ``"bicubic"`` = antialiased bicubic, as ``posenc.transfer``'s default), so
+  gradients reach the one stored table; at the built grid nothing changes.
   """
 
   continuous = False
 
-  def __init__(self, dim: int, geometry: Geometry, *, init_std: float = 0.02,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, dim: int, geometry: Geometry, *, init_std: float = 0.02, resample: bool = False,
+               resample_method: str = "bicubic", param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if resample and geometry.ndim != 2:
+      raise ValueError(f"position encoding 'learned': resample=True resamples a 2D grid table; built at "
+                       f"{geometry} it has a 1D table (extend it with posenc.transfer instead).")
+    if resample_method not in METHODS:
+      raise ValueError(f"position encoding 'learned': resample_method must be one of {METHODS}; "
+                       f"got {resample_method!r}.")
     self.built = geometry
+    self.resample, self.resample_method = bool(resample), resample_method
     self.table = _normal_table(rngs, (geometry.num_positions, dim), init_std, param_dtype)
 
   def check(self, geometry: Geometry) -> None:
@@ -94,16 +113,20 @@ class Learned(Encoding):
       raise ValueError(f"position encoding '{self.name}' has max_len={built.shape[0]} positions "
                        f"but got {geometry}; raise max_len or extend the table with "
                        f"posenc.transfer.")
-    if built.ndim == 2 and geometry.shape != built.shape:
+    if built.ndim == 2 and geometry.shape != built.shape and not self.resample:
       raise ValueError(_transfer_hint(self, geometry))
 
   def embed(self, x, geometry, positions):
     self.check(geometry)
-    positions = table_positions(self, positions, self.built.shape)
+    table, extent = self.table[...], self.built.shape
+    if self.built.ndim == 2 and geometry.shape != extent:  # resample=True (check refuses otherwise)
+      table = resize_grid(table, extent, geometry.shape, method=self.resample_method)
+      extent = geometry.shape
+    positions = table_positions(self, positions, extent)
     index = positions[..., 0]
     if self.built.ndim == 2:
-      index = index * self.built.shape[1] + positions[..., 1]
-    pe = lookup(self.table[...], index, _in_range(positions, self.built.shape))
+      index = index * extent[1] + positions[..., 1]
+    pe = lookup(table, index, _in_range(positions, extent))
     return _add_to_positions(self, x, geometry, pe)
 
   @classmethod
@@ -216,9 +239,51 @@ class SinCos2D(_SinCos):
   ``omega_k = 1 / T^(k / (D/4 - 1))`` for ``k < D/4``; with ``y`` the row and
   ``x`` the column, features are ``[sin(x*omega), cos(x*omega), sin(y*omega),
   cos(y*omega)]`` (big_vision's order: column first).
+
+  ``cape=True``: CAPE (Likhomanenko et al. 2021), train-time augmentation of the
+  coordinates, drawn per example (``posenc.encodings.coordinates.cape_augment``). As
+  in CAPE for images the augmentation acts on patch centres in ``[-1, 1]`` (``u = 2 (p + 1/2) / n - 1``
+  per axis): ``u' = lam (u + Delta + eps)`` with a global shift ``Delta ~ U[-cape_global_shift,
+  cape_global_shift]`` per axis, a local shift ``eps ~ U[-cape_local_shift, cape_local_shift]``
+  patch spacings per patch and axis, and a global scaling ``lam`` log-uniform in
+  ``[1/cape_global_scaling, cape_global_scaling]`` shared by the axes; ``u'`` is mapped back
+  to grid units (``p' = (u' + 1) n / 2 - 1/2``), the frame this table's frequencies are
+  made for. So in patch units: a global shift up to ``cape_global_shift * n / 2`` patches,
+  local shifts up to ``cape_local_shift`` patches, scaling about the grid centre. Defaults
+  are CAPE's ViT recipe: 0.5, 0.5 (half the spacing: the patch order is kept), 1.4.
+  Off at evaluation (no key): the table is unchanged.
   """
 
   supported_ndims = (2,)
+
+  def __init__(self, dim: int, *, temperature: float = 10_000., scale: float = 1.0, cape: bool = False,
+               cape_global_shift: float = 0.5, cape_local_shift: float = 0.5, cape_global_scaling: float = 1.4):
+    super().__init__(dim, temperature=temperature, scale=scale)
+    defaults = {"cape_global_shift": 0.5, "cape_local_shift": 0.5, "cape_global_scaling": 1.4}
+    given = {"cape_global_shift": cape_global_shift, "cape_local_shift": cape_local_shift,
+             "cape_global_scaling": cape_global_scaling}
+    for name, value in given.items():
+      low = 1.0 if name == "cape_global_scaling" else 0.0
+      if not float(value) >= low:
+        raise ValueError(f"position encoding 'sincos2d': {name} must be >= {low:g}; got {value}.")
+    if not cape and any(float(given[k]) != defaults[k] for k in given):
+      raise ValueError("position encoding 'sincos2d': cape_global_shift, cape_local_shift and "
+                       "cape_global_scaling apply only with cape=True.")
+    self.augments = bool(cape)
+    self.cape_global_shift = float(cape_global_shift)
+    self.cape_local_shift = float(cape_local_shift)
+    self.cape_global_scaling = float(cape_global_scaling)
+
+  def coordinates(self, positions, geometry, key=None):
+    """Unchanged, unless a ``key`` is given (training with ``cape=True``): CAPE's augmentation
+    in the ``[-1, 1]`` frame of ``geometry``'s grid, returned in grid units (float32)."""
+    if key is None or not self.augments:
+      return positions
+    self.check(geometry)
+    unit = coords_lib.normalize(positions, geometry.shape, "separate")
+    unit = coords_lib.cape_augment(unit, key, geometry.shape, global_shift=self.cape_global_shift,
+                                   local_shift=self.cape_local_shift, global_scaling=self.cape_global_scaling)
+    return coords_lib.to_grid(unit, geometry.shape)
 
   def table(self, positions):
     n = self.dim // 4

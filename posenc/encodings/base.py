@@ -14,6 +14,9 @@ tokens, ``B`` either the batch or 1 (one set shared by the batch). The default
 ``0..L-1`` in 1D; callers may pass others: restarting per packed sequence,
 offset for incremental decoding, scaled for position interpolation, real-valued
 for continuous encodings. The static ``geometry`` still gives the shapes.
+Before any hook, a model passes its positions once through the encoding's
+``coordinates`` (default: unchanged), which may map them to the encoding's own
+frame (e.g. normalised coordinates) and, when training, augment them.
 """
 from __future__ import annotations
 
@@ -116,8 +119,11 @@ class Encoding(nnx.Module):
 
   Subclasses set ``supported_ndims`` and ``continuous`` (whether real-valued
   positions are accepted; table encodings look integer positions up) and
-  override the hooks they use. The constructor arguments a model always offers
-  (and ``make`` passes on when a subclass's ``__init__`` names them) are
+  override the hooks they use. ``coordinates`` maps the positions once per
+  forward, before the hooks (normalised coordinates, train-time augmentation);
+  ``augments`` says whether it wants a PRNG key when training. The constructor
+  arguments a model always offers (and ``make`` passes on when a subclass's
+  ``__init__`` names them) are
   ``dim``, ``num_heads``, ``num_layers``, ``geometry`` (the geometry the model
   is built at; encodings that depend on it keep it as ``self.built``),
   ``param_dtype`` and ``rngs``.
@@ -126,6 +132,18 @@ class Encoding(nnx.Module):
   name: str = "?"
   supported_ndims: tuple[int, ...] = (1, 2)
   continuous: bool = True
+  augments: bool = False  # whether ``coordinates`` wants a PRNG key when training
+
+  def coordinates(self, positions: jax.Array, geometry: Geometry, key: jax.Array | None = None) -> jax.Array:
+    """The positions every hook of this forward sees: ``positions [B or 1, N, ndim]`` in, the
+    encoding's own coordinates out (default: unchanged).
+
+    A model calls it once per forward, before any hook. ``key`` is given only when training
+    and only to an encoding whose ``augments`` is True; the model then broadcasts positions to
+    the batch first, so random draws are per example. ``key=None`` (evaluation, decoding) must
+    be deterministic. Shared transforms live in ``posenc.encodings.coordinates``.
+    """
+    return positions
 
   def check(self, geometry: Geometry) -> None:
     """Raise a clear ValueError if this encoding cannot serve ``geometry``."""
@@ -157,6 +175,18 @@ class Encoding(nnx.Module):
     ``target``: pure jnp, traceable under ``jax.jit``. ``options`` is a
     ``posenc.transfer.TransferOptions``. By default nothing depends on the geometry."""
     return params
+
+
+def forward_coordinates(enc: Encoding, positions: jax.Array, geometry: Geometry, batch: int,
+                        rngs: nnx.Rngs, train: bool) -> jax.Array:
+  """What a model does with its positions once per forward, before any hook: a key from the
+  model's ``rngs.dropout`` stream only when ``train`` and ``enc.augments`` (deterministic per seed
+  and step, new each step), positions then broadcast to the ``batch`` (one draw per example),
+  and ``enc.coordinates``. Evaluation (or an encoding that does not augment) draws nothing."""
+  key = rngs.dropout() if train and enc.augments else None
+  if key is not None:
+    positions = jnp.broadcast_to(positions, (batch, *positions.shape[1:]))
+  return enc.coordinates(positions, geometry, key)
 
 
 def split_prefix(x: jax.Array, geometry: Geometry, axis: int = 1):

@@ -44,6 +44,20 @@ trained at ``original_length`` ``L``; ``rope_frequencies`` computes both:
 decoder that rotates one new token per call sees ``N = 1``, so the dynamic
 settings (``ntk``; ``yarn`` without ``factor``) are for full-sequence calls;
 ``yarn`` with a fixed ``factor`` is the same at every ``N``.
+
+Normalised coordinates (``rope`` 2D, option ``normalize_coords``; DINOv3's
+``RopePositionEmbedding``): ``coordinates`` maps the grid positions to patch
+centres in ``[-1, 1]`` (``posenc.encodings.coordinates.normalize``: ``u = 2 (p + 1/2) / d - 1``
+with ``d`` the axis length, ``"separate"``, or the longer / shorter side, ``"max"`` /
+``"min"``), so a larger grid samples the trained range more densely instead of
+reaching angles never seen in training. Frequencies are then given by periods, as
+in DINOv3: ``angle = 2 pi u / period``, ``period_k = base**(4k/Dh)`` for ``k < Dh/4``
+(``base`` 100), or ``min_period * (max_period / min_period)**(k / (Dh/4 - 1))``.
+Pairs are laid out as above (the first Dh/4 turn with the column ``x``, the last
+with the row ``y``; DINOv3 puts the row first, a fixed permutation of the head
+features). Train-time augmentation (``augment=True``; DINOv3's ``shift_coords``,
+``jitter_coords``, ``rescale_coords``, drawn per example;
+``posenc.encodings.coordinates.dinov3_augment``): ``u' = ((u + s) * j) * r``.
 """
 from __future__ import annotations
 
@@ -54,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from posenc.encodings import coordinates as coords_lib
 from posenc.encodings.base import Encoding, Geometry, split_prefix
 from posenc.encodings.registry import register
 
@@ -77,6 +92,23 @@ def axial_frequencies(head_dim: int, ndim: int, theta: float) -> np.ndarray:
   if ndim == 1:
     return (theta ** (-np.arange(0, head_dim, 2) / head_dim)).reshape(1, 1, half)
   mag = theta ** (-np.arange(0, head_dim, 4) / head_dim)  # Dh/4 magnitudes per axis
+  zeros = np.zeros_like(mag)
+  return np.stack([np.concatenate([mag, zeros]), np.concatenate([zeros, mag])])[:, None, :]
+
+
+def period_frequencies(head_dim: int, base: float | None = 100.0, min_period: float | None = None,
+                       max_period: float | None = None) -> np.ndarray:
+  """DINOv3's 2D RoPE frequencies for normalised coordinates, ``[2, 1, Dh/2]`` (the layout of
+  ``axial_frequencies``): ``2 pi / period_k`` with ``period_k = base**(4k/Dh)``, ``k < Dh/4``, or,
+  with ``min_period`` and ``max_period``, ``max_period * (max_period/min_period)**(e_k - 1)``,
+  ``e_k = linspace(0, 1, Dh/4)`` (from ``min_period`` to ``max_period``)."""
+  quarter = head_dim // 4
+  if base is not None:
+    periods = float(base) ** (2 * np.arange(quarter) / (head_dim // 2))
+  else:
+    ratio = max_period / min_period
+    periods = ratio ** np.linspace(0.0, 1.0, quarter) / ratio * max_period
+  mag = 2 * np.pi / periods
   zeros = np.zeros_like(mag)
   return np.stack([np.concatenate([mag, zeros]), np.concatenate([zeros, mag])])[:, None, :]
 
@@ -171,15 +203,31 @@ class RoPE(_Rotary):
   ``"ntk"``, ``"yarn"``; ``original_length`` (the trained length, required unless
   ``"none"``); ``factor`` (None: from the sequence length); ``beta_fast=32``,
   ``beta_slow=1`` (YaRN's ramp).
+
+  2D, DINOv3-style (module docstring): ``normalize_coords`` (None: the integer
+  grid, the default; ``"separate"``, ``"max"``, ``"min"``: patch centres in
+  ``[-1, 1]``); with it, the periods ``base`` (default 100, DINOv3's) or
+  ``min_period`` and ``max_period``; ``augment=True`` draws, per example when
+  training, a shift ``U[-shift_coords, shift_coords]`` per axis, a jitter
+  ``[1/jitter_coords, jitter_coords]`` (log-uniform) per axis and a rescale
+  ``[1/rescale_coords, rescale_coords]`` (log-uniform) shared by the axes; None
+  turns one off. The defaults are DINOv3's released ViT-S/B/L/H+/7B recipe:
+  ``shift_coords=None``, ``jitter_coords=None``, ``rescale_coords=2``.
   """
 
   def __init__(self, *, dim: int | None = None, num_heads: int | None = None,
                theta: float | None = None, scaling: str = "none", original_length: int | None = None,
-               factor: float | None = None, beta_fast: float = 32.0, beta_slow: float = 1.0):
+               factor: float | None = None, beta_fast: float = 32.0, beta_slow: float = 1.0,
+               normalize_coords: str | None = None, base: float | None = None,
+               min_period: float | None = None, max_period: float | None = None, augment: bool = False,
+               shift_coords: float | None = None, jitter_coords: float | None = None,
+               rescale_coords: float | None = 2.0):
     self.head_dim = dim // num_heads if dim and num_heads else None
     if theta is not None and not float(theta) > 1:
       raise ValueError(f"position encoding 'rope': theta must be > 1, got {theta}.")
     self.theta = None if theta is None else float(theta)
+    self._init_normalized(normalize_coords, base, min_period, max_period, theta, scaling)
+    self._init_augment(augment, shift_coords, jitter_coords, rescale_coords)
     if scaling not in SCALINGS:
       raise ValueError(f"position encoding 'rope': scaling must be one of {SCALINGS}, got {scaling!r}.")
     if scaling == "none" and (original_length is not None or factor is not None):
@@ -200,13 +248,75 @@ class RoPE(_Rotary):
     self.factor = None if factor is None else float(factor)
     self.beta_fast, self.beta_slow = float(beta_fast), float(beta_slow)
 
+  def _init_normalized(self, normalize_coords, base, min_period, max_period, theta, scaling) -> None:
+    err = "position encoding 'rope': "
+    if normalize_coords is None:
+      if base is not None or min_period is not None or max_period is not None:
+        raise ValueError(err + "base, min_period and max_period are periods of normalised coordinates; "
+                         "set normalize_coords ('separate', 'max' or 'min'), or use theta on the integer grid.")
+    else:
+      if normalize_coords not in coords_lib.NORMALIZE_MODES:
+        raise ValueError(err + f"normalize_coords must be None or one of {coords_lib.NORMALIZE_MODES}; "
+                         f"got {normalize_coords!r}.")
+      if theta is not None or scaling != "none":
+        raise ValueError(err + "theta and scaling apply to the integer grid; with normalize_coords the "
+                         "frequencies are periods (base, or min_period and max_period).")
+      if (min_period is None) != (max_period is None):
+        raise ValueError(err + "min_period and max_period go together; got "
+                         f"min_period={min_period}, max_period={max_period}.")
+      if min_period is not None:
+        if base is not None:
+          raise ValueError(err + "give either base or min_period and max_period, not both.")
+        if not 0 < float(min_period) < float(max_period):
+          raise ValueError(err + f"needs 0 < min_period < max_period; got {min_period}, {max_period}.")
+      elif base is None:
+        base = 100.0  # DINOv3's pos_embed_rope_base
+      if base is not None and not float(base) > 1:
+        raise ValueError(err + f"base must be > 1, got {base}.")
+    self.normalize_coords = normalize_coords
+    self.base = None if base is None else float(base)
+    self.min_period = None if min_period is None else float(min_period)
+    self.max_period = None if max_period is None else float(max_period)
+
+  def _init_augment(self, augment, shift_coords, jitter_coords, rescale_coords) -> None:
+    err = "position encoding 'rope': "
+    for name, value, low in (("shift_coords", shift_coords, 0.0), ("jitter_coords", jitter_coords, 1.0),
+                             ("rescale_coords", rescale_coords, 1.0)):
+      if value is not None and not float(value) >= low:
+        raise ValueError(err + f"{name} must be None (off) or >= {low:g}; got {value}.")
+    if not augment and (shift_coords is not None or jitter_coords is not None
+                        or rescale_coords not in (None, 2.0)):
+      raise ValueError(err + "shift_coords, jitter_coords and rescale_coords apply only with augment=True.")
+    if augment and self.normalize_coords is None:
+      raise ValueError(err + "augment=True augments normalised coordinates (DINOv3); set normalize_coords "
+                       "('separate', 'max' or 'min').")
+    self.augments = bool(augment)
+    self.shift_coords = None if shift_coords is None else float(shift_coords)
+    self.jitter_coords = None if jitter_coords is None else float(jitter_coords)
+    self.rescale_coords = None if rescale_coords is None else float(rescale_coords)
+
   def check(self, geometry: Geometry) -> None:
     super().check(geometry)
     if self.scaling != "none" and geometry.ndim != 1:
       raise ValueError(f"position encoding 'rope': scaling={self.scaling!r} extends 1D sequences only, "
                        f"not {geometry}; use scaling='none' (or position interpolation) on 2D grids.")
+    if self.normalize_coords is not None and geometry.ndim != 2:
+      raise ValueError(f"position encoding 'rope': normalize_coords={self.normalize_coords!r} normalises 2D "
+                       f"grids, not {geometry}; leave it None for 1D sequences.")
     if self.head_dim is not None:
       self._check_head_dim(self.head_dim, geometry.ndim)
+
+  def coordinates(self, positions, geometry, key=None):
+    """Integer grid (default): unchanged. ``normalize_coords``: patch centres in ``[-1, 1]``,
+    then, with a ``key`` (training, ``augment=True``), DINOv3's shift / jitter / rescale."""
+    if self.normalize_coords is None:
+      return positions
+    self.check(geometry)
+    coords = coords_lib.normalize(positions, geometry.shape, self.normalize_coords)
+    if key is not None and self.augments:
+      coords = coords_lib.dinov3_augment(coords, key, shift=self.shift_coords, jitter=self.jitter_coords,
+                                         rescale=self.rescale_coords)
+    return coords
 
   def _scaled(self, geometry: Geometry, head_dim: int) -> tuple[np.ndarray, float]:
     if self.scaling == "ntk" and head_dim < 4:
@@ -217,6 +327,8 @@ class RoPE(_Rotary):
   def _frequencies(self, geometry, layer, head_dim, num_heads):
     if self.scaling != "none":
       return jnp.asarray(self._scaled(geometry, head_dim)[0].reshape(1, 1, -1), jnp.float32)
+    if self.normalize_coords is not None:
+      return jnp.asarray(period_frequencies(head_dim, self.base, self.min_period, self.max_period), jnp.float32)
     theta = self.theta or (10000.0 if geometry.ndim == 1 else 100.0)
     return jnp.asarray(axial_frequencies(head_dim, geometry.ndim, theta), jnp.float32)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry, check_positions
+from posenc.encodings.base import Geometry, check_positions, forward_coordinates
 from posenc.models.attention import BlockStack, apply_dropout, attention_mask, dense, layer_norm, param
 
 # Turc et al. 2019 ("Well-Read Students Learn Better") sizes and BERT-base.
@@ -104,6 +104,7 @@ class BERT(nnx.Module):
     geometry = Geometry.seq(input_ids.shape[1])
     self.posenc.check(geometry)
     positions = geometry.positions() if positions is None else check_positions(positions, geometry)
+    positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 

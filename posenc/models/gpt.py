@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry, check_positions
+from posenc.encodings.base import Geometry, check_positions, forward_coordinates
 from posenc.models.attention import (BlockStack, KVCache, apply_dropout, attention_mask, dense, layer_norm,
                                      param)
 
@@ -94,6 +94,7 @@ class GPT(nnx.Module):
     geometry = Geometry.seq(input_ids.shape[1])
     self.posenc.check(geometry)
     positions = geometry.positions() if positions is None else check_positions(positions, geometry)
+    positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 
@@ -125,7 +126,7 @@ class GPT(nnx.Module):
     start = cache.length
     if positions is None:
       positions = (start + jnp.arange(geometry.num_positions, dtype=jnp.int32))[None, :, None]
-    positions = check_positions(positions, geometry)
+    positions = self.posenc.coordinates(check_positions(positions, geometry), geometry, None)
     if positions.dtype != cache.positions.dtype:
       raise ValueError(f"positions are {positions.dtype} but the cache holds {cache.positions.dtype} "
                        f"positions; build it with init_cache(..., positions_dtype={positions.dtype}).")

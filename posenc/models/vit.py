@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry, as_hw, check_positions
+from posenc.encodings.base import Geometry, as_hw, check_positions, forward_coordinates
 from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
 
 # Standard sizes (ViT paper / DeiT); "mu" is a CPU-sized model for quick experiments.
@@ -43,7 +43,7 @@ class ViT(nnx.Module):
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
                pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
-               scan_layers: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+               ln_eps: float = 1e-6, scan_layers: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
     if pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}.")
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout), ("drop_path", drop_path)):
@@ -67,11 +67,11 @@ class ViT(nnx.Module):
                                  geometry=self.geometry, param_dtype=param_dtype, rngs=rngs,
                                  **(posenc_options or {}))
     self.blocks = BlockStack(
-        depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-6,
+        depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=ln_eps,
         gelu_approximate=gelu_approximate, kernel_init=None,
         bias_init=jax.nn.initializers.normal(1e-6), dropout=dropout, attention_dropout=attention_dropout,
         drop_path=drop_path, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm = layer_norm(width, 1e-6, dtype, param_dtype, rngs)
+    self.norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs)
     self.head = param(jax.nn.initializers.truncated_normal(0.02), rngs, (width, num_classes), param_dtype,
                       ("embed", "vocab"))
     self.head_bias = param(jax.nn.initializers.zeros, rngs, (num_classes,), param_dtype, ("vocab",))
@@ -99,6 +99,7 @@ class ViT(nnx.Module):
     geometry = self.geometry_for(images.shape[1:3])
     self.posenc.check(geometry)
     positions = geometry.positions() if positions is None else check_positions(positions, geometry)
+    positions = forward_coordinates(self.posenc, positions, geometry, images.shape[0], self.rngs, train)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 

@@ -75,6 +75,9 @@ def _check_encoding(config, task) -> None:
     fits = [n for n in encodings.names() if task.NDIM in encodings.get(n).supported_ndims]
     raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the {task.NDIM}D "
                       f"inputs of task '{config.task}'; choose one of: {', '.join(fits)}.")
+  if config.transfer.interpolate_positions and config.posenc_options.get("normalize_coords"):
+    raise ConfigError("config field 'transfer.interpolate_positions': with posenc_options.normalize_coords "
+                      "every grid is already mapped into the trained range; set one of them, not both.")
   if config.transfer.interpolate_positions and not cls.continuous:
     raise ConfigError(f"config field 'transfer.interpolate_positions': '{config.posenc}' looks positions up "
                       f"in a table and cannot take interpolated (real-valued) positions; set it False "
