@@ -38,7 +38,9 @@ def continuation(workdir: str, prompt: str, max_new_tokens: int, temperature: fl
     raise ConfigError(f"--workdir: {e}") from None
   if meta.get("task") != "causal_lm":
     raise ConfigError(f"--workdir: {root}/{step} is a '{meta.get('task')}' run; generation needs a causal_lm run.")
-  config = ml_collections.ConfigDict(meta["config"])
+  from configs import common
+  config = common.base("causal_lm")  # fields a run written by an older posenc lacks take today's defaults
+  config.update(ml_collections.ConfigDict(meta["config"]))
   config.update(init_from=workdir, total_steps=0, eval_lengths=(), eval_stride=0, batch_size=1,
                 eval_batch_size=1, mesh=dict(data=1, fsdp=1, model=1))
   run = setup(config)

@@ -15,6 +15,7 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.task = task                   # posenc.tasks name: image_classification | masked_lm | causal_lm
   c.model = ""                    # posenc.models name, e.g. vit-mu | vit-ti | bert-tiny | gpt-nano
   c.model_options = ml_collections.ConfigDict()  # overrides of the named size and model kwargs
+  c.attention_impl = "auto"       # auto (per backend) | per_head | xla | dot_product_attention
   c.posenc = "learned"            # position encoding (posenc.encodings.names())
   c.posenc_options = ml_collections.ConfigDict()  # its options: --config.posenc_options.NAME=VALUE
   c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)

@@ -20,7 +20,6 @@ from configs import common
 def base() -> ml_collections.ConfigDict:
   c = common.base("causal_lm")
   c.model = "gpt-nano"            # 128 wide, 4 layers, 4 heads (posenc.models.GPT_SIZES)
-  c.model_options = ml_collections.ConfigDict(dict(scan_layers=False))  # unrolled: a faster CPU step
   c.posenc = "learned"            # a 1D-capable encoding; learned 1D, like GPT-2, by default
   c.dataset = "text"              # the text corpus; the task tokenizes it with its own BPE
   # --- task: causal language modelling ---------------------------------------------------

@@ -17,14 +17,18 @@ from configs import common
 def base() -> ml_collections.ConfigDict:
   c = common.base("image_classification")
   c.model = "vit-mu"              # 64 wide, 4 layers, 4 heads (posenc.models.VIT_SIZES)
-  c.model_options = ml_collections.ConfigDict(dict(
-      scan_layers=False))         # unrolled layers: a faster CPU step (longer compile)
   c.dataset = "fashion_mnist"     # posenc.data dataset name (or any TFDS image dataset online)
   # --- task: image classification ---------------------------------------------------------
   c.image_size = 28               # size the model is built and trained at: int or (h, w)
-  c.patch_size = 7                # patch side; must divide image_size and every eval_image_sizes
-  c.augment = False               # train-time random crop (pad size//8) + flip (helps long runs)
+  c.patch_size = 7                # patch side; must divide image_size, eval_ and train_image_sizes
+  c.augment = False               # train-time random-resized crop (crop_scale) + flip (helps long runs)
+  c.crop_scale = (0.35, 1.0)      # crop area fraction, uniform in (low, high); aspect log-uniform in [3/4, 4/3]
+  c.train_image_sizes = ()        # e.g. (24, 32, 40): one per step from (seed, step), resampled; () = image_size
   c.eval_image_sizes = ()         # also evaluate at these sizes (parameters transferred on the fly)
+  c.eval_protocol = "zoom"        # eval sizes (and image_size) != object_size: zoom (resample) | canvas
+                                  #   (the object at object_size, at a seeded place on a blank canvas / crop)
+  c.object_size = 0               # canvas: the object's size, the trained scale (0 = image_size; init_from
+                                  #   runs on canvas images: the source run's image_size)
   # --- optimisation (overrides of configs/common.py) --------------------------------------
   c.total_steps = 1200            # 128 x 1200 = 2.8 epochs; 0 + init_from: evaluate only
   c.lr = 2e-3

@@ -189,7 +189,7 @@ def test_models_call_every_hook_with_the_input_geometry(scan_layers):
 
 def test_scan_and_loop_compute_the_same_function():
   """Per-layer encoding parameters indexed by a traced (scan) or Python (loop) layer agree."""
-  graphdef, params, rest = build("vit-mu", "rope_mixed", **VIT)
+  graphdef, params, rest = build("vit-mu", "rope_mixed", scan_layers=True, **VIT)
   graphdef_loop = nnx.graphdef(nnx.eval_shape(lambda: models.create(
       "vit-mu", posenc="rope_mixed", rngs=nnx.Rngs(0), scan_layers=False, **VIT)))
 

@@ -22,7 +22,7 @@ from posenc import models
 from posenc.encodings import Geometry
 
 REFERENCE = Path(__file__).parent / "data" / "reference_outputs.npz"
-TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, scan_layers=True)  # as recorded (then the default)
 VIT = dict(num_classes=5, image_size=28, patch_size=7, channels=1, num_registers=1, **TINY)
 BERT = dict(vocab_size=64, max_len=16, **TINY)
 # (case name, model, posenc, posenc options, model options)

@@ -13,13 +13,13 @@ is row j*P + p of global batch k. Randomness (augmentation, train masks) is draw
 for the whole global batch from (seed, k) and each process keeps its rows: a run
 on P processes sees exactly the batches of a single-process run.
 
-Images (float32 [b, H, W, C]): uint8 -> [0, 1]; train-time augmentation (default:
-on when train=True) pads by size // 8 pixels of zeros, crops back to the stored
-size at a random offset and flips left-right with probability 1/2; then resizes
-to `image_size` with PIL's bilinear filter (antialiased when shrinking: the same
-as torch F.interpolate(mode="bilinear", antialias=True, align_corners=False));
-then normalises (x - mean) / std with the train split's statistics (Fashion-MNIST:
-mean 0.2858, std 0.3529 over its 55,000 train images; other datasets 0.5 / 0.5).
+Images (float32 [b, H, W, C]): uint8 -> [0, 1] -> (training) random-resized crop +
+flip -> the output size: resampled to it (protocol "zoom"), or resized to a fixed object
+size and placed on / cropped from a canvas of it at a seeded position (protocol
+"canvas") -> normalised (x - mean) / std with the train split's statistics
+(Fashion-MNIST: mean 0.2858, std 0.3529 over its 55,000 train images; other datasets
+0.5 / 0.5). Training at several sizes draws one per global batch from (seed, batch
+index). Details: posenc.data.images.
 
 Text (int32 [b, L]): each split's paragraphs, in corpus order, are packed into
 rows "[CLS] p1 [SEP] p2 [SEP] ..." of exactly max_len tokens: a paragraph that does
@@ -45,34 +45,17 @@ import grain
 from absl import flags
 import jax
 import numpy as np
-import PIL.Image
 
 from posenc.data import datasets, text
-from posenc.encodings.base import as_hw
+from posenc.data.images import (  # noqa: F401  (image preprocessing lives in images.py)
+    DEFAULT_CROP_SCALE, DEFAULT_IMAGE_STATS, IMAGE_STATS, PROTOCOLS, ImagePreprocess, ImageRecords,
+    image_preprocess, resize_images)
 
-IMAGE_STATS = {"fashion_mnist": (0.2858, 0.3529)}  # (mean, std) of the train split, pixels in [0, 1]
-DEFAULT_IMAGE_STATS = (0.5, 0.5)  # maps [0, 1] to [-1, 1]
 DEFAULT_MAX_LEN = 128
 MASK_RATE, MASK_TOKEN_RATE, RANDOM_TOKEN_RATE = 0.15, 0.8, 0.1
 PAD, CLS, SEP, MASK = 0, 101, 102, 103  # all-MiniLM-L6-v2 (BERT uncased) vocabulary
 # One background thread prepares up to 4 batches ahead (benchmarks/data_speed.py).
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
-
-
-class ImageRecords:
-  """Batched reads of a TFDS random-access source with "image" and "label" features
-  (images of one fixed size, as datasets.info checks)."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    records = self.source.__getitems__(indices.tolist())
-    return {"image": np.stack([r["image"] for r in records]),
-            "label": np.array([r["label"] for r in records], np.int32)}
 
 
 class PackedText:
@@ -150,50 +133,17 @@ def draw_masks(rng: np.random.Generator, shape, regular_ids: np.ndarray):
   return rng.random(shape), rng.random(shape), regular_ids[rng.integers(0, len(regular_ids), shape)]
 
 
-def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """float32 [b, h, w, c] -> [b, H, W, c] with PIL's (antialiased) bilinear filter."""
-  return np.stack([np.stack([np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[..., c]), "F")
-                                        .resize(size[::-1], PIL.Image.BILINEAR))
-                             for c in range(image.shape[-1])], axis=-1) for image in images])
-
-
 @dataclasses.dataclass
 class ReadBatch(grain.transforms.Map):
-  """Global record indices -> a batch of records; indices past the end are padding."""
+  """Global record indices -> a batch of records, their "index" and "valid"; indices past the
+  end are padding (they repeat the last record)."""
   records: ImageRecords | PackedText
 
   def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     indices = np.asarray(indices)
     valid = indices < len(self.records)
-    return {**self.records.read(np.where(valid, indices, len(self.records) - 1)), "valid": valid}
-
-
-@dataclasses.dataclass
-class ImagePreprocess(grain.transforms.RandomMap):
-  """uint8 images -> augmented, resized, normalised float32 images (this process's rows)."""
-  size: tuple[int, int] | None
-  mean: float
-  std: float
-  augment: bool
-  process_index: int = 0
-  process_count: int = 1
-
-  def random_map(self, batch: dict[str, np.ndarray], rng: np.random.Generator):
-    images = batch["image"].astype(np.float32) / 255.0
-    b, height, width, _ = images.shape
-    if self.augment:  # drawn for the global batch; this process keeps its rows
-      mine = slice(self.process_index, None, self.process_count)
-      pad = max(1, min(height, width) // 8)
-      offsets = rng.integers(0, 2 * pad + 1, size=(b * self.process_count, 2))[mine]
-      flips = (rng.random(b * self.process_count) < 0.5)[mine]
-      padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-      images = np.stack([padded[i, top:top + height, left:left + width]
-                         for i, (top, left) in enumerate(offsets)])
-      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    if self.size is not None and self.size != (height, width):
-      images = resize_images(images, self.size)
-    return {"image": ((images - self.mean) / self.std).astype(np.float32),
-            "label": batch["label"], "valid": batch["valid"]}
+    index = np.where(valid, indices, len(self.records) - 1)
+    return {**self.records.read(index), "index": index, "valid": valid}
 
 
 @dataclasses.dataclass
@@ -232,10 +182,18 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
 def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed: int,
                 image_size=None, max_len: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, num_epochs: int | None = None,
-                augment: bool | None = None, worker_count: int = 0,
+                augment: bool | None = None, crop_scale=DEFAULT_CROP_SCALE, image_sizes=(),
+                object_size=None, protocol: str = "zoom", worker_count: int = 0,
                 data_dir: str | None = None) -> grain.IterDataset:
   """Batches of `dataset`/`split` for this process (batch_size // process_count rows
-  of every global batch). See the module docstring for order, augmentation, masking."""
+  of every global batch). See the module docstring for order, augmentation, masking.
+
+  Images: `image_size` (int or (h, w); None: as stored) is the output size; `image_sizes`
+  (training only) draws one of them per global batch instead. `augment` (default: train)
+  is a random-resized crop of area fraction in `crop_scale` + flip. `protocol` "zoom"
+  resamples the image to the output size; "canvas" resizes it to `object_size` and places
+  it on (or crops it from) the output-size canvas at a seeded position (None: zoom).
+  """
   process_count = _check_int("process_count", jax.process_count() if process_count is None
                              else process_count, 1)
   process_index = _check_int("process_index", jax.process_index() if process_index is None
@@ -254,8 +212,9 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   shard = dict(process_index=process_index, process_count=process_count)
 
   if dataset == "text":
-    if image_size is not None or augment:
-      raise ValueError("image_size/augment are for image datasets, not 'text'; use max_len.")
+    if image_size is not None or augment or image_sizes or object_size is not None or protocol != "zoom":
+      raise ValueError("image_size/image_sizes/augment/object_size/protocol are for image datasets, "
+                       "not 'text'; use max_len.")
     max_len = _check_int("max_len", DEFAULT_MAX_LEN if max_len is None else max_len, 2)
     records = packed_text(split, max_len, directory)
     fixed = None
@@ -265,12 +224,11 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   else:
     if max_len is not None:
       raise ValueError(f"max_len is for dataset 'text', not {dataset!r}; use image_size.")
-    size = None if image_size is None else as_hw(image_size)
     datasets.info(dataset, directory)  # a clear error unless it has fixed-size images + labels
     records = ImageRecords(datasets.source(dataset, split, directory))
-    mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
-    transform = ImagePreprocess(size, mean, std, train if augment is None else bool(augment),
-                                **shard)
+    transform = image_preprocess(dataset, num_records=len(records), train=train, seed=seed,
+                                 image_size=image_size, image_sizes=image_sizes, object_size=object_size,
+                                 protocol=protocol, augment=augment, crop_scale=crop_scale, **shard)
 
   if train and len(records) < batch_size:
     raise ValueError(f"Split {split!r} of {dataset!r} has {len(records)} examples, fewer than "

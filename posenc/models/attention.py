@@ -91,25 +91,54 @@ def apply_drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "per_head", "dot_product_attention")
+
+
+def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
+  """``"auto"`` -> the implementation for ``backend`` (default: JAX's): per-head on CPU (the
+  fastest measured there, benchmarks/speed.py), ``jax.nn.dot_product_attention`` elsewhere
+  (cuDNN's fused kernel on GPUs where it applies, XLA's on TPU)."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
+  if impl != "auto":
+    return impl
+  return "per_head" if (backend or jax.default_backend()) == "cpu" else "dot_product_attention"
+
+
+def resolve_scan_layers(scan_layers: bool | None, backend: str | None = None) -> bool:
+  """None -> per backend: unrolled on CPU (a faster step there, benchmarks/speed.py), scanned on
+  GPU/TPU (compile time independent of depth)."""
+  if scan_layers is None:
+    return (backend or jax.default_backend()) != "cpu"
+  return bool(scan_layers)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with one fused q/k/v projection and the position hooks.
 
   The query scale ``1/sqrt(head_dim)`` is folded into the query weights at
   compute time (a ``[D, D]`` multiply instead of a ``[B, H, T, T]`` one). The
   encoding's ``rotate`` therefore sees a scaled query; rotations are linear, so
-  this changes nothing. Heads are attended one at a time: on CPU, per-head
-  ``[B, T, T]`` matmuls and softmaxes beat one batched ``[B, H, T, T]`` einsum
-  (whose operands XLA must transpose), in both passes (benchmarks/speed.py).
+  this changes nothing. ``attention_impl`` (``resolve_attention_impl``) chooses how
+  scores are computed, all with float32 logits and the same result:
+  ``"per_head"`` attends one head at a time (on CPU, per-head ``[B, T, T]``
+  matmuls and softmaxes beat one batched einsum, whose operands XLA must
+  transpose); ``"xla"`` is one batched einsum over heads;
+  ``"dot_product_attention"`` is ``jax.nn.dot_product_attention`` with the
+  encoding's bias and the mask passed to the (on GPU, fused) kernel. Attention
+  dropout in training is applied by the einsum paths (the fused kernel has none).
   """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer, bias_init: Initializer,
-               dtype, param_dtype, rngs: nnx.Rngs, attention_dropout: float = 0.0):
+               dtype, param_dtype, rngs: nnx.Rngs, attention_dropout: float = 0.0,
+               attention_impl: str = "auto"):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}; pick a width that is "
                        f"a multiple of num_heads.")
     head_dim = dim // num_heads
     self.num_heads, self.head_dim = num_heads, head_dim
     self.dtype, self.attention_dropout = dtype, attention_dropout
+    self.attention_impl = resolve_attention_impl(attention_impl)
     # Kernels [in, heads, 3 (q/k/v), head_dim] and [heads, head_dim, out]: heads lead the flattened
     # output / input axis, so a "heads"-sharded kernel stays sharded when dense() flattens it.
     qkv_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 3),
@@ -131,8 +160,26 @@ class Attention(nnx.Module):
     return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
 
   def _attend(self, q, k, v, bias, mask, key) -> jax.Array:
-    """Queries ``[B, T, H, Dh]`` over keys/values ``[B, S, H, Dh]``; ``bias [B or 1, H, T, S]``."""
-    dt = self.dtype
+    """Queries ``[B, T, H, Dh]`` over keys/values ``[B, S, H, Dh]``; ``bias [B or 1, H, T, S]``;
+    ``mask`` broadcastable to ``[B, T, S]``."""
+    dt, impl = self.dtype, self.attention_impl
+    if impl == "dot_product_attention" and (key is None or not self.attention_dropout):
+      out = jax.nn.dot_product_attention(
+          q, k, v, bias=None if bias is None else bias.astype(jnp.float32 if dt == jnp.float32 else dt),
+          mask=None if mask is None else mask[:, None], scale=1.0,
+          implementation="xla" if jax.default_backend() == "tpu" else None)
+      return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
+    if impl != "per_head":  # one batched einsum over heads (also the dropout path of the fused kernel)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask[:, None], logits, MASKED_LOGIT)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      if key is not None:
+        probs = apply_dropout(probs, self.attention_dropout, key)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
     heads = []
     for h in range(self.num_heads):
       logits = jnp.einsum("bqk,btk->bqt", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32)
@@ -214,9 +261,10 @@ class Block(nnx.Module):
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
                gelu_approximate: bool, kernel_init: Initializer | None, bias_init: Initializer,
                dropout: float, attention_dropout: float, drop_path: float, num_layers: int,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "auto"):
     self.attn = Attention(dim, num_heads, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
-                          param_dtype=param_dtype, attention_dropout=attention_dropout, rngs=rngs)
+                          param_dtype=param_dtype, attention_dropout=attention_dropout,
+                          attention_impl=attention_impl, rngs=rngs)
     self.mlp = Mlp(dim, mlp_dim, kernel_init=kernel_init, bias_init=bias_init,
                    gelu_approximate=gelu_approximate, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln1 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
@@ -291,14 +339,14 @@ class BlockStack(nnx.Module):
   makes a CPU train step markedly faster. The parameters are the same either way.
   """
 
-  def __init__(self, num_layers: int, *, rngs: nnx.Rngs, scan_layers: bool = True, **block_kwargs):
+  def __init__(self, num_layers: int, *, rngs: nnx.Rngs, scan_layers: bool | None = None, **block_kwargs):
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
       return Block(num_layers=num_layers, rngs=rngs, **block_kwargs)
 
     self.layers = make(rngs)
-    self.num_layers, self.scan_layers = num_layers, scan_layers
+    self.num_layers, self.scan_layers = num_layers, resolve_scan_layers(scan_layers)
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
                mask: jax.Array | None, key: jax.Array | None) -> jax.Array:

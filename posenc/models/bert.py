@@ -53,7 +53,8 @@ class BERT(nnx.Module):
                vocab_size: int = 30522, max_len: int = 512, type_vocab_size: int = 2,
                width: int = 256, depth: int = 4, num_heads: int = 4, mlp_dim: int = 1024,
                pre_ln: bool = False, dropout: float = 0.1, attention_dropout: float = 0.1,
-               ln_eps: float = 1e-12, gelu_approximate: bool = False, scan_layers: bool = True,
+               ln_eps: float = 1e-12, gelu_approximate: bool = False, scan_layers: bool | None = None,
+               attention_impl: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32):
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
       if not 0.0 <= rate < 1.0:
@@ -76,7 +77,8 @@ class BERT(nnx.Module):
     self.blocks = BlockStack(
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=pre_ln, ln_eps=ln_eps,
         gelu_approximate=gelu_approximate, kernel_init=init, bias_init=zeros, dropout=dropout,
-        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers, dtype=dtype,
+        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers,
+        attention_impl=attention_impl, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     self.final_norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs) if pre_ln else None
     # MLM head (the decoder matrix is token_embed, transposed).

@@ -45,7 +45,8 @@ class GPT(nnx.Module):
   def __init__(self, *, posenc: str = "learned", rngs: nnx.Rngs, posenc_options: dict | None = None,
                vocab_size: int = 50257, max_len: int = 1024, width: int = 768, depth: int = 12,
                num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0, attention_dropout: float = 0.0,
-               scan_layers: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+               scan_layers: bool | None = None, attention_impl: str = "auto", dtype=jnp.float32,
+               param_dtype=jnp.float32):
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
       if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {rate}.")
@@ -61,7 +62,8 @@ class GPT(nnx.Module):
     self.blocks = BlockStack(
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-5,
         gelu_approximate=True, kernel_init=init, bias_init=jax.nn.initializers.zeros, dropout=dropout,
-        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers, dtype=dtype,
+        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers,
+        attention_impl=attention_impl, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     # GPT-2 scales the init of the projections that write into the residual stream.
     layers = self.blocks.layers

@@ -35,7 +35,7 @@ class ViT(nnx.Module):
   ``image_size`` is the size the model is BUILT at (it fixes the geometry given
   to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
   class token, ``pool="gap"`` averages the patch tokens (no class token).
-  ``scan_layers``: see ``BlockStack`` (False: a faster CPU step, longer compile).
+  ``scan_layers`` (None: per backend) and ``attention_impl``: see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
@@ -43,7 +43,8 @@ class ViT(nnx.Module):
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
                pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
-               ln_eps: float = 1e-6, scan_layers: bool = True, dtype=jnp.float32, param_dtype=jnp.float32):
+               ln_eps: float = 1e-6, scan_layers: bool | None = None, attention_impl: str = "auto",
+               dtype=jnp.float32, param_dtype=jnp.float32):
     if pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}.")
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout), ("drop_path", drop_path)):
@@ -70,7 +71,8 @@ class ViT(nnx.Module):
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=ln_eps,
         gelu_approximate=gelu_approximate, kernel_init=None,
         bias_init=jax.nn.initializers.normal(1e-6), dropout=dropout, attention_dropout=attention_dropout,
-        drop_path=drop_path, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        drop_path=drop_path, scan_layers=scan_layers, attention_impl=attention_impl, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
     self.norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs)
     self.head = param(jax.nn.initializers.truncated_normal(0.02), rngs, (width, num_classes), param_dtype,
                       ("embed", "vocab"))

@@ -100,6 +100,7 @@ def build_model(config, **task_kwargs) -> nnx.Module:
   from posenc import models  # imported late: models import every encoding
   return models.create(config.model, posenc=config.posenc, rngs=nnx.Rngs(config.seed, dropout=config.seed + 1),
                        posenc_options=dict(config.posenc_options), dtype=jnp.dtype(config.dtype),
+                       attention_impl=config.attention_impl,
                        param_dtype=jnp.float32, **{**dict(config.model_options), **task_kwargs})
 
 

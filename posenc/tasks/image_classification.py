@@ -1,4 +1,16 @@
-"""Image classification with a ViT (Fashion-MNIST, or any TFDS image dataset online)."""
+"""Image classification with a ViT (Fashion-MNIST, or any TFDS image dataset online).
+
+Sizes: the model is built at ``image_size``; training draws one of ``train_image_sizes``
+per step when given (the jitted step compiles once per size); evaluation runs at
+``image_size`` and every ``eval_image_sizes``. How an image is shown at a size is
+``eval_protocol``: ``zoom`` resamples it to the size (the object grows with the grid);
+``canvas`` keeps it at ``object_size`` (default: ``image_size``, the trained scale) and
+places it on a blank canvas of the size, or crops it, at a seeded position (fixed per
+image at evaluation). It applies to the evaluated sizes and to training at
+``image_size`` (e.g. fine-tuning from ``init_from`` on canvas images: set ``object_size``
+to the source run's ``image_size``); training at several sizes always resamples
+(FlexiViT's recipe).
+"""
 from __future__ import annotations
 
 import jax
@@ -6,6 +18,13 @@ import jax
 from posenc.config import ConfigError
 from posenc.encodings import Geometry, as_hw
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
+
+
+def _sizes(config, field: str) -> list:
+  sizes = config[field]
+  if not isinstance(sizes, tuple | list):
+    raise ConfigError(f"config field '{field}': {sizes!r} must be a tuple of sizes (int or (h, w)).")
+  return list(sizes)
 
 
 def _hw(config, field: str, size) -> tuple[int, int]:
@@ -19,22 +38,63 @@ class ImageClassification(Task):
   name = "image_classification"
   FIELDS = {
       "image_size": "size the model is built and trained at: int or (h, w)",
-      "patch_size": "patch side; must divide image_size and every eval_image_sizes",
-      "augment": "train-time random crop (pad size//8) + horizontal flip",
+      "patch_size": "patch side; must divide image_size and every eval_image_sizes / train_image_sizes",
+      "augment": "train-time random-resized crop (area fraction in crop_scale) + horizontal flip",
+      "crop_scale": "(low, high): the crop's area fraction, uniform; aspect ratio log-uniform in [3/4, 4/3]",
+      "train_image_sizes": "train at one of these sizes per step, drawn from (seed, step), always resampled "
+                           "(zoom); () = image_size only",
       "eval_image_sizes": "also evaluate at these sizes (parameters transferred on the fly)",
+      "eval_protocol": "images at a size other than object_size (evaluation; training at image_size): 'zoom' "
+                       "(resampled) | 'canvas' (placed at a seeded position on a blank canvas, or cropped from it)",
+      "object_size": "canvas protocol: the object's size (the trained scale); 0 = image_size",
   }
   NDIM = 2
   ITEMS = "images"
   SIZE_FIELD = "image_size"
 
   def validate(self, config) -> None:
+    from posenc.data.images import PROTOCOLS, check_crop_scale  # imported late: data builders are heavy
     p = config.patch_size
-    for field, sizes in (("image_size", [config.image_size]), ("eval_image_sizes", list(config.eval_image_sizes))):
+    for field in ("image_size", "eval_image_sizes", "train_image_sizes"):
+      sizes = [config[field]] if field == "image_size" else _sizes(config, field)
       for size in sizes:
         hw = _hw(config, field, size)
         if not isinstance(p, int) or isinstance(p, bool) or p <= 0 or any(s % p for s in hw):
           raise ConfigError(f"config field 'patch_size': {p!r} does not divide {field}={size!r}; "
                             f"pick a patch size that divides every image size.")
+    if config.eval_protocol not in PROTOCOLS:
+      raise ConfigError(f"config field 'eval_protocol': {config.eval_protocol!r} is not one of {PROTOCOLS} "
+                        f"('zoom': resample the image to each size; 'canvas': keep it at object_size on "
+                        f"a larger or smaller canvas).")
+    if config.object_size != 0:
+      _hw(config, "object_size", config.object_size)
+    try:
+      check_crop_scale(config.crop_scale)
+    except ValueError as e:
+      raise ConfigError(f"config field 'crop_scale': {e}") from None
+    self._check_train_grids(config)
+
+  def _check_train_grids(self, config) -> None:
+    """ConfigError unless the encoding, built at image_size, serves every train_image_sizes grid
+    (a learned grid table serves only its own unless it resamples)."""
+    built = as_hw(config.image_size)
+    others = [s for s in config.train_image_sizes if as_hw(s) != built]
+    if not others:
+      return
+    from flax import nnx
+    try:  # abstractly; bad model options are reported (with their fields) by setup
+      model = nnx.eval_shape(lambda: build_model(config, num_classes=2, channels=1, patch_size=config.patch_size,
+                                                 image_size=built))
+    except (ValueError, TypeError):
+      return
+    for size in others:
+      try:
+        model.posenc.check(model.geometry_for(as_hw(size)))
+      except ValueError as e:
+        raise ConfigError(f"config field 'train_image_sizes': posenc '{config.posenc}' built at image_size="
+                          f"{config.image_size!r} cannot run at {size!r}: {e} Train at several sizes with an "
+                          f"encoding that serves any grid (rope, sincos2d, ...) or, for 'learned', with "
+                          f"posenc_options.resample=True (FlexiViT).") from None
 
   def check_dataset(self, config) -> None:
     dataset_info(config, "num_classes", "it holds no labelled images; use 'fashion_mnist'")
@@ -68,10 +128,18 @@ class ImageClassification(Task):
 
   def loader(self, config, split, *, train, batch_size, size=None):
     from posenc import data
+    sizes = tuple(config.train_image_sizes) if train and size is None else ()
     return data.make_loader(config.dataset, split, batch_size=batch_size, train=train, seed=config.seed,
-                            image_size=config.image_size if size is None else size,
-                            augment=train and config.augment, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            image_size=config.image_size if size is None else size, image_sizes=sizes,
+                            protocol="zoom" if sizes else config.eval_protocol,  # several sizes: FlexiViT
+                            object_size=self.object_size(config),
+                            augment=train and config.augment, crop_scale=tuple(config.crop_scale),
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+  @staticmethod
+  def object_size(config):
+    """The canvas protocol's object size: ``object_size``, or ``image_size`` where it is 0."""
+    return config.object_size or config.image_size
 
   def forward(self, model, batch, *, train, position_scale=1.0):
     images = batch["image"]

@@ -17,7 +17,7 @@ from posenc.config import ConfigError, check_number
 
 MESH_AXES = ("data", "fsdp", "model")
 COMMON_FIELDS = frozenset({
-    "task", "model", "model_options", "posenc", "posenc_options", "dtype", "dataset", "batch_size",
+    "task", "model", "model_options", "attention_impl", "posenc", "posenc_options", "dtype", "dataset", "batch_size",
     "eval_batch_size", "eval_max_batches", "total_steps", "warmup_steps", "lr", "weight_decay",
     "grad_clip_norm", "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every",
     "keep_checkpoints", "init_from", "transfer", "mesh", "logical_axis_rules"})

@@ -1,0 +1,207 @@
+"""Image preprocessing for the grain pipelines: scale augmentation, sizes, the two protocols.
+
+One batch of uint8 images [b, h, w, c] (the stored size) becomes float32 [b, H, W, c]:
+
+1. **Output size** (H, W): the loader's one size, or, when it has several (training at
+   several resolutions), one drawn per global batch from the batch's rng, so every row of
+   a batch has it and the sequence of sizes is a function of (seed, batch index): a
+   resumed iterator continues it exactly.
+2. **Object size**: the side the image itself is brought to. Protocol ``zoom``: the
+   output size (the image is resampled to it; the object grows with the grid).
+   Protocol ``canvas``: a fixed ``object_size`` (the trained scale), whatever the output
+   size.
+3. **Augmentation** (training): random-resized crop with torchvision / timm semantics
+   (area fraction uniform in ``crop_scale``, aspect ratio log-uniform in [3/4, 4/3], up
+   to 10 attempts, else the centre crop of the largest in-ratio box), the crop resized
+   to the object size, then a left-right flip with probability 1/2. Without it the
+   whole image is resized to the object size.
+4. **Canvas** (protocol ``canvas``, where object and output sizes differ): per axis, an
+   object smaller than the canvas is placed on a blank canvas (raw pixel 0, the
+   background) at offset d in [0, canvas - object]; a larger one is cropped to the
+   canvas at offset d in [0, object - canvas]. d = floor(u * (n + 1)) for a uniform u
+   per image and axis: at evaluation u is fixed per image of the split (from the seed
+   and the image's index: the same placement at every evaluation, and the same relative
+   position at every canvas size); in training it is drawn per batch.
+5. Normalisation (x - mean) / std with the train split's statistics.
+
+Resizing is PIL's bilinear filter on float32 (antialiased when shrinking: the same as
+torch F.interpolate(mode="bilinear", antialias=True, align_corners=False)). All
+randomness is drawn for the whole global batch (b * process_count rows) and each process
+keeps its rows, so P processes see exactly the batches of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+import PIL.Image
+
+from posenc.encodings.base import as_hw
+
+IMAGE_STATS = {"fashion_mnist": (0.2858, 0.3529)}  # (mean, std) of the train split, pixels in [0, 1]
+DEFAULT_IMAGE_STATS = (0.5, 0.5)  # maps [0, 1] to [-1, 1]
+PROTOCOLS = ("zoom", "canvas")
+DEFAULT_CROP_SCALE = (0.35, 1.0)  # area fraction of a random-resized crop (timm's default: (0.08, 1))
+CROP_RATIO = (3 / 4, 4 / 3)       # aspect ratio (w / h) range of a random-resized crop
+CROP_ATTEMPTS = 10                # tries before the centre-crop fallback (torchvision)
+CANVAS_STREAM = 0x63616e76        # seeds the fixed per-image canvas placements: ("canvas", seed)
+
+
+class ImageRecords:
+  """Batched reads of a TFDS random-access source with "image" and "label" features
+  (images of one fixed size, as datasets.info checks)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = self.source.__getitems__(indices.tolist())
+    return {"image": np.stack([r["image"] for r in records]),
+            "label": np.array([r["label"] for r in records], np.int32)}
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """float32 [h, w, c] -> [H, W, c] with PIL's (antialiased) bilinear filter (a copy if equal)."""
+  return np.stack([np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[..., c]), "F")
+                              .resize(size[::-1], PIL.Image.BILINEAR))
+                   for c in range(image.shape[-1])], axis=-1)
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """float32 [b, h, w, c] -> [b, H, W, c] with PIL's (antialiased) bilinear filter."""
+  return np.stack([resize_image(image, size) for image in images])
+
+
+def check_crop_scale(crop_scale) -> tuple[float, float]:
+  """``(low, high)`` with 0 < low <= high <= 1; a clear ValueError otherwise."""
+  try:
+    low, high = (float(s) for s in crop_scale)
+  except (TypeError, ValueError):
+    raise ValueError(f"crop_scale must be a (low, high) pair of area fractions, got {crop_scale!r}.") from None
+  if not 0 < low <= high <= 1:
+    raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}.")
+  return low, high
+
+
+def sample_crop_boxes(draws: np.ndarray, height: int, width: int, scale: tuple[float, float],
+                      ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+  """torchvision's ``RandomResizedCrop.get_params`` from uniforms: ``draws [n, attempts, 4]``
+  in [0, 1) -> int boxes ``[n, 4]`` = (top, left, h, w).
+
+  Attempt a: target area = H*W * U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area *
+  aspect)), h = round(sqrt(area / aspect)); the first attempt with 0 < h <= H and 0 < w <= W
+  wins, at top = floor(u * (H - h + 1)), left = floor(u * (W - w + 1)). If none does: the
+  largest box of aspect in ``ratio``, centred (the whole image if its own aspect is in range).
+  """
+  u = np.asarray(draws, np.float64)
+  area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+  aspect = np.exp(log_low + u[..., 1] * (log_high - log_low))
+  w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+  h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  top = np.floor(u[..., 2] * (height - h + 1)).astype(np.int64)
+  left = np.floor(u[..., 3] * (width - w + 1)).astype(np.int64)
+  first = np.argmax(fits, axis=-1)  # the first attempt that fits (0 if none: replaced below)
+  pick = lambda x: np.take_along_axis(x, first[:, None], axis=-1)[:, 0]  # noqa: E731
+  boxes = np.stack([pick(top), pick(left), pick(h), pick(w)], axis=-1)
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    fh, fw = int(round(width / ratio[0])), width
+  elif in_ratio > ratio[1]:
+    fh, fw = height, int(round(height * ratio[1]))
+  else:
+    fh, fw = height, width
+  boxes[~fits.any(axis=-1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+  return boxes
+
+
+def canvas_offsets(fractions: np.ndarray, object_hw: tuple[int, int], canvas_hw: tuple[int, int]
+                   ) -> np.ndarray:
+  """Uniforms ``[b, 2]`` -> int offsets ``[b, 2]``: d = floor(u * (n + 1)) in [0, n], n = |canvas - object|."""
+  n = np.abs(np.subtract(canvas_hw, object_hw))
+  return np.minimum(np.floor(np.asarray(fractions) * (n + 1)).astype(np.int64), n)
+
+
+def place_on_canvas(images: np.ndarray, size: tuple[int, int], fractions: np.ndarray) -> np.ndarray:
+  """Objects ``[b, oh, ow, c]`` on blank (zero) canvases ``[b, H, W, c]`` at the offsets of
+  ``fractions`` (per axis: placed at d where the canvas is larger, cropped at d where smaller)."""
+  b, oh, ow, c = images.shape
+  out = np.zeros((b, *size, c), images.dtype)
+  offsets = canvas_offsets(fractions, (oh, ow), size)
+  for i, (dy, dx) in enumerate(offsets):
+    (dst_y, src_y), (dst_x, src_x) = (
+        (slice(d, d + o), slice(0, o)) if s >= o else (slice(0, s), slice(d, d + s))
+        for d, o, s in ((dy, oh, size[0]), (dx, ow, size[1])))
+    out[i, dst_y, dst_x] = images[i, src_y, src_x]
+  return out
+
+
+def canvas_draws(seed: int, num_records: int) -> np.ndarray:
+  """The fixed placement uniforms ``[num_records, 2]`` of an evaluated split (from the seed)."""
+  return np.random.default_rng([CANVAS_STREAM, seed]).random((num_records, 2))
+
+
+@dataclasses.dataclass
+class ImagePreprocess(grain.transforms.RandomMap):
+  """uint8 images -> sized, augmented, placed, normalised float32 images (this process's rows).
+  See the module docstring. ``sizes``: the output sizes (one drawn per batch when several;
+  None: the stored size); ``object_size``: the canvas protocol's object size (None: zoom);
+  ``fixed_draws``: per-record canvas uniforms (evaluation), else drawn per batch."""
+  sizes: tuple[tuple[int, int] | None, ...]
+  mean: float
+  std: float
+  augment: bool
+  object_size: tuple[int, int] | None = None
+  crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
+  fixed_draws: np.ndarray | None = None
+  process_index: int = 0
+  process_count: int = 1
+
+  def random_map(self, batch: dict[str, np.ndarray], rng: np.random.Generator):
+    images = batch["image"].astype(np.float32) / 255.0
+    b, height, width, _ = images.shape
+    rows = b * self.process_count  # draws are for the global batch; this process keeps its rows
+    mine = slice(self.process_index, None, self.process_count)
+    size = self.sizes[rng.integers(len(self.sizes))] if len(self.sizes) > 1 else self.sizes[0]
+    size = size or (height, width)
+    object_hw = self.object_size or size
+    if self.augment:
+      boxes = sample_crop_boxes(rng.random((rows, CROP_ATTEMPTS, 4))[mine], height, width, self.crop_scale)
+      flips = (rng.random(rows) < 0.5)[mine]
+      images = np.stack([resize_image(image[top:top + h, left:left + w], object_hw)
+                         for image, (top, left, h, w) in zip(images, boxes)])
+      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    elif object_hw != (height, width):
+      images = resize_images(images, object_hw)
+    if object_hw != size:
+      fractions = (self.fixed_draws[batch["index"]] if self.fixed_draws is not None
+                   else rng.random((rows, 2))[mine])
+      images = place_on_canvas(images, size, fractions)
+    return {"image": ((images - self.mean) / self.std).astype(np.float32),
+            "label": batch["label"], "valid": batch["valid"]}
+
+
+def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, image_size=None,
+                     image_sizes=(), object_size=None, protocol: str = "zoom", augment: bool | None = None,
+                     crop_scale=DEFAULT_CROP_SCALE, process_index: int = 0, process_count: int = 1
+                     ) -> ImagePreprocess:
+  """The checked ``ImagePreprocess`` of ``make_loader``'s image arguments (ValueError if bad)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+  image_sizes = tuple(image_sizes or ())
+  if image_sizes and not train:
+    raise ValueError("image_sizes (one size drawn per batch) is for training; evaluate at one image_size.")
+  sizes = tuple(as_hw(s) for s in image_sizes) or (None if image_size is None else as_hw(image_size),)
+  canvas = protocol == "canvas" and object_size is not None
+  mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
+  return ImagePreprocess(
+      sizes, mean, std, train if augment is None else bool(augment),
+      object_size=as_hw(object_size) if canvas else None, crop_scale=check_crop_scale(crop_scale),
+      fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
+      process_index=process_index, process_count=process_count)
