@@ -79,10 +79,24 @@ def rotate_half_pairs(x: jax.Array, angles: jax.Array, scale: float = 1.0) -> ja
 
   Computed in float32, returned in ``x.dtype``.
   """
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return turn(x, *cos_sin(angles, scale))
+
+
+def cos_sin(angles: jax.Array, scale: float = 1.0, num_prefix: int = 0) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(cos, sin)`` of ``angles [B, N, H, Dh/2]`` times ``scale``, with ``num_prefix``
+  leading tokens that do not turn (cos 1, sin 0: the identity)."""
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   if scale != 1.0:
     cos, sin = cos * scale, sin * scale
+  if num_prefix:
+    pad = ((0, 0), (num_prefix, 0)) + ((0, 0),) * (angles.ndim - 2)
+    cos, sin = jnp.pad(cos, pad, constant_values=1.0), jnp.pad(sin, pad)
+  return cos, sin
+
+
+def turn(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """``x [..., Dh]`` with features ``(i, i + Dh/2)`` turned by the angles of ``cos``/``sin`` ``[..., Dh/2]``."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
@@ -184,14 +198,9 @@ class _Rotary(Encoding):
     freqs = self._frequencies(geometry, layer, head_dim, num_heads).astype(jnp.float32)
     pos = positions[..., ::-1].astype(jnp.float32)  # (row, col) -> rope-vit's (x, y)
     angles = jnp.sum(pos[..., None, None] * freqs, axis=-3)  # [B, N, H or 1, Dh/2]
-    scale = self._attention_factor(geometry, head_dim)
-
-    def apply(x):
-      prefix, tokens = split_prefix(x, geometry)
-      tokens = rotate_half_pairs(tokens, angles, scale)
-      return jnp.concatenate([prefix, tokens], axis=1) if geometry.num_prefix else tokens
-
-    return apply(q), apply(k)
+    # One cos/sin for q and k; prefix tokens turn by nothing, so q and k are never split apart.
+    cos, sin = cos_sin(angles, self._attention_factor(geometry, head_dim), geometry.num_prefix)
+    return turn(q, cos, sin), turn(k, cos, sin)
 
 
 @register("rope")
