@@ -39,6 +39,7 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
 import study_lm  # noqa: E402
+import study_vit  # noqa: E402
 import study_report  # noqa: E402
 import timing  # noqa: E402
 from configs import bert_small, gpt_tiny, vit_tiny  # noqa: E402
@@ -69,7 +70,14 @@ class Family:
 
 
 VIT_ENCODINGS = ("learned", "factorized", "sincos2d", "rel_bias", "cpb", "cpe", "rope", "rope_mixed",
-                 "alibi", "none")
+                 "alibi", "none", "learned+multires", "rope+multires", "rope_mixed+multires", "rope+dinov3",
+                 "sincos2d+cape")
+MULTIRES = "train_image_sizes=(24,32,40)"  # FlexiViT / RoPE-ViT: one size per step
+VIT_VARIANTS = (("learned+multires", f"posenc=learned,posenc_options.resample=True,{MULTIRES}"),
+                ("rope+multires", f"posenc=rope,{MULTIRES}"),
+                ("rope_mixed+multires", f"posenc=rope_mixed,{MULTIRES}"),
+                ("rope+dinov3", "posenc=rope,posenc_options.normalize_coords=separate,posenc_options.augment=True"),
+                ("sincos2d+cape", "posenc=sincos2d,posenc_options.cape=True"))
 BERT_ENCODINGS = ("learned", "sinusoidal", "sinusoidal_scaled", "rel_bias", "rope", "alibi", "none")
 # The sin/cos table at the RMS of the learned table's init (0.02): BERT's token embeddings are
 # initialised at std 0.02, so the unscaled table (amplitude 1) swamps them.
@@ -97,8 +105,12 @@ PROFILES = {
     # BERT is pre-LN at lr 2e-3: post-LN at 1e-3 leaves the unigram plateau later (13.1 % vs 14.2 %
     # masked-token accuracy after 500 steps of 16 x 128 tokens; at batch 32 both sat at 5.9 % for 400 steps).
     "full": dict(seeds=(0, 1), families=(
-        Family("vit", vit_tiny, "total_steps=300,warmup_steps=30,eval_every=0,eval_max_batches=10",
-               "image_size", 28, (14, 21, 28, 42, 56), VIT_ENCODINGS, 30, 0.25, 0.1),
+        # ViT: Fashion-MNIST at 32 px, patch 4 (an 8x8 grid), random-resized-crop + flip; evaluated at
+        # 16..64 px (0.5x..2x) by zoom and canvas on 2,000 test images; fine-tuned at 16 and 64 px.
+        study_vit.ImageFamily(
+            "vit", vit_tiny, "patch_size=4,augment=True,total_steps=600,warmup_steps=60,eval_every=0,"
+            "checkpoint_every=0,eval_batch_size=500,eval_max_batches=4", 32, (16, 24, 32, 48, 64),
+            ("zoom", "canvas"), (16, 64), 40, 0.25, 0.1, VIT_ENCODINGS, VIT_VARIANTS),
         Family("bert", bert_small, "max_len=128,batch_size=16,total_steps=800,warmup_steps=80,lr=2e-3,"
                "model_options.pre_ln=True,eval_every=0,eval_max_batches=0", "max_len", 128, (64, 128, 256, 512),
                BERT_ENCODINGS, 20, 0.25, 0.1, BERT_VARIANTS),
@@ -108,8 +120,10 @@ PROFILES = {
                           "eval_every=0,checkpoint_every=0", 64, (1, 2, 4, 8, 16), 64, 32768, GPT_ENCODINGS,
                           gpt_variants(64)))),
     "quick": dict(seeds=(0,), families=(
-        Family("vit", vit_tiny, QUICK_TINY + ",total_steps=2,warmup_steps=1,batch_size=8,eval_batch_size=64,"
-               "eval_max_batches=1,eval_every=0", "image_size", 28, (14, 28), ("learned",), 2, 0.25, 0.1),
+        study_vit.ImageFamily(
+            "vit", vit_tiny, QUICK_TINY + ",patch_size=4,augment=True,total_steps=2,warmup_steps=1,batch_size=8,"
+            "eval_batch_size=64,eval_max_batches=1,eval_every=0", 16, (8, 16), ("zoom", "canvas"), (8,), 2, 0.25,
+            0.1, ("learned",)),
         Family("bert", bert_small, QUICK_TINY + ",total_steps=2,warmup_steps=1,batch_size=8,eval_batch_size=8,"
                "eval_max_batches=1,eval_every=0", "max_len", 16, (16,), ("sinusoidal_scaled",), 2, 0.25, 0.1,
                BERT_VARIANTS),
@@ -224,6 +238,8 @@ def main(argv=None) -> int:
     seeds = tuple(args.seeds or profile["seeds"])
     if isinstance(family, study_lm.LMFamily):
       study_lm.study(family, seeds, cells, root, log, run)
+    elif isinstance(family, study_vit.ImageFamily):
+      study_vit.study(family, seeds, cells, root, log, run)
     else:
       study_family(family, seeds, cells, root, log)
   if args.encodings or (args.seeds and set(args.seeds) != set(profile["seeds"])):

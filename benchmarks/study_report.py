@@ -21,6 +21,11 @@ def describe(family) -> dict:
   """What a report needs to know of a study.Family or study_lm.LMFamily."""
   out = dict(name=family.name, overrides=family.overrides, base=family.base, sizes=list(family.sizes),
              encodings=list(family.encodings))
+  if hasattr(family, "protocols"):  # the image family: modes are evaluation protocols
+    return dict(out, kind="image", field="image_size", protocols=list(family.protocols),
+                finetune_sizes=list(family.finetune_sizes), finetune_steps=family.finetune_steps,
+                finetune_lr_scale=family.finetune_lr_scale, posenc_lr_mult=family.posenc_lr_mult,
+                variants={k: v for k, v in family.variants if k in family.encodings})
   if hasattr(family, "stride"):  # a language-model family: modes are window kinds
     return dict(out, kind="lm", field="max_len", stride=family.stride, eval_tokens=family.eval_tokens,
                 variants={label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants
@@ -71,9 +76,37 @@ def lm_lines(results: dict, f: dict) -> list[str]:
   return lines
 
 
+PROTOCOLS = {"zoom": "zoom: the image resampled to each size (the object grows with the grid)",
+             "canvas": "canvas: the image at its trained scale on a larger canvas / cropped from a smaller one"}
+
+
+def image_lines(results: dict, f: dict) -> list[str]:
+  title, what, cross = TITLES[f["name"]]
+  seeds = sorted({c["seed"] for c in results["cells"] if c["family"] == f["name"]})
+  label = lambda s: f"{s}{cross}{s} ({s // 4}×{s // 4} grid)"  # noqa: E731
+  lines = [f"## {title}: trained at {f['base']}{cross}{f['base']}, {what}", "",
+           f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/vit_tiny.py:{f['overrides']}`; "
+           f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, position "
+           f"parameters at {f['posenc_lr_mult']}× that, on the protocol's images at that size."]
+  lines += [f"`{name}` is `{args}`." for name, args in f.get("variants", {}).items()] + [""]
+  for protocol in f["protocols"]:
+    for mode, sizes, caption in ((protocol, f["sizes"], "no fine-tuning"),
+                                 (f"{protocol}+ft", f["finetune_sizes"], "after fine-tuning at that size")):
+      lines += [f"### {PROTOCOLS[protocol]}; {caption}: test accuracy (%)", "",
+                "| posenc | " + " | ".join(label(s) + (" (trained)" if s == f["base"] else "") for s in sizes) + " |",
+                "|---|" + "---:|" * len(sizes)]
+      for posenc in f["encodings"]:
+        row = [cell_text(*summary(results["cells"], f["name"], posenc, mode, s), 1) for s in sizes]
+        lines.append(f"| `{posenc}` | " + " | ".join(row) + " |")
+      lines.append("")
+  return lines
+
+
 def family_lines(results: dict, f: dict) -> list[str]:
   if f.get("kind") == "lm":
     return lm_lines(results, f)
+  if f.get("kind") == "image":
+    return image_lines(results, f)
   title, what, cross = TITLES[f["name"]]
   sizes = f["sizes"]
   label = lambda s: f"{s}{cross}{s}" if cross else str(s)
@@ -120,12 +153,16 @@ def plot(results: dict, path: str) -> None:
   fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False, sharey="row")
   for row, f in zip(axes, families):
     lm = f.get("kind") == "lm"
-    for ax, (mode, caption) in zip(row, (LM_MODES if lm else MODES).items()):
-      for posenc in f["encodings"]:
+    modes = {p: PROTOCOLS[p] for p in f["protocols"]} if f.get("kind") == "image" else LM_MODES if lm else MODES
+    for ax, (mode, caption) in zip(row, modes.items()):
+      for i, posenc in enumerate(f["encodings"]):
         stats = [summary(results["cells"], f["name"], posenc, mode, s, "loss" if lm else "accuracy")
                  for s in f["sizes"]]
         ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o",
-                    capsize=2, label=posenc, linestyle="--" if posenc == "none" else "-")
+                    capsize=2, label=posenc, color=f"C{i % 10}", linestyle="--" if i >= 10 else "-")
+        if f.get("kind") == "image":  # fine-tuned points: stars of the same colour
+          tuned = [summary(results["cells"], f["name"], posenc, f"{mode}+ft", s) for s in f["finetune_sizes"]]
+          ax.plot(f["finetune_sizes"], [m for m, _, _ in tuned], "*", ms=9, color=f"C{i % 10}")
       ax.axvline(f["base"], color="grey", linewidth=0.8)
       ax.set_xscale("log", base=2)
       ax.set_xticks(f["sizes"], [str(s) for s in f["sizes"]])

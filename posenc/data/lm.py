@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from posenc.data import datasets, text
-from posenc.data.pipeline import READ_OPTIONS, _check_int
+from posenc.data.pipeline import READ_OPTIONS, _check_int, process_shard
 
 STORE = "gutenberg_novels_bpe"
 EOT = "<|endoftext|>"
@@ -248,18 +248,6 @@ class ReadRows(grain.transforms.Map):
     return {**batch, "valid": valid.astype(np.float32)}
 
 
-def _shard(batch_size, process_index, process_count) -> tuple[int, int, int]:
-  process_count = _check_int("process_count", jax.process_count() if process_count is None
-                             else process_count, 1)
-  process_index = _check_int("process_index", jax.process_index() if process_index is None
-                             else process_index, 0, process_count)
-  batch_size = _check_int("batch_size", batch_size, 1)
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} (global) must be divisible by process_count "
-                     f"{process_count}.")
-  return batch_size, process_index, process_count
-
-
 def _batches(rows, *, batch_size, train, seed, num_epochs, process_index, process_count):
   """The grain pipeline of pipeline.make_loader over `rows`."""
   order = grain.MapDataset.range(len(rows) if train else
@@ -279,7 +267,7 @@ def lm_loader(split: str, *, batch_size: int, max_len: int, train: bool = True, 
               process_count: int | None = None, num_epochs: int | None = None,
               data_dir: str | None = None) -> grain.IterDataset:
   """Packed causal-LM rows of `split` for this process (see the module docstring)."""
-  batch_size, process_index, process_count = _shard(batch_size, process_index, process_count)
+  batch_size, process_index, process_count = process_shard(batch_size, process_index, process_count)
   seed = _check_int("seed", seed, 0, 2**32)
   max_len = _check_int("max_len", max_len, 1)
   if num_epochs is not None:
@@ -301,7 +289,7 @@ def lm_eval_loader(split: str, *, batch_size: int, length: int, stride: int | No
                    data_dir: str | None = None) -> grain.IterDataset:
   """Evaluation windows of `length` tokens over `split`'s stream, scoring exactly the
   targets stream[1 : scored_tokens + 1] (see the module docstring)."""
-  batch_size, process_index, process_count = _shard(batch_size, process_index, process_count)
+  batch_size, process_index, process_count = process_shard(batch_size, process_index, process_count)
   length = _check_int("length", length, 1)
   scored_tokens = _check_int("scored_tokens", scored_tokens, 1)
   if stride is None:

@@ -179,6 +179,19 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
   return int(value)
 
 
+def process_shard(batch_size, process_index, process_count) -> tuple[int, int, int]:
+  """(global batch size, this process's index, process count), checked; None: JAX's own."""
+  process_count = _check_int("process_count", jax.process_count() if process_count is None
+                             else process_count, 1)
+  process_index = _check_int("process_index", jax.process_index() if process_index is None
+                             else process_index, 0, process_count)
+  batch_size = _check_int("batch_size", batch_size, 1)
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} (global) must be divisible by process_count "
+                     f"{process_count}.")
+  return batch_size, process_index, process_count
+
+
 def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed: int,
                 image_size=None, max_len: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, num_epochs: int | None = None,
@@ -194,14 +207,7 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   resamples the image to the output size; "canvas" resizes it to `object_size` and places
   it on (or crops it from) the output-size canvas at a seeded position (None: zoom).
   """
-  process_count = _check_int("process_count", jax.process_count() if process_count is None
-                             else process_count, 1)
-  process_index = _check_int("process_index", jax.process_index() if process_index is None
-                             else process_index, 0, process_count)
-  batch_size = _check_int("batch_size", batch_size, 1)
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} (global) must be divisible by process_count "
-                     f"{process_count}.")
+  batch_size, process_index, process_count = process_shard(batch_size, process_index, process_count)
   seed = _check_int("seed", seed, 0, 2**32)
   worker_count = _check_int("worker_count", worker_count, 0)
   if num_epochs is not None:

@@ -177,12 +177,15 @@ class Encoding(nnx.Module):
     return params
 
 
-def forward_coordinates(enc: Encoding, positions: jax.Array, geometry: Geometry, batch: int,
+def forward_coordinates(enc: Encoding, positions: jax.Array | None, geometry: Geometry, batch: int,
                         rngs: nnx.Rngs, train: bool) -> jax.Array:
-  """What a model does with its positions once per forward, before any hook: a key from the
-  model's ``rngs.dropout`` stream only when ``train`` and ``enc.augments`` (deterministic per seed
-  and step, new each step), positions then broadcast to the ``batch`` (one draw per example),
-  and ``enc.coordinates``. Evaluation (or an encoding that does not augment) draws nothing."""
+  """What a model does with its positions once per forward, before any hook: the encoding checks
+  the geometry; positions default to the geometry's (else are validated); a key from the model's
+  ``rngs.dropout`` stream only when ``train`` and ``enc.augments`` (deterministic per seed and
+  step, new each step), positions then broadcast to the ``batch`` (one draw per example); and
+  ``enc.coordinates``. Evaluation (or an encoding that does not augment) draws nothing."""
+  enc.check(geometry)
+  positions = geometry.positions() if positions is None else check_positions(positions, geometry)
   key = rngs.dropout() if train and enc.augments else None
   if key is not None:
     positions = jnp.broadcast_to(positions, (batch, *positions.shape[1:]))

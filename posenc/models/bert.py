@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry, check_positions, forward_coordinates
+from posenc.encodings.base import Geometry, forward_coordinates
 from posenc.models.attention import BlockStack, apply_dropout, attention_mask, dense, layer_norm, param
 
 # Turc et al. 2019 ("Well-Read Students Learn Better") sizes and BERT-base.
@@ -104,8 +104,6 @@ class BERT(nnx.Module):
     """Last hidden states ``[B, L, D]`` (compute dtype)."""
     self._check(input_ids, segment_ids, padding_mask, packing_ids)
     geometry = Geometry.seq(input_ids.shape[1])
-    self.posenc.check(geometry)
-    positions = geometry.positions() if positions is None else check_positions(positions, geometry)
     positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)

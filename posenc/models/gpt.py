@@ -94,8 +94,6 @@ class GPT(nnx.Module):
     """Next-token logits ``[B, L, vocab]`` in float32; position ``t`` sees tokens ``<= t``."""
     self._check(input_ids, padding_mask, packing_ids)
     geometry = Geometry.seq(input_ids.shape[1])
-    self.posenc.check(geometry)
-    positions = geometry.positions() if positions is None else check_positions(positions, geometry)
     positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc import encodings
-from posenc.encodings.base import Geometry, as_hw, check_positions, forward_coordinates
+from posenc.encodings.base import Geometry, as_hw, forward_coordinates
 from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
 
 # Standard sizes (ViT paper / DeiT); "mu" is a CPU-sized model for quick experiments.
@@ -99,8 +99,6 @@ class ViT(nnx.Module):
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise ValueError(f"ViT expects images [batch, height, width, {self.channels}], got shape {images.shape}.")
     geometry = self.geometry_for(images.shape[1:3])
-    self.posenc.check(geometry)
-    positions = geometry.positions() if positions is None else check_positions(positions, geometry)
     positions = forward_coordinates(self.posenc, positions, geometry, images.shape[0], self.rngs, train)
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)

@@ -1,0 +1,91 @@
+"""The image half of the study: which position encoding holds up at grids it was not trained at?
+
+Per encoding (or variant) and seed, one ViT is trained at the base size (Fashion-MNIST resized to
+32 px, patch 4: an 8x8 grid; random-resized-crop + flip), then evaluated on the test split at
+grids from 0.5x to 2x under two protocols (``posenc.tasks.image_classification``):
+  zoom    the image resampled to the new size: the object grows with the grid (what fine-tuning
+          at 384 after 224 does);
+  canvas  the image kept at its trained scale on a larger blank canvas at a seeded position, or
+          cropped from a smaller one: more positions at the same object scale, the cleanest test
+          of position extrapolation;
+each as trained (one evaluation run per protocol, ``init_from`` + ``total_steps=0``: parameters
+transferred to each grid) and after a short fine-tune at the smallest and largest grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFamily:
+  """The ViT part of the study."""
+
+  name: str                 # "vit"
+  config: object            # configs/vit_tiny.py
+  overrides: str            # its get_config argument (besides posenc, seed and sizes)
+  base: int                 # image side trained at
+  sizes: tuple              # image sides evaluated (0.5x .. 2x)
+  protocols: tuple          # ("zoom", "canvas")
+  finetune_sizes: tuple     # sides fine-tuned at, per protocol
+  finetune_steps: int
+  finetune_lr_scale: float  # fine-tune peak lr = the config's lr x this
+  posenc_lr_mult: float     # on the position parameters while fine-tuning
+  encodings: tuple          # labels
+  variants: tuple = ()      # (label, overrides): an encoding with options / a training recipe
+
+  @property
+  def budget(self) -> str:
+    """Everything that makes its numbers comparable; recorded with each cell."""
+    return (f"{self.overrides};base={self.base},sizes={self.sizes},protocols={self.protocols},"
+            f"finetune={self.finetune_sizes}x{self.finetune_steps},lr_scale={self.finetune_lr_scale},"
+            f"posenc_lr_mult={self.posenc_lr_mult}")
+
+  def args(self, label: str) -> str:
+    return dict(self.variants).get(label, f"posenc={label}")
+
+
+def study(family: ImageFamily, seeds, cells, root: str, log, run) -> None:
+  """Train each label once per seed; record (protocol[+ft], size) accuracy and loss cells."""
+  others = tuple(s for s in family.sizes if s != family.base)
+  finetune_lr = family.config.get_config(family.overrides).lr * family.finetune_lr_scale
+  for label in family.encodings:
+    for seed in seeds:
+      name = f"{family.name}-{label}-s{seed}-{hashlib.sha1(family.budget.encode()).hexdigest()[:8]}"
+      evals = [(p, s) for p in family.protocols for s in family.sizes]
+      tunes = [(f"{p}+ft", s) for p in family.protocols for s in family.finetune_sizes]
+      todo = [(mode, s) for mode, s in evals + tunes if (family.name, label, seed, mode, s) not in cells]
+      if not todo:
+        continue
+      start = time.time()
+      base_dir = os.path.join(root, name, f"train{family.base}")
+      common = f"{family.args(label)},seed={seed}"
+      trained = run(family, f"{common},image_size={family.base}", base_dir)
+      seconds = time.time() - start
+
+      def add(mode, size, metrics, suffix, spent):
+        cells.add(dict(family=family.name, budget=family.budget, posenc=label, seed=seed, mode=mode, size=size,
+                       accuracy=metrics[f"accuracy{suffix}"], loss=metrics[f"loss{suffix}"], seconds=spent))
+
+      for protocol in family.protocols:
+        if not any(mode == protocol for mode, _ in todo):
+          continue
+        began = time.time()
+        metrics = run(family, f"{common},image_size={family.base},init_from={base_dir},total_steps=0,"
+                      f"train_image_sizes=(),eval_image_sizes={others},eval_protocol={protocol},"
+                      f"object_size={family.base}", os.path.join(root, name, f"eval-{protocol}"))
+        spent = (time.time() - began) / len(family.sizes)
+        for size in family.sizes:
+          add(protocol, size, trained if size == family.base else metrics, "" if size == family.base else f"_{size}",
+              seconds if size == family.base else spent)
+      for mode, size in [(m, s) for m, s in todo if m.endswith("+ft")]:
+        began = time.time()
+        steps = family.finetune_steps
+        metrics = run(family, f"{common},image_size={size},init_from={base_dir},train_image_sizes=(),"
+                      f"eval_protocol={mode[:-3]},object_size={family.base},total_steps={steps},"
+                      f"warmup_steps={max(1, steps // 10)},lr={finetune_lr},posenc_lr_mult={family.posenc_lr_mult},"
+                      f"checkpoint_every=0,keep_checkpoints=1", os.path.join(root, name, f"{mode}{size}"))
+        add(mode, size, metrics, "", time.time() - began)
+      log(f"{name}: {len(todo)} cells in {time.time() - start:.0f}s")
