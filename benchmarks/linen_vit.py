@@ -6,9 +6,12 @@ Flax pieces (``nn.Conv`` patch embedding, ``nn.MultiHeadDotProductAttention``,
 ``benchmarks/speed.py`` can show how posenc's own train step compares with what a
 researcher would write in an afternoon. Same architecture as posenc's ViT with
 ``posenc="learned"``: pre-LN blocks, class token, learned position table,
-tanh-GELU, LayerNorm eps 1e-6, float32.
+tanh-GELU, LayerNorm eps 1e-6, float32 parameters; ``dtype`` is the compute dtype (float32, or
+bfloat16 for the accelerator profile, as posenc's ``config.dtype``), the logits float32.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,13 +23,14 @@ class Block(nn.Module):
   width: int
   num_heads: int
   mlp_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=1e-6)(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y)
-    y = nn.LayerNorm(epsilon=1e-6)(x)
-    y = nn.Dense(self.width)(nn.gelu(nn.Dense(self.mlp_dim)(y)))
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)(y, y)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    y = nn.Dense(self.width, dtype=self.dtype)(nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(y)))
     return x + y
 
 
@@ -37,20 +41,21 @@ class LinenViT(nn.Module):
   depth: int = 12
   num_heads: int = 3
   mlp_dim: int = 768
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID")(images)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype)(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, d))
+    x = (x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, d))).astype(self.dtype)
     for _ in range(self.depth):
-      x = Block(self.width, self.num_heads, self.mlp_dim)(x)
-    x = nn.LayerNorm(epsilon=1e-6)(x)
-    return nn.Dense(self.num_classes)(x[:, 0])
+      x = Block(self.width, self.num_heads, self.mlp_dim, self.dtype)(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x[:, 0]).astype(jnp.float32)
 
 
 def make_train_step(model: LinenViT, images, labels, *, lr: float = 1e-3, weight_decay: float = 0.05):

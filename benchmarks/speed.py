@@ -5,8 +5,13 @@
     python benchmarks/speed.py --sections bert   # re-measure one section, keep the others
 
 Sections (each a markdown table):
-  1. posenc's ViT train step vs a straightforward Flax linen one (benchmarks/linen_vit.py,
-     the reference), same model, same batch, timed in interleaved rounds; their ratio.
+  1. The headline: posenc's ViT train step vs timm's VisionTransformer in a PyTorch eager loop
+     (benchmarks/timm_vit.py; torch's threads = the host's cores) and vs a straightforward Flax
+     linen one (benchmarks/linen_vit.py), same model, same batch, timed in interleaved rounds, at
+     each of the profile's ``headline`` (model, size, batch); their ratios; the shape-limited
+     ceiling (the model's projection matmuls at its shapes, timed in the same rounds) and the
+     fraction of it posenc's step reaches; compile time of the first model's step with its
+     layers scanned and unrolled.
   2. Train step per position encoding and size (ViT from configs/vit_tiny.py, BERT from
      configs/bert_small.py): items/s, step time, compile time, GFLOP/step (XLA's cost
      analysis), model FLOP utilisation against a matmul measured in the same rounds,
@@ -14,7 +19,8 @@ Sections (each a markdown table):
   3. Evaluation at several resolutions (the run's ``evals``: parameters moved by
      ``posenc.transfer.jit_transfer``, then its eval step).
   4. Transfer on restore: an Orbax checkpoint restored at a new resolution, as ``init_from``
-     does (``Checkpointer.restore_params`` + ``jit_transfer`` from the recorded geometry).
+     does (``Checkpointer.restore_params`` + ``jit_transfer`` from the recorded geometry), and
+     against a plain restore of the same checkpoint at its own resolution.
 All steps are posenc's real ones, built from the configs by ``posenc.training.setup(config)``:
 its jitted train step (AdamW + clipping + schedule) and eval steps.
 """
@@ -32,6 +38,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+# On a GPU, timm (PyTorch) runs beside posenc in this process: JAX allocates on demand instead of
+# taking most of the device's memory up front. (No effect on CPU.)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
@@ -42,12 +51,14 @@ import numpy as np  # noqa: E402
 import data_speed  # noqa: E402  (the input-pipeline helpers of benchmarks/data_speed.py)
 import linen_vit  # noqa: E402
 import timing  # noqa: E402
+import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
 from configs import bert_small, vit_tiny  # noqa: E402
 
 import speed_report  # noqa: E402
 from posenc import encodings, transfer  # noqa: E402
 from posenc.encodings import Geometry  # noqa: E402
 from posenc.models import VIT_SIZES  # noqa: E402
+from posenc.models.attention import resolve_scan_layers  # noqa: E402
 from posenc.training import ConfigError, Run, setup, sharding  # noqa: E402
 from posenc.training.checkpoint import Checkpointer  # noqa: E402
 from posenc.training.config import transfer_options  # noqa: E402
@@ -60,7 +71,7 @@ class Profile:
   vit_model: str
   vit_options: dict           # model options over the config's (the model name says the size)
   patch: int
-  vit_sizes: tuple            # ((image side, batch), ...); the first is the linen comparison's
+  vit_sizes: tuple            # ((image side, batch), ...)
   bert_model: str
   bert_options: dict
   bert_sizes: tuple           # ((max_len, batch), ...)
@@ -69,34 +80,46 @@ class Profile:
   matmul_n: int
   eval_sizes: tuple           # image sides for evaluation (ViT built at vit_sizes[0]); restores to the last
   eval_batch: int
+  headline: tuple = ()        # ((ViT model, image side, batch), ...): posenc vs timm vs linen; the first
+                              #   also compiles its step with the other layer mode (scanned / unrolled)
   encodings: dict | None = None  # {"vit": names, "bert": names}; None: every encoding a model supports
   restore_encodings: tuple | None = None  # None: those whose parameters change shape, and `none`
+  goals: dict | None = None   # the issue's goals for this machine (GOALS), checked in the report
 
 
 SIZE_OPTIONS = ("width", "depth", "num_heads", "mlp_dim")
 TINY = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
-SECTIONS = ("vit", "bert", "eval", "restore")
+SECTIONS = ("headline", "vit", "bert", "eval", "restore")
+# The issue "a measured lead over timm", for 2 CPU cores: images/s ratios at the first headline group
+# (and the same order at the others), compile seconds of the scanned ViT-Ti step, and restore with
+# transfer over a plain restore.
+GOALS = dict(timm=1.25, linen=1.15, compile_scanned_s=5.0, restore_ratio=1.1)
 PROFILES = {
-    # 2-core CPU: ViT-Ti/4 at 32 (the headline) and 64 pixels; BERT-mini at 4096 tokens/step.
+    # 2-core CPU: ViT-Ti/4 at 32 (the headline) and 64 pixels, ViT-S/4 at 32; BERT-mini at 4096 tokens/step.
     "cpu": Profile("vit-ti", {}, 4, ((32, 128), (64, 32)), "bert-mini", {}, ((128, 32), (256, 16), (512, 8)),
-                   "float32", 5, 2048, (16, 32, 48, 64), 128),
+                   "float32", 5, 2048, (16, 32, 48, 64), 128,
+                   headline=(("vit-ti", 32, 128), ("vit-s", 32, 128), ("vit-ti", 64, 32)), goals=GOALS),
     # Accelerators: ViT-B/16 at 224 / 384 and BERT-base, in bfloat16.
     "gpu": Profile("vit-b", {}, 16, ((224, 128), (384, 32)), "bert-base", {}, ((128, 256), (512, 64)),
-                   "bfloat16", 10, 8192, (160, 224, 320, 384), 256),
+                   "bfloat16", 10, 8192, (160, 224, 320, 384), 256,
+                   headline=(("vit-b", 224, 128), ("vit-b", 384, 32))),
     # CI only (tests/test_benchmarks.py): one-layer models and the fewest compiles that fill every
-    # table; its numbers mean nothing.
+    # table (the headline's posenc step is the ViT table's `learned` one: a cache hit under the
+    # tests' persistent compilation cache); its numbers mean nothing, the goals' verdicts neither.
     "quick": Profile("vit-mu", TINY, 4, ((8, 8),), "bert-tiny", TINY, ((16, 8),), "float32", 2, 64, (8, 16), 8,
-                     dict(vit=("none", "learned"), bert=("learned",)), ("learned",)),
+                     headline=(("vit-mu", 8, 8),), encodings=dict(vit=("none", "learned"), bert=("learned",)),
+                     restore_encodings=("learned",), goals=GOALS),
 }
+POSENC, LINEN, TIMM = speed_report.POSENC, speed_report.LINEN, speed_report.TIMM  # the headline's entry names
 
 
 # --------------------------------------------------------------------------- configs and steps
 
 
-def vit_config(p: Profile, posenc: str, size: int, batch: int) -> ml_collections.ConfigDict:
-  """configs/vit_tiny.py:full with this profile's model, patch, size and batch."""
+def vit_config(p: Profile, posenc: str, size: int, batch: int, model: str | None = None) -> ml_collections.ConfigDict:
+  """configs/vit_tiny.py:full with this profile's model (or ``model``), patch, size and batch."""
   c = vit_tiny.get_config("full")
-  c.model, c.patch_size = p.vit_model, p.patch
+  c.model, c.patch_size = model or p.vit_model, p.patch
   c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.vit_options})
   c.posenc, c.image_size, c.batch_size, c.eval_batch_size, c.dtype = posenc, size, batch, p.eval_batch, p.dtype
   return c
@@ -128,8 +151,8 @@ def unrolled_flops(config, batch: dict) -> float | None:
   XLA counts a loop body once, so a scanned layer stack is counted with its
   layers unrolled (the same arithmetic; nothing is compiled or allocated).
   """
-  if config.model_options.get("scan_layers", True) is False:
-    return None  # the caller counts the step it compiles
+  if not resolve_scan_layers(config.model_options.get("scan_layers")):
+    return None  # the caller counts the step it compiles (unrolled already: the CPU default)
   c = ml_collections.ConfigDict(config.to_dict())
   c.model_options.scan_layers = False
   try:
@@ -139,8 +162,11 @@ def unrolled_flops(config, batch: dict) -> float | None:
   return timing.xla_flops(run.train_step.lower(run.spec.abstract, abstract_batch(batch, run.batch_sharding)))
 
 
-def train_entry(name: str, run: Run, batch: dict) -> timing.Timed:
-  """posenc's real train step (``run.train_step``, from ``setup(config)``), compiled and run once."""
+def train_entry(name: str, run: Run, batch: dict, flops: float | None = None) -> timing.Timed:
+  """posenc's real train step (``run.train_step``, from ``setup(config)``), compiled and run once.
+
+  ``flops``: the step's FLOPs when already known (the same step with its layers in the other
+  mode); default: counted here."""
   state = run.spec.init()
   global_batch = sharding.global_batch(batch, run.batch_sharding)
   holder = {"state": state}
@@ -151,15 +177,19 @@ def train_entry(name: str, run: Run, batch: dict) -> timing.Timed:
       return metrics
     return call
 
-  flops = unrolled_flops(run.config, batch)
+  flops = unrolled_flops(run.config, batch) if flops is None else flops
   return timing.compile_timed(name, run.train_step, (state, global_batch), run.task.items(batch), make_call,
                               flops)
 
 
-def linen_entry(p: Profile, batch: dict) -> timing.Timed:
+def vit_sizes(p: Profile, model: str) -> dict:
+  """Width, depth, heads and MLP width of ``model`` with the profile's overrides (posenc's ViT's)."""
+  return {**VIT_SIZES[model.split("-")[1]], **{k: v for k, v in p.vit_options.items() if k in SIZE_OPTIONS}}
+
+
+def linen_entry(p: Profile, model_name: str, batch: dict) -> timing.Timed:
   """The reference: benchmarks/linen_vit.py at the same sizes as posenc's ViT."""
-  sizes = {**VIT_SIZES[p.vit_model.split("-")[1]], **{k: v for k, v in p.vit_options.items() if k in SIZE_OPTIONS}}
-  model = linen_vit.LinenViT(num_classes=10, patch_size=p.patch, **sizes)
+  model = linen_vit.LinenViT(num_classes=10, patch_size=p.patch, dtype=jnp.dtype(p.dtype), **vit_sizes(p, model_name))
   images, labels = jnp.asarray(batch["image"], p.dtype), jnp.asarray(batch["label"])
   step, (params, opt_state) = linen_vit.make_train_step(model, images, labels)
   holder = [params, opt_state]
@@ -170,8 +200,25 @@ def linen_entry(p: Profile, batch: dict) -> timing.Timed:
       return loss
     return call
 
-  return timing.compile_timed("Flax linen reference", step, (params, opt_state, images, labels),
-                              int(np.size(batch["label"])), make_call)
+  return timing.compile_timed(LINEN, step, (params, opt_state, images, labels), int(np.size(batch["label"])),
+                              make_call)
+
+
+def timm_device() -> str:
+  return "cpu" if jax.default_backend() == "cpu" else "cuda"
+
+
+def timm_note() -> str | None:
+  """None when timm can run where posenc runs (same device), else why it is skipped."""
+  return timm_vit.available() or timm_vit.cuda_note(timm_device())
+
+
+def timm_entry(p: Profile, model_name: str, batch: dict) -> timing.Timed:
+  """timm's VisionTransformer, same sizes, same batch, in a PyTorch eager loop (benchmarks/timm_vit.py)."""
+  step, _ = timm_vit.make_train_step(np.asarray(batch["image"]), np.asarray(batch["label"]), num_classes=10,
+                                     patch_size=p.patch, dtype=p.dtype, device=timm_device(),
+                                     **vit_sizes(p, model_name))
+  return timing.eager_timed(TIMM, step, int(np.size(batch["label"])))
 
 
 def first_batch(run: Run, split: str, train: bool, size=None) -> dict:
@@ -190,7 +237,55 @@ def loader_rate(run: Run, split: str, train: bool, size: int, batches: int) -> f
 # --------------------------------------------------------------------------- section 1 + 2
 
 
-def train_group(p: Profile, family: str, size: int, batch: int, log, with_linen: bool) -> dict:
+def headline_group(p: Profile, model: str, size: int, batch: int, log, other_layer_mode: bool) -> dict:
+  """posenc (`learned`) vs the Flax linen reference vs timm, one batch for all, timed in
+  interleaved rounds with the model's projection matmuls at its shapes (the ceiling).
+
+  ``other_layer_mode``: also posenc's step with its layers scanned where the backend's default
+  unrolls them (CPU) and unrolled where it scans them: compile time and step time of both.
+  """
+  config = vit_config(p, "learned", size, batch, model)
+  run = setup(config)
+  sample = first_batch(run, "train", True)
+  scanned = resolve_scan_layers(config.model_options.get("scan_layers"))
+  entries = [train_entry(POSENC, run, sample)]
+  log(f"  headline {model} {size}: posenc ({'scanned' if scanned else 'unrolled'}) compiled in "
+      f"{entries[-1].compile_s:.1f}s")
+  if other_layer_mode:
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.model_options.scan_layers = not scanned
+    entries.append(train_entry(f"{POSENC}, {'unrolled' if scanned else 'scanned'} layers", setup(other), sample,
+                               flops=entries[0].flops))  # the same arithmetic, counted unrolled
+    log(f"  headline {model} {size}: {entries[-1].name} compiled in {entries[-1].compile_s:.1f}s")
+  entries.append(linen_entry(p, model, sample))
+  log(f"  headline {model} {size}: linen reference compiled in {entries[-1].compile_s:.1f}s")
+  note = timm_note()
+  if note is None:
+    entries.append(timm_entry(p, model, sample))
+    log(f"  headline {model} {size}: timm built and run once")
+  sizes = vit_sizes(p, model)
+  tokens = math.prod(run.geometry.shape) + run.geometry.num_prefix
+  ceiling = timing.projection_matmuls(batch * tokens, sizes["width"], sizes["mlp_dim"], jnp.dtype(p.dtype))
+  timing.time_interleaved(entries + ceiling, p.rounds,
+                          on_round=lambda r: log(f"  headline {model} {size}: round {r + 1}/{p.rounds}"))
+  return dict(model=model, size=size, batch=batch, patch=p.patch, tokens=tokens, dtype=p.dtype,
+              scan_layers=scanned, depth=sizes["depth"], entries=entries, ceiling=ceiling, timm_note=note)
+
+
+def headline(p: Profile, log, torch_threads: int | None = None) -> dict:
+  """Every headline group, and what the report states about timm (versions, threads) or why it is absent.
+
+  ``torch_threads``: torch's intra-op threads on CPU (default: the host's cores)."""
+  note = timm_note()
+  info = dict(timm=None, threads=None, cores=os.cpu_count(), device=timm_device(), timm_note=note,
+              load_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+  if note is None:
+    info.update(timm=timm_vit.versions(), threads=timm_vit.set_threads(torch_threads) if timm_device() == "cpu" else None)
+  groups = [headline_group(p, m, s, b, log, other_layer_mode=i == 0) for i, (m, s, b) in enumerate(p.headline)]
+  return dict(info, groups=groups)
+
+
+def train_group(p: Profile, family: str, size: int, batch: int, log) -> dict:
   """Every encoding's train step at one size, timed in interleaved rounds with a matmul."""
   make_config = vit_config if family == "vit" else bert_config
   entries, runs, sample = [], [], None
@@ -202,9 +297,6 @@ def train_group(p: Profile, family: str, size: int, batch: int, log, with_linen:
     entries.append(entry)
     runs.append(run)
     log(f"  {family} {size} {name}: compiled in {entry.compile_s:.1f}s")
-    if with_linen and name == "learned":  # ABAB: the reference right after the same model
-      entries.append(linen_entry(p, sample))
-      log(f"  {family} {size} linen reference: compiled in {entries[-1].compile_s:.1f}s")
   matmul = timing.matmul_reference(p.matmul_n, jnp.dtype(p.dtype))
   timing.time_interleaved(entries + [matmul], p.rounds,
                           on_round=lambda r: log(f"  {family} {size}: round {r + 1}/{p.rounds}"))
@@ -258,11 +350,17 @@ def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
   As ``init_from`` does it: the target run reads the checkpoint's metadata (the
   source run's ``run.meta``: geometry, encoding), builds the jitted transfer from
   that geometry to its own (``posenc.transfer.jit_transfer``, onto its parameters'
-  shardings) and restores through ``Checkpointer.restore_params``; every restore
-  builds and compiles the transfer anew, as a new run does. Encodings whose
+  shardings) and restores through ``Checkpointer.restore_params``; each of these
+  restores builds and compiles the transfer anew, as a new run does. Encodings whose
   parameters keep their shapes (``none``) are the plain-restore baseline.
+
+  Then what the transfer itself costs: the same checkpoint restored through
+  ``Checkpointer.restore_params`` at the new size with one jitted transfer built (and
+  compiled, by an untimed first restore) once, against a plain restore at the size it
+  was saved at, alternating, ``max(3, rounds)`` times each; their ratio of medians.
   """
   (source_size, batch), target_size = p.vit_sizes[0], p.eval_sizes[-1]
+  repeats = max(3, p.rounds)
   rows = []
   for name in p.restore_encodings or names:
     source, target = (setup(vit_config(p, name, s, batch)) for s in (source_size, target_size))
@@ -286,11 +384,24 @@ def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
         params, changed = ckpt.restore_params(0, wanted, move)
         jax.block_until_ready(params)
         times.append(time.perf_counter() - start)
+      megabytes = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
+      # The transfer built once (``move``, the last one above: its first call compiled it) vs a
+      # plain restore of the same checkpoint at its own size (nothing to transfer: no ``move``).
+      plain_wanted = source.spec.abstract["params"]
+      jax.block_until_ready(ckpt.restore_params(0, plain_wanted)[0])  # untimed: both paths warm
+      plain_s, moved_s = [], []
+      for _ in range(repeats):
+        for wanted_now, move_now, out in ((plain_wanted, None, plain_s), (wanted, move, moved_s)):
+          start = time.perf_counter()
+          jax.block_until_ready(ckpt.restore_params(0, wanted_now, move_now)[0])
+          out.append(time.perf_counter() - start)
       ckpt.close()
     rows.append(dict(posenc=name, source=source_size, target=target_size, changed=changed, save_s=save_s,
-                     first_s=times[0], again_s=statistics.median(times[1:]),
-                     megabytes=sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20))
-    log(f"  restore {name}: {times[0]:.2f}s first, {rows[-1]['again_s']:.2f}s again")
+                     first_s=times[0], again_s=statistics.median(times[1:]), megabytes=megabytes,
+                     plain_times=plain_s, transfer_times=moved_s))
+    ratio = statistics.median(moved_s) / statistics.median(plain_s)
+    log(f"  restore {name}: {times[0]:.2f}s first, {rows[-1]['again_s']:.2f}s again; with the transfer built "
+        f"once {ratio:.2f}x a plain restore")
   return rows
 
 
@@ -323,6 +434,8 @@ def main(argv=None) -> int:
                       help="measure only these; the others are kept from the previous report in --out")
   parser.add_argument("--encodings", nargs="+", default=None,
                       help="only these encodings (default: every one a model supports)")
+  parser.add_argument("--torch-threads", type=int, default=None,
+                      help="torch's CPU threads for the timm contender (default: the host's cores)")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
                       help="directory for speed.md, speed.json and the plots")
   args = parser.parse_args(argv)
@@ -337,10 +450,13 @@ def main(argv=None) -> int:
   logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only checkpoint directories
   header = timing.machine_lines()
   results = {"profile": name, "header": header, "measured": {}}
+  results["goals"] = p.goals
+  if "headline" in args.sections:
+    results["headline"] = headline(p, log, args.torch_threads)
   if "vit" in args.sections:
-    results["vit"] = [train_group(p, "vit", s, b, log, with_linen=i == 0) for i, (s, b) in enumerate(p.vit_sizes)]
+    results["vit"] = [train_group(p, "vit", s, b, log) for s, b in p.vit_sizes]
   if "bert" in args.sections:
-    results["bert"] = [train_group(p, "bert", s, b, log, with_linen=False) for s, b in p.bert_sizes]
+    results["bert"] = [train_group(p, "bert", s, b, log) for s, b in p.bert_sizes]
   if "eval" in args.sections:
     results["eval"] = eval_at_sizes(p, log)
   if "restore" in args.sections:

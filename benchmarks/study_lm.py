@@ -108,7 +108,7 @@ def baselines(family: LMFamily) -> dict[str, float]:
     p = weight * np.where(totals > 0, counts / np.maximum(totals, 1), 0.0) + (1 - weight) * unigram[target]
     return -np.mean(np.log(p))
 
-  weight = min(np.linspace(0.05, 0.95, 19), key=lambda w: bigram_nll(*scored("validation"), w))
+  weight = min((*np.linspace(0.05, 0.95, 19), 0.97, 0.99, 0.995), key=lambda w: bigram_nll(*scored("validation"), w))
   previous, target = scored("test")
   return {"unigram": math.exp(-np.mean(np.log(unigram[target]))),
           "bigram": math.exp(bigram_nll(previous, target, weight)), "bigram_weight": float(weight)}

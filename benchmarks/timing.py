@@ -4,7 +4,9 @@ Every step is compiled ahead of time (``jit(...).lower(...).compile()``) so the
 compile time is measured on its own, and timed one call at a time with
 ``block_until_ready``. Steps that are compared are timed in interleaved rounds
 (A B C A B C ...) and summarised by their median, so a load spike from other
-jobs on a shared machine hits every contender alike.
+jobs on a shared machine hits every contender alike. An eager PyTorch step (timm)
+is one more contender in the same rounds: it has no compile time, and its stepper
+returns only when the step is done.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class Timed:
 
   name: str
   call: Stepper
-  compile_s: float
+  compile_s: float | None       # None: not compiled (an eager PyTorch step)
   items: int                    # images or tokens processed per call
   flops: float | None = None    # per call, from XLA's cost analysis
   xla_bytes: int | None = None  # XLA buffer assignment: arguments + outputs + temporaries - donated
@@ -115,6 +117,13 @@ def compile_timed(name: str, jitted, args: tuple, items: int, make_call: Callabl
                xla_bytes(compiled), rss_peak_bytes())
 
 
+def eager_timed(name: str, call: Stepper, items: int) -> Timed:
+  """An eager (PyTorch) step: nothing is compiled; the first call warms caches and allocators."""
+  reset_rss_peak()
+  jax.block_until_ready(call())
+  return Timed(name, call, None, items, rss_bytes=rss_peak_bytes())
+
+
 def time_interleaved(entries: list[Timed], rounds: int, calls_per_round: int = 1,
                      on_round: Callable[[int], None] | None = None) -> None:
   """Append per-call seconds to each entry's ``times``, round-robin over ``entries``."""
@@ -137,6 +146,43 @@ def matmul_reference(n: int, dtype=jnp.float32) -> Timed:
                        lambda compiled: lambda: compiled(a, b), flops=2.0 * n ** 3)
 
 
+def dot_timed(name: str, lhs: tuple, rhs: tuple, contract: tuple, dtype=jnp.float32) -> Timed:
+  """``lax.dot_general(lhs, rhs)`` contracting ``contract = (lhs dim, rhs dim)``, through ``jax.jit``."""
+  a = jax.random.normal(jax.random.key(0), lhs, dtype)
+  b = jax.random.normal(jax.random.key(1), rhs, dtype)
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  jitted = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims))
+  out = [n for i, n in enumerate(lhs) if i != contract[0]] + [n for i, n in enumerate(rhs) if i != contract[1]]
+  flops = 2.0 * lhs[contract[0]] * out[0] * out[1]
+  return compile_timed(name, jitted, (a, b), out[0], lambda compiled: lambda: compiled(a, b), flops=flops)
+
+
+def projection_matmuls(rows: int, width: int, mlp_dim: int, dtype=jnp.float32) -> list[Timed]:
+  """The matmuls of one pre-LN transformer layer's projections, at its shapes, in one train step.
+
+  ``rows`` = batch x tokens (M), ``width`` = D. Each projection ``y = x W`` (W [K, N]: q/k/v
+  [D, 3D], attention output [D, D], MLP in [D, mlp], MLP out [mlp, D]) costs three products per
+  step, as autodiff writes them: forward ``[M, K] x [K, N]``, input gradient ``dy W^T``
+  (``[M, N] x [K, N]``, contracting N) and weight gradient ``x^T dy`` (``[M, K] x [M, N]``,
+  contracting M). Together they are nearly all of a ViT step's FLOPs; the rate at which XLA runs
+  them (``ceiling_rate``) is the shape-limited ceiling of the step.
+  """
+  m, d = rows, width
+  out = []
+  for role, k, n in (("qkv", d, 3 * d), ("attn out", d, d), ("mlp in", d, mlp_dim), ("mlp out", mlp_dim, d)):
+    out.append(dot_timed(f"{role} fwd [{m},{k}]x[{k},{n}]", (m, k), (k, n), (1, 0), dtype))
+    out.append(dot_timed(f"{role} dx [{m},{n}]x[{k},{n}]^T", (m, n), (k, n), (1, 1), dtype))
+    out.append(dot_timed(f"{role} dW [{m},{k}]^T x[{m},{n}]", (m, k), (m, n), (0, 0), dtype))
+  return out
+
+
+def ceiling_rate(entries: list[Timed], round_index: int | None = None) -> float:
+  """FLOP/s of ``entries`` run one after another: total FLOPs over total time (their medians, or
+  their times in round ``round_index``)."""
+  seconds = [e.seconds if round_index is None else e.times[round_index] for e in entries]
+  return sum(e.flops for e in entries) / sum(seconds)
+
+
 def machine_lines() -> list[str]:
   """Where the numbers come from: devices, cores, versions, load, XLA flags."""
   import flax
@@ -150,5 +196,8 @@ def machine_lines() -> list[str]:
       f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
       f"flax {flax.__version__}, optax {optax.__version__}",
       f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '(none)')}",
+      "JAX persistent compilation cache: " + (f"{jax.config.jax_compilation_cache_dir} (compile times of "
+                                               f"programs found there are cache reads)"
+                                               if jax.config.jax_compilation_cache_dir else "off"),
       f"load average at start (1/5/15 min): {', '.join(f'{x:.1f}' for x in load) if load else '?'}",
   ]

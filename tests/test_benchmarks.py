@@ -9,6 +9,7 @@ runtime, and the study runs beside the speed runs (each keeps one core busy).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -112,6 +113,20 @@ def quick_run(request, tmp_path_factory, speed_env):
   return proc.stdout, out
 
 
+def timm_importable() -> bool:
+  """Whether install.sh installed benchmarks/requirements.txt (timm, a benchmark-only contender, in
+  its own directory): CI installs it, so the timm rows must be there."""
+  site = os.environ.get("POSENC_BENCH_SITE") or os.path.expanduser("~/.cache/posenc/bench-site")
+  return os.path.isdir(os.path.join(site, "timm")) or importlib.util.find_spec("timm") is not None
+
+
+def ratio_cell(cell: str) -> tuple[float, float, float]:
+  """``"1.23× (0.98–1.40)"`` -> (1.23, 0.98, 1.40)."""
+  found = re.fullmatch(r"([\d.]+)× \(([\d.]+)–([\d.]+)\)", cell)
+  assert found, cell
+  return tuple(float(x) for x in found.groups())
+
+
 @pytest.mark.slow
 def test_speed_quick_writes_well_formed_tables(quick_run):
   stdout, out = quick_run
@@ -119,12 +134,24 @@ def test_speed_quick_writes_well_formed_tables(quick_run):
   assert stdout.strip() == markdown.strip()
   assert "shared with other jobs" in markdown
   found = tables(markdown)
-  assert len(found) == 5, [t[0] for t in found]  # headline, ViT, BERT, eval, restore
+  # headline (contenders, ratios + ceiling, compile times), ViT, BERT, eval, restore
+  assert len(found) == 7, [t[0] for t in found]
   for table in found:
     assert len({len(row) for row in table}) == 1, table
     assert all(cell for row in table for cell in row), table
-  headline, vit, bert, evaluation, restore = found
-  assert [row[0].split()[0] for row in headline[1:]] == ["posenc", "Flax"]
+  contenders, ratios, compiles, vit, bert, evaluation, restore = found
+  assert timm_importable(), "run install.sh: it installs benchmarks/requirements.txt"
+  timm = ["timm"]
+  assert [row[1].split()[0] for row in contenders[1:]] == ["posenc", "posenc,", "Flax"] + timm
+  assert contenders[2][1] == "posenc, scanned layers"  # the CPU default unrolls; the other mode is scanned
+  assert [row[0] for row in ratios[1:]] == [contenders[1][0]]  # one headline group in the quick profile
+  if timm:
+    assert "timm: torch " in markdown and "torch threads (= the host's" in markdown
+    assert contenders[-1][4] == "— (eager)"
+  else:
+    assert "**timm skipped**: timm is not installed" in markdown and ratios[1][1] == "—"
+  assert [row[0] for row in compiles[1:]][:2] == ["posenc, unrolled layers (this backend's default)",
+                                                  "posenc, scanned layers"]
   assert [row[2] for row in vit[1:]] == ["`learned`", "`none`"]
   assert [row[2] for row in bert[1:]] == ["`learned`"]
   assert [row[0] for row in evaluation[1:]] == ["8", "16"]
@@ -138,26 +165,70 @@ def test_speed_quick_numbers_follow_from_measurements(quick_run):
   _, out = quick_run
   markdown = (out / "speed.md").read_text()
   results = json.loads((out / "speed.json").read_text())
-  vit_group = results["vit"][0]
-  entries = {e["name"]: e for e in vit_group["entries"]}
-  rate = lambda e: e["items"] / statistics.median(e["times"])
-  for e in entries.values():
+  found = tables(markdown)
+  median = statistics.median
+  rate = lambda e: e["items"] / median(e["times"])
+  # --- headline: posenc vs linen vs timm, timed in the same two rounds as the ceiling's matmuls
+  group = results["headline"]["groups"][0]
+  entries = {e["name"]: e for e in group["entries"]}
+  assert len(group["ceiling"]) == 12  # 4 projections x (forward, input gradient, weight gradient)
+  for e in group["entries"] + group["ceiling"]:
     assert len(e["times"]) == 2 and min(e["times"]) > 0  # two interleaved rounds, one call each
+  for name in ("posenc", "posenc, scanned layers", "Flax linen reference"):
+    e = entries[name]
     assert e["flops"] > 0 and e["compile_s"] > 0 and e["xla_bytes"] > 0
-  # Table cells are the medians' rates; the headline ratio is theirs.
-  vit_rows = {row[2]: row for row in tables(markdown)[1][1:]}
-  for name in ("learned", "none"):
-    assert number(vit_rows[f"`{name}`"][3]) == pytest.approx(rate(entries[name]), rel=1e-3, abs=0.06)
-  ratio = float(re.search(r"posenc / linen = ([\d.]+)×", markdown).group(1))
-  expected = rate(entries["learned"]) / rate(entries["Flax linen reference"])
-  assert ratio == pytest.approx(expected, abs=0.006)
-  overhead = number(vit_rows["`learned`"][5].rstrip("%"))
-  none_s = statistics.median(entries["none"]["times"])
-  assert overhead == pytest.approx(100 * (statistics.median(entries["learned"]["times"]) / none_s - 1), abs=0.6)
+  assert entries["timm"]["compile_s"] is None and entries["timm"]["flops"] is None  # eager: no compile, no XLA count
+  rows = {row[1].split(" (")[0].split(" `")[0]: row for row in found[0][1:]}
+  for label, name in (("posenc", "posenc"), ("Flax linen reference", "Flax linen reference"), ("timm", "timm")):
+    if name in entries:
+      assert number(rows[label][2]) == pytest.approx(rate(entries[name]), rel=1e-3, abs=0.06)
+  ours = entries["posenc"]
+
+  def ratio(other):
+    per_round = [(ours["items"] / a) / (other["items"] / b) for a, b in zip(ours["times"], other["times"])]
+    return rate(ours) / rate(other), min(per_round), max(per_round)
+
+  ratios = found[1][1]
+  for column, name in ((1, "timm"), (2, "Flax linen reference")):
+    if name in entries:
+      assert ratio_cell(ratios[column]) == pytest.approx(ratio(entries[name]), abs=0.006)
+  bold = re.search(r"posenc / linen = ([\d.]+)×", markdown)
+  assert float(bold.group(1)) == pytest.approx(ratio(entries["Flax linen reference"])[0], abs=0.006)
+  if "timm" in entries:
+    bold = re.search(r"posenc / timm = ([\d.]+)×", markdown)
+    assert float(bold.group(1)) == pytest.approx(ratio(entries["timm"])[0], abs=0.006)
+  # The ceiling: the 12 matmuls' FLOPs over their time; posenc's step FLOP/s as a fraction of it.
+  ceiling = sum(e["flops"] for e in group["ceiling"]) / sum(median(e["times"]) for e in group["ceiling"])
+  assert number(ratios[3]) == pytest.approx(ceiling / 1e9, abs=0.06)
+  fraction = ours["flops"] / median(ours["times"]) / ceiling
+  assert number(ratios[5].split()[0].rstrip("%")) == pytest.approx(100 * fraction, abs=0.6)
+  assert number(found[0][1][6].rstrip("%")) == pytest.approx(100 * fraction, abs=0.6)
+  # Compile times: the recorded ones.
+  compiles = {row[0]: row for row in found[2][1:]}
+  assert number(compiles["posenc, unrolled layers (this backend's default)"][1]) == pytest.approx(
+      ours["compile_s"], abs=0.06)
+  assert number(compiles["posenc, scanned layers"][1]) == pytest.approx(
+      entries["posenc, scanned layers"]["compile_s"], abs=0.06)
   # Both ViTs do the same arithmetic: XLA's FLOP counts agree to within the extras of posenc's
   # step (gradient clipping, metrics), which are a few elementwise passes over the parameters.
-  ours, linen = entries["learned"]["flops"], entries["Flax linen reference"]["flops"]
-  assert ours == pytest.approx(linen, rel=0.15)
+  assert ours["flops"] == pytest.approx(entries["Flax linen reference"]["flops"], rel=0.15)
+  # --- ViT table: cells are the medians' rates; overhead vs `none` from the medians
+  vit_group = results["vit"][0]
+  vit_entries = {e["name"]: e for e in vit_group["entries"]}
+  vit_rows = {row[2]: row for row in found[3][1:]}
+  for name in ("learned", "none"):
+    assert number(vit_rows[f"`{name}`"][3]) == pytest.approx(rate(vit_entries[name]), rel=1e-3, abs=0.06)
+  overhead = number(vit_rows["`learned`"][5].rstrip("%"))
+  none_s = median(vit_entries["none"]["times"])
+  assert overhead == pytest.approx(100 * (median(vit_entries["learned"]["times"]) / none_s - 1), abs=0.6)
+  # --- restore: with the transfer built once over a plain restore of the same checkpoint
+  row = results["restore"][0]
+  assert len(row["plain_times"]) == len(row["transfer_times"]) == 3
+  per = [m / p for p, m in zip(row["plain_times"], row["transfer_times"])]
+  expected = (median(row["transfer_times"]) / median(row["plain_times"]), min(per), max(per))
+  assert ratio_cell(found[6][1][8]) == pytest.approx(expected, abs=0.006)
+  bold = re.search(r"Restore with transfer / plain restore: `learned` ([\d.]+)×", markdown)
+  assert float(bold.group(1)) == pytest.approx(expected[0], abs=0.006)
 
 
 @pytest.mark.slow
@@ -170,11 +241,11 @@ def test_speed_sections_remeasure_one_and_keep_the_rest(quick_run, speed_env, tm
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   before, after = (json.loads((d / "speed.json").read_text()) for d in (out, tmp_path))
-  assert set(after["measured"]) == {"vit", "bert", "eval", "restore"}
-  for section in ("vit", "bert", "restore"):
+  assert set(after["measured"]) == {"headline", "vit", "bert", "eval", "restore"}
+  for section in ("headline", "vit", "bert", "restore"):
     assert after[section] == before[section] and after["measured"][section] == before["measured"][section]
   assert after["eval"] != before["eval"]  # measured again: new timings
-  assert tables((tmp_path / "speed.md").read_text())[1:3] == tables((out / "speed.md").read_text())[1:3]
+  assert tables((tmp_path / "speed.md").read_text())[:5] == tables((out / "speed.md").read_text())[:5]
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +254,9 @@ def study_run(study_first):
   first = background.result(timeout=600)
   assert first.returncode == 0, first.stderr[-4000:]
   # A number recorded under other settings (the same cell, e.g. before a budget change) is set aside.
-  with open(root / "runs" / "quick" / "cells.jsonl", "a") as f:
-    f.write(json.dumps(dict(family="vit", budget="other settings", posenc="learned", seed=0, mode="transfer",
-                            size=28, accuracy=0.0, loss=9.0, seconds=1.0)) + "\n")
+  with open(root / "out" / "study_cells_quick.jsonl", "a") as f:
+    f.write(json.dumps(dict(family="vit", budget="other settings", posenc="learned", seed=0, mode="zoom",
+                            size=16, accuracy=0.0, loss=9.0, seconds=1.0)) + "\n")
   again = subprocess.run(background.command, cwd=ROOT, env=quick_env(root / "jax_cache"), capture_output=True,
                          text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-4000:]
@@ -200,18 +271,26 @@ def test_study_quick_tables_follow_from_its_cells(study_run):
   results = json.loads((root / "out" / "study.json").read_text())
   found = tables(markdown)
   assert "`sinusoidal_scaled` is `posenc=sinusoidal,posenc_options.scale=0.028`." in markdown
-  assert len(found) == 6  # (ViT, BERT) x (accuracy: no fine-tuning, fine-tuned; loss: no fine-tuning)
-  kinds = [("accuracy", "transfer", 100, 0.051), ("accuracy", "finetune", 100, 0.051), ("loss", "transfer", 1, 5e-4)]
-  for table, (family, (metric, mode, scale, tol)) in zip(found, [(f, k) for f in ("vit", "bert") for k in kinds]):
-    spec = next(f for f in results["families"] if f["name"] == family)
-    assert len(table[0]) == 1 + len(spec["sizes"]) and "(trained)" in " ".join(table[0])
-    assert [row[0] for row in table[1:]] == [f"`{e}`" for e in spec["encodings"]]
-    for row, posenc in zip(table[1:], spec["encodings"]):
-      for cell, size in zip(row[1:], spec["sizes"]):
+  spec = {f["name"]: f for f in results["families"]}
+  assert list(spec) == ["vit", "bert", "gpt"]
+  # Each family's tables in order: (family, metric, mode, sizes, percent?, tolerance of the printed digits)
+  expected = [("vit", "accuracy", mode, sizes, 100, 0.051) for p in spec["vit"]["protocols"]
+              for mode, sizes in ((p, spec["vit"]["sizes"]), (f"{p}+ft", spec["vit"]["finetune_sizes"]))]
+  expected += [("bert", "accuracy", "transfer", spec["bert"]["sizes"], 100, 0.051),
+               ("bert", "accuracy", "finetune", spec["bert"]["sizes"], 100, 0.051),
+               ("bert", "loss", "transfer", spec["bert"]["sizes"], 1, 5e-4)]
+  expected += [("gpt", "perplexity", mode, spec["gpt"]["sizes"], 1, 0.051) for mode in ("nonoverlap", "sliding")]
+  assert len(found) == len(expected) == 9
+  for table, (family, metric, mode, sizes, scale, tol) in zip(found, expected):
+    assert len(table[0]) == 1 + len(sizes)
+    assert [row[0] for row in table[1:]] == [f"`{e}`" for e in spec[family]["encodings"]]
+    for row, posenc in zip(table[1:], spec[family]["encodings"]):
+      for cell, size in zip(row[1:], sizes):
         values = [c[metric] for c in results["cells"]
                   if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
-        assert len(values) == 1 and 0.0 <= values[0] <= (1.0 if metric == "accuracy" else 20.0)  # one seed
+        assert len(values) == 1 and 0.0 <= values[0] <= (1.0 if metric == "accuracy" else 1e4)  # one seed
         assert number(cell) == pytest.approx(scale * values[0], abs=tol)
+  assert "Baselines on the same tokens" in markdown and results["baselines"]["gpt"]["unigram"] > 1
   with open(root / "out" / "study.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -223,7 +302,7 @@ def test_study_resumes_from_its_record(study_run):
   assert "cells in" in first.stderr and "cells in" not in again.stderr
   # The ViT cells at another image size came from the trained model through init_from, its learned
   # position table resampled to the new grid.
-  assert re.search(r"Initialised parameters from \S+/train28/checkpoints/\d+; transferred \(bicubic\): "
+  assert re.search(r"Initialised parameters from \S+/train16/checkpoints/\d+; transferred \(bicubic\): "
                    r"posenc/table \(16, 16\) -> \(4, 16\)", first.stderr), first.stderr[-4000:]
   assert "1 recorded cells were measured under other settings" in again.stderr
   assert tables(again.stdout) == tables(first.stdout)
