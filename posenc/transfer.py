@@ -11,7 +11,7 @@ Everything is a pure function of arrays with the geometries static, so it runs
 under ``jax.jit`` with ``out_shardings`` on a mesh and never leaves the device:
 
     move = jit_transfer("learned", Geometry.grid(7, 7, 1), Geometry.grid(14, 14, 1),
-                        target=abstract_params)   # ShapeDtypeStructs (with shardings) wanted
+                        wanted)   # ShapeDtypeStructs (with shardings) of the target's parameters
     new_params = move(params)
 
 Position interpolation is not a parameter change but a scaling of the

@@ -91,7 +91,7 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         description="Fashion-MNIST: 28x28 grayscale images of 10 clothing classes.",
         features=tfds.features.FeaturesDict({
-            # Raw uint8 (no PNG): reading a record needs no image decoder, ~10x faster.
+            # Raw uint8 (no PNG): reading a record needs no image decoder (benchmarks/data_speed.py).
             "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
             "label": tfds.features.ClassLabel(names=CLASS_NAMES),
         }),
