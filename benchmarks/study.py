@@ -81,14 +81,14 @@ VIT_VARIANTS = (("learned+multires", f"posenc=learned,posenc_options.resample=Tr
 BERT_ENCODINGS = ("learned", "sinusoidal", "sinusoidal_scaled", "rel_bias", "rope", "alibi", "none")
 # The sin/cos table at the RMS of the learned table's init (0.02): BERT's token embeddings are
 # initialised at std 0.02, so the unscaled table (amplitude 1) swamps them.
-BERT_VARIANTS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0.028"),)
+SCALED_SINCOS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0.028"),)
 # The quick profile is for CI only (tests/test_benchmarks.py): one-layer, 16-wide models, two steps,
 # one seed and one encoding per family (ViT at two sizes: its learned grid is transferred; BERT at
 # its trained length only, with the variant), so both halves' tables, the transfer and the
 # resumable record are exercised with the fewest runs (six). Its numbers mean nothing.
 QUICK_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
-GPT_ENCODINGS = ("learned", "learned+copy", "sinusoidal", "rope", "rope+pi", "rope+ntk", "rope+yarn", "alibi",
-                 "rel_bias", "fire", "kerple", "none")
+GPT_ENCODINGS = ("learned", "learned+copy", "sinusoidal", "sinusoidal_scaled", "rope", "rope+pi", "rope+ntk",
+                 "rope+yarn", "alibi", "rel_bias", "fire", "kerple", "none")
 
 
 def gpt_variants(length: int) -> tuple:
@@ -113,12 +113,12 @@ PROFILES = {
             ("zoom", "canvas"), (16, 64), 40, 0.25, 0.1, VIT_ENCODINGS, VIT_VARIANTS),
         Family("bert", bert_small, "max_len=128,batch_size=16,total_steps=800,warmup_steps=80,lr=2e-3,"
                "model_options.pre_ln=True,eval_every=0,eval_max_batches=0", "max_len", 128, (64, 128, 256, 512),
-               BERT_ENCODINGS, 20, 0.25, 0.1, BERT_VARIANTS),
+               BERT_ENCODINGS, 20, 0.25, 0.1, SCALED_SINCOS),
         # GPT: byte-level BPE of 512 (near character level: 2.2M train tokens), L = 64, 2000 steps of
         # 32 rows; test perplexity at 64..1024 on the same 32,768 test tokens.
         study_lm.LMFamily("gpt", gpt_tiny, "vocab_size=512,max_len=64,total_steps=2000,warmup_steps=100,"
                           "eval_every=0,checkpoint_every=0", 64, (1, 2, 4, 8, 16), 64, 32768, GPT_ENCODINGS,
-                          gpt_variants(64)))),
+                          gpt_variants(64), SCALED_SINCOS))),
     "quick": dict(seeds=(0,), families=(
         study_vit.ImageFamily(
             "vit", vit_tiny, QUICK_TINY + ",patch_size=4,augment=True,total_steps=2,warmup_steps=1,batch_size=8,"
@@ -126,7 +126,7 @@ PROFILES = {
             0.1, ("learned",)),
         Family("bert", bert_small, QUICK_TINY + ",total_steps=2,warmup_steps=1,batch_size=8,eval_batch_size=8,"
                "eval_max_batches=1,eval_every=0", "max_len", 16, (16,), ("sinusoidal_scaled",), 2, 0.25, 0.1,
-               BERT_VARIANTS),
+               SCALED_SINCOS),
         study_lm.LMFamily("gpt", gpt_tiny, QUICK_TINY + ",max_len=16,vocab_size=512,total_steps=2,warmup_steps=1,"
                           "batch_size=8,eval_batch_size=8,eval_every=0", 16, (1, 2), 8, 64, ("rope", "rope+yarn"),
                           gpt_variants(16)))),

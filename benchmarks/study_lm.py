@@ -31,8 +31,9 @@ class LMFamily:
   factors: tuple            # evaluated lengths are L x these
   stride: int               # S of the sliding windows
   eval_tokens: int          # scored tokens per length and mode (a multiple of 16L)
-  encodings: tuple          # labels; each trained unless it is a variant
+  encodings: tuple          # labels; each trained unless it is an evaluation variant
   variants: tuple = ()      # (label, trained label, overrides): evaluated from that label's run
+  trained_variants: tuple = ()  # (label, overrides): trained under its own label (e.g. encoding options)
 
   @property
   def sizes(self) -> tuple:
@@ -50,6 +51,9 @@ class LMFamily:
   def eval_overrides(self, label: str) -> str:
     return next((args for name, _, args in self.variants if name == label), "")
 
+  def posenc_args(self, label: str) -> str:
+    return dict(self.trained_variants).get(label, f"posenc={label}")
+
 
 def study(family: LMFamily, seeds, cells, root: str, log, run) -> None:
   """Train each encoding once per seed and record every (label, mode, length) cell."""
@@ -65,11 +69,11 @@ def study(family: LMFamily, seeds, cells, root: str, log, run) -> None:
         continue
       start = time.time()
       base_dir = os.path.join(root, name, f"train{family.base}")
-      run(family, f"posenc={posenc},seed={seed}", base_dir)
+      run(family, f"{family.posenc_args(posenc)},seed={seed}", base_dir)
       train_seconds = time.time() - start
       for label in todo:
         began = time.time()
-        metrics = run(family, f"posenc={posenc},seed={seed},init_from={base_dir},total_steps=0,"
+        metrics = run(family, f"{family.posenc_args(posenc)},seed={seed},init_from={base_dir},total_steps=0,"
                       f"eval_lengths={lengths},eval_stride={family.stride},eval_tokens={family.eval_tokens}"
                       + (f",{family.eval_overrides(label)}" if family.eval_overrides(label) else ""),
                       os.path.join(root, name, f"eval-{label}"))

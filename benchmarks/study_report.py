@@ -27,9 +27,10 @@ def describe(family) -> dict:
                 finetune_lr_scale=family.finetune_lr_scale, posenc_lr_mult=family.posenc_lr_mult,
                 variants={k: v for k, v in family.variants if k in family.encodings})
   if hasattr(family, "stride"):  # a language-model family: modes are window kinds
+    variants = {label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants}
+    variants.update({label: f"trained with `{args}`" for label, args in family.trained_variants})
     return dict(out, kind="lm", field="max_len", stride=family.stride, eval_tokens=family.eval_tokens,
-                variants={label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants
-                          if label in family.encodings})
+                variants={k: v for k, v in variants.items() if k in family.encodings})
   return dict(out, kind="accuracy", field=family.field, finetune_steps=family.finetune_steps,
               finetune_lr_scale=family.finetune_lr_scale, posenc_lr_mult=family.posenc_lr_mult,
               variants=dict(family.variants))
@@ -150,6 +151,8 @@ def plot(results: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   families = results["families"]
+  if not families:  # nothing recorded yet
+    return
   fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False, sharey="row")
   for row, f in zip(axes, families):
     lm = f.get("kind") == "lm"
