@@ -5,7 +5,6 @@ import abc
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
@@ -33,7 +32,6 @@ class Task(abc.ABC):
   FIELDS: dict[str, str] = {}   # this task's config fields -> what they mean
   NDIM: int = 0                 # dimensionality of its positions (1: sequences, 2: image grids)
   ITEMS: str = "items"          # what a batch counts, for throughput logs (images, tokens)
-  SIZE_FIELD: str = ""          # the config field that sets the geometry (image_size, max_len)
 
   # ----------------------------------------------------------------- config
   def validate(self, config) -> None:
@@ -42,15 +40,9 @@ class Task(abc.ABC):
   def check_dataset(self, config) -> None:
     """ConfigError unless ``config.dataset`` exists and holds what this task reads."""
 
+  @abc.abstractmethod
   def size_label(self, config) -> str:
     """The geometry in a workdir name, e.g. ``28`` or ``len128``."""
-    return str(config[self.SIZE_FIELD])
-
-  def at_size(self, config, size) -> ml_collections.ConfigDict:
-    """A copy of ``config`` at another geometry."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config[self.SIZE_FIELD] = size
-    return config
 
   def eval_sizes(self, config) -> tuple:
     """Other geometries evaluated during training, besides the trained one."""
@@ -63,7 +55,7 @@ class Task(abc.ABC):
   # ----------------------------------------------------------------- geometry and model
   @abc.abstractmethod
   def geometry(self, config, size=None) -> Geometry:
-    """The token geometry of ``config`` (at ``size`` of ``SIZE_FIELD`` if given). Builds no model."""
+    """The token geometry of ``config`` (at ``size``, one of ``eval_sizes``, if given). Builds no model."""
 
   def legacy_geometry(self, old_config: dict) -> Geometry | None:
     """The geometry of a checkpoint written before geometries were recorded, from its stored

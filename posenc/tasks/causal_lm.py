@@ -39,7 +39,6 @@ class CausalLM(Task):
   }
   NDIM = 1
   ITEMS = "tokens"
-  SIZE_FIELD = "max_len"
 
   def validate(self, config) -> None:
     _positive_int(config, "max_len", 2)

@@ -50,7 +50,6 @@ class ImageClassification(Task):
   }
   NDIM = 2
   ITEMS = "images"
-  SIZE_FIELD = "image_size"
 
   def validate(self, config) -> None:
     from posenc.data.images import PROTOCOLS, check_crop_scale  # imported late: data builders are heavy

@@ -19,7 +19,6 @@ class MaskedLM(Task):
   FIELDS = {"max_len": "tokens per packed row = the length the model is built at"}
   NDIM = 1
   ITEMS = "tokens"
-  SIZE_FIELD = "max_len"
 
   def validate(self, config) -> None:
     if not isinstance(config.max_len, int) or isinstance(config.max_len, bool) or config.max_len < 2:
