@@ -1,5 +1,9 @@
 """Every attention implementation computes the same function: outputs and gradients of whole
-models, for every encoding, with padding masks, packing ids and the causal mask (float32, 1e-5)."""
+models, for every encoding, with padding masks, packing ids and the causal mask (float32, 1e-5).
+
+The same programs check every model x encoding pair: jitted forward and backward, float32 output
+of the right shape, finite gradients, and no parameter with a zero gradient (a hook the model
+forgot to call would leave its encoding's parameters without one)."""
 from __future__ import annotations
 
 import jax
@@ -36,6 +40,7 @@ def value_and_grads(name: str, posenc_name: str, inputs: dict, **kwargs):
 
     def loss(p):
       out = nnx.merge(graphdef, p, rest)(**inputs)
+      results["output"] = out.shape, out.dtype  # recorded while tracing
       weights = jax.random.normal(jax.random.key(1), out.shape)
       return jnp.sum(out * weights)
 
@@ -43,8 +48,18 @@ def value_and_grads(name: str, posenc_name: str, inputs: dict, **kwargs):
   return results
 
 
-def assert_same(results: dict) -> None:
+def check_grads(grads: dict) -> None:
+  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.traversals.flatten_mapping(grads).items()}
+  bad = [k for k, g in flat.items() if not np.all(np.isfinite(g))]
+  assert not bad, f"non-finite gradients: {bad}"
+  dead = [k for k, g in flat.items() if not np.any(g)]
+  assert not dead, f"parameters with zero gradient: {dead}"
+
+
+def assert_same(results: dict, shape: tuple) -> None:
+  assert results["output"] == (shape, jnp.float32)
   value, grads = results["per_head"]
+  check_grads(grads)
   for impl in IMPLS[1:]:
     other_value, other_grads = results[impl]
     np.testing.assert_allclose(other_value, value, rtol=1e-5, atol=1e-5)
@@ -56,7 +71,7 @@ def assert_same(results: dict) -> None:
 def test_vit_implementations_agree(posenc_name):
   images = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)), jnp.float32)
   assert_same(value_and_grads("vit-mu", posenc_name, {"images": images}, num_classes=5, image_size=28,
-                              patch_size=7, channels=1, num_registers=1, **TINY))
+                              patch_size=7, channels=1, num_registers=1, **TINY), (2, 5))
 
 
 @pytest.mark.parametrize("posenc_name", names_for(1))
@@ -66,7 +81,7 @@ def test_bert_implementations_agree_with_padding_and_packing(posenc_name):
   inputs = {"input_ids": ids, "padding_mask": jnp.arange(12)[None, :] < jnp.array([[12], [9]]),
             "packing_ids": jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32),
             "positions": jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)}
-  assert_same(value_and_grads("bert-mini", posenc_name, inputs, vocab_size=64, max_len=16, **TINY))
+  assert_same(value_and_grads("bert-mini", posenc_name, inputs, vocab_size=64, max_len=16, **TINY), (2, 12, 64))
 
 
 @pytest.mark.parametrize("posenc_name", names_for(1))
@@ -75,7 +90,7 @@ def test_gpt_implementations_agree_with_the_causal_mask(posenc_name):
   ids = jnp.asarray(rng.integers(1, 64, (2, 12)), jnp.int32)
   inputs = {"input_ids": ids, "positions": jnp.asarray([list(range(5)) + list(range(7))] * 2, jnp.int32),
             "packing_ids": jnp.asarray([[1] * 5 + [2] * 7] * 2, jnp.int32)}
-  assert_same(value_and_grads("gpt-nano", posenc_name, inputs, vocab_size=64, max_len=16, **TINY))
+  assert_same(value_and_grads("gpt-nano", posenc_name, inputs, vocab_size=64, max_len=16, **TINY), (2, 12, 64))
 
 
 def test_auto_picks_per_backend_and_unknown_is_a_clear_error():

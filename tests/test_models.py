@@ -1,4 +1,4 @@
-"""Tests for posenc/models: ViT and BERT with every encoding they support.
+"""Tests for posenc/models: ViT and BERT (every model x encoding forward/backward: test_attention_impls).
 
 Models are tiny (width 32, 2 layers). Programs are compiled with XLA's backend
 optimisation level 0, which compiles a few times faster and computes the same
@@ -51,52 +51,6 @@ def build(name: str, posenc_name: str, seed: int = 0, **kwargs):
   rest = jax.tree.map(lambda a: jax.random.key(seed) if is_key(a) else np.zeros(a.shape, a.dtype),
                       nnx.to_pure_dict(rest))
   return graphdef, params, rest
-
-
-def forward_and_grads(name: str, posenc_name: str, kwargs: dict, inputs: dict, weights):
-  """The model's output and d(sum(output * weights))/d(params), in one jitted program."""
-  graphdef, params, rest = build(name, posenc_name, **kwargs)
-
-  def run(params, inputs, weights):
-    def loss(params):
-      out = nnx.merge(graphdef, params, rest)(**inputs)
-      return jnp.sum(out * weights), out
-
-    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return out, grads
-
-  return run_jit(run, params, inputs, weights)
-
-
-def check_grads(grads: dict):
-  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.traversals.flatten_mapping(grads).items()}
-  bad = [k for k, g in flat.items() if not np.all(np.isfinite(g))]
-  assert not bad, f"non-finite gradients: {bad}"
-  # Every parameter (the encoding's included) influences the output: a hook the
-  # model forgot to call would leave its parameters with a zero gradient.
-  dead = [k for k, g in flat.items() if not np.any(g)]
-  assert not dead, f"parameters with zero gradient: {dead}"
-
-
-@pytest.mark.parametrize("posenc_name", names_for(2))
-def test_vit_every_encoding(posenc_name):
-  x = images()
-  weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5)), jnp.float32)
-  out, grads = forward_and_grads("vit-mu", posenc_name, dict(VIT, num_registers=1), {"images": x}, weights)
-  assert out.shape == (2, 5) and out.dtype == jnp.float32
-  check_grads(grads)
-
-
-@pytest.mark.parametrize("posenc_name", names_for(1))
-def test_bert_every_encoding(posenc_name):
-  rng = np.random.default_rng(0)
-  ids = jnp.asarray(rng.integers(1, 64, (2, 12)), jnp.int32)
-  inputs = {"input_ids": ids, "segment_ids": jnp.asarray(rng.integers(0, 2, (2, 12)), jnp.int32),
-            "padding_mask": jnp.arange(12)[None, :] < jnp.array([[12], [9]])}
-  weights = jnp.asarray(rng.standard_normal((2, 12, 64)), jnp.float32)
-  out, grads = forward_and_grads("bert-mini", posenc_name, BERT, inputs, weights)
-  assert out.shape == (2, 12, 64) and out.dtype == jnp.float32
-  check_grads(grads)
 
 
 @pytest.mark.parametrize("posenc_name", ["rope", "sincos2d", "cpe", "none"])
