@@ -10,6 +10,7 @@ Shared fields and their defaults: configs/common.py.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -19,7 +20,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = "vit-mu"              # 64 wide, 4 layers, 4 heads (posenc.models.VIT_SIZES)
   c.dataset = "fashion_mnist"     # posenc.data dataset name (or any TFDS image dataset online)
   # --- task: image classification ---------------------------------------------------------
-  c.image_size = 28               # size the model is built and trained at: int or (h, w)
+  c.image_size = config_dict.FieldReference(28, field_type=object)  # built/trained at: int or (h, w)
   c.patch_size = 7                # patch side; must divide image_size, eval_ and train_image_sizes
   c.augment = False               # train-time random-resized crop (crop_scale) + flip (helps long runs)
   c.crop_scale = (0.35, 1.0)      # crop area fraction, uniform in (low, high); aspect log-uniform in [3/4, 4/3]
