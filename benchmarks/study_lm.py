@@ -34,6 +34,7 @@ class LMFamily:
   encodings: tuple          # labels; each trained unless it is an evaluation variant
   variants: tuple = ()      # (label, trained label, overrides): evaluated from that label's run
   trained_variants: tuple = ()  # (label, overrides): trained under its own label (e.g. encoding options)
+  seeds: tuple = ()         # () = the profile's
 
   @property
   def sizes(self) -> tuple:

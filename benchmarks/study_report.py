@@ -138,7 +138,7 @@ def markdown(results: dict) -> str:
            f"{minutes:.0f} min of runs, summed over processes (`python benchmarks/study.py"
            f"{' --quick' if results['profile'] == 'quick' else ''}`).", ""]
   lines += [f"- {line}" for line in results["header"]]
-  lines += [f"- seeds: {', '.join(map(str, seeds))}; each cell is the mean ± sample standard deviation over "
+  lines += [f"- seeds: {'; '.join(f'{f} ' + ', '.join(map(str, s)) for f, s in seeds.items())}; each cell is the mean ± sample standard deviation over "
             f"the seeds recorded (a bare number: one seed); one model per encoding and seed, trained "
             f"once, evaluated at every size", ""]
   for f in results["families"]:

@@ -35,12 +35,14 @@ class ImageFamily:
   posenc_lr_mult: float     # on the position parameters while fine-tuning
   encodings: tuple          # labels
   variants: tuple = ()      # (label, overrides): an encoding with options / a training recipe
+  finetune_batch: int = 0   # fine-tune batch size (0 = the config's)
+  seeds: tuple = ()         # () = the profile's
 
   @property
   def budget(self) -> str:
     """Everything that makes its numbers comparable; recorded with each cell."""
     return (f"{self.overrides};base={self.base},sizes={self.sizes},protocols={self.protocols},"
-            f"finetune={self.finetune_sizes}x{self.finetune_steps},lr_scale={self.finetune_lr_scale},"
+            f"finetune={self.finetune_sizes}x{self.finetune_steps}x{self.finetune_batch},lr_scale={self.finetune_lr_scale},"
             f"posenc_lr_mult={self.posenc_lr_mult}")
 
   def args(self, label: str) -> str:
@@ -86,6 +88,8 @@ def study(family: ImageFamily, seeds, cells, root: str, log, run) -> None:
         metrics = run(family, f"{common},image_size={size},init_from={base_dir},train_image_sizes=(),"
                       f"eval_protocol={mode[:-3]},object_size={family.base},total_steps={steps},"
                       f"warmup_steps={max(1, steps // 10)},lr={finetune_lr},posenc_lr_mult={family.posenc_lr_mult},"
-                      f"checkpoint_every=0,keep_checkpoints=1", os.path.join(root, name, f"{mode}{size}"))
+                      f"checkpoint_every=0,keep_checkpoints=1"
+                      + (f",batch_size={family.finetune_batch}" if family.finetune_batch else ""),
+                      os.path.join(root, name, f"{mode}{size}"))
         add(mode, size, metrics, "", time.time() - began)
       log(f"{name}: {len(todo)} cells in {time.time() - start:.0f}s")
