@@ -163,3 +163,26 @@ def test_learned_text_table_128_to_512_on_restore(tmp_path, capsys):
   assert "posenc/table (128, 16) -> (512, 16)" in capsys.readouterr().out
   assert all(np.isfinite(r["train/loss"]) for r in jsonl(workdir) if "train/loss" in r)
   assert np.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
+
+
+def test_unawaited_shard_reads_of_a_damaged_checkpoint_print_no_traceback(caplog):
+  """Orbax's sibling shard reads fail unawaited; asyncio would log each with a traceback."""
+  import asyncio
+  import gc
+
+  from posenc.training import checkpoint
+  checkpoint._register_array_handler()
+
+  async def read(message):
+    raise Exception(message)
+
+  async def main():
+    siblings = [asyncio.ensure_future(read(m)) for m in (
+        "Encountered error while reading array index: (slice(0, 1, 1),)", "something else")]
+    await asyncio.sleep(0.01)
+    del siblings
+
+  asyncio.run(main())
+  gc.collect()
+  logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1 and "something else" in logged[0]  # only Orbax's shard reads are dropped

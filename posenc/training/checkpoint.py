@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging as py_logging
 import os
 import shutil
 import time
@@ -60,8 +61,22 @@ def _errors_only():
     logging.set_verbosity(verbosity)
 
 
+class _DroppedShardReads(py_logging.Filter):
+  """Drop asyncio's 'exception was never retrieved' for Orbax's other shard reads.
+
+  When one shard of a damaged array fails, Orbax's sibling reads fail too and are
+  never awaited; asyncio prints each with a traceback when it is collected. The
+  first failure is already reported as a DamagedCheckpoint.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("never retrieved" in text and "Encountered error while reading array" in text)
+
+
 @functools.cache
 def _register_array_handler() -> None:
+  py_logging.getLogger("asyncio").addFilter(_DroppedShardReads())
   with _errors_only():
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
