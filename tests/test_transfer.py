@@ -48,7 +48,7 @@ def test_learned_grid_is_resampled_by_resize_grid():
   params = params_of(src)
   out = move(params, src, tgt)
   want = resize_grid(params["posenc"]["table"], (7, 7), (14, 10), method="bicubic")
-  np.testing.assert_array_equal(out["posenc"]["table"], want)
+  np.testing.assert_allclose(out["posenc"]["table"], want, rtol=1e-6, atol=1e-8)  # jitted vs eager
   assert out["posenc"]["table"].shape == (140, 32)
   # Everything that is not a position parameter is passed through untouched.
   np.testing.assert_array_equal(out["patch_embed"], params["patch_embed"])
@@ -73,10 +73,10 @@ def test_factorized_tables_resample_in_1d(method):
   src, tgt = vit("factorized", 28), vit("factorized", (20, 48), abstract=True)
   params = params_of(src)
   out = move(params, src, tgt, transfer.TransferOptions(method=method))
-  np.testing.assert_array_equal(out["posenc"]["row_table"],
-                                resize_1d(params["posenc"]["row_table"], 5, method=method))
-  np.testing.assert_array_equal(out["posenc"]["col_table"],
-                                resize_1d(params["posenc"]["col_table"], 12, method=method))
+  # jitted (the transfer) against eager: equal up to float32 rounding of fused ops
+  for name, size in (("row_table", 5), ("col_table", 12)):
+    np.testing.assert_allclose(out["posenc"][name], resize_1d(params["posenc"][name], size, method=method),
+                               rtol=1e-6, atol=1e-8)
 
 
 def test_rel_bias_table_resamples_and_model_runs():
@@ -84,8 +84,9 @@ def test_rel_bias_table_resamples_and_model_runs():
   params = params_of(src)
   opts = transfer.TransferOptions(method="bicubic_torch")
   out = move(params, src, tgt, opts)
-  np.testing.assert_array_equal(
-      out["posenc"]["table"], resize_table(params["posenc"]["table"], (7, 7), (14, 14), method="bicubic_torch"))
+  np.testing.assert_allclose(  # jitted vs eager
+      out["posenc"]["table"], resize_table(params["posenc"]["table"], (7, 7), (14, 14), method="bicubic_torch"),
+      rtol=1e-6, atol=1e-8)
   assert out["posenc"]["table"].shape == (27 * 27, 2)
   nnx.update(tgt, out)
   assert bool(jnp.all(jnp.isfinite(nnx.jit(lambda m, x: m(x))(tgt, jnp.ones((1, 56, 56, 1))))))
