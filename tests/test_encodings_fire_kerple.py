@@ -226,3 +226,24 @@ def test_clear_errors():
     build("fire", init_threshold=-1)
   with pytest.raises(ValueError, match=r"'kerple' has no option\(s\) \['hidden_dim'\]"):
     build("kerple", hidden_dim=8)
+
+
+def test_fire_in_query_row_chunks_equals_all_at_once_with_its_gradients(monkeypatch):
+  """Long sequences build FIRE's MLP per chunk of query rows (bounded memory): same bias and grads."""
+  from posenc.encodings import functional_bias
+  enc = randomize(build("fire", per_layer=True), scale=0.5)
+  geometry = Geometry.seq(40, num_prefix=1)
+  positions = jnp.asarray(real_positions(40))  # [2, 40, 1]: two rows, real-valued
+  weights = jnp.asarray(np.random.default_rng(0).normal(size=(2, H, 41, 41)), jnp.float32)
+
+  def bias_and_grads():
+    loss = lambda e: jnp.sum(e.attention_bias(geometry, positions, 1) * weights)  # noqa: E731
+    return (nnx.jit(lambda e: e.attention_bias(geometry, positions, 1))(enc),
+            nnx.to_pure_dict(nnx.jit(nnx.grad(loss))(enc)))
+
+  whole, whole_grads = bias_and_grads()
+  monkeypatch.setattr(functional_bias, "FIRE_CHUNK_BYTES", 7 * 40 * 32 * 4)  # 7 rows a chunk, uneven
+  chunked, chunked_grads = bias_and_grads()
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+  for key in whole_grads:
+    np.testing.assert_allclose(chunked_grads[key], whole_grads[key], rtol=1e-5, atol=1e-6, err_msg=key)

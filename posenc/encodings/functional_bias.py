@@ -28,6 +28,9 @@ from posenc.encodings.registry import register
 from posenc.encodings.relative import _layer_params
 
 FIRE_EPS = 1e-6  # added to FIRE's normaliser (the paper's eps)
+# FIRE's MLP activations ([rows, N, hidden] float32) are built in query-row chunks of about
+# this many bytes: all at once they are [B, N, N, hidden] (4 GiB at B=32, N=1024, hidden 32).
+FIRE_CHUNK_BYTES = 1 << 28
 KERPLE_INIT_MIN = 1e-2  # KERPLE's clamp floor, used here for the initial values only
 
 
@@ -164,7 +167,17 @@ class FIRE(Encoding):
     self.check(geometry)
     w1, b1, w2, b2 = (_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
                       for p in (self.w1, self.b1, self.w2, self.b2))
-    x = self.normalized_distance(positions, layer)[..., None]  # [B, N, N, 1]
-    hidden = jax.nn.relu(x * w1[0] + b1)  # [B, N, N, W]
-    bias = jnp.dot(hidden, w2, precision="highest") + b2  # [B, N, N, H]
+    x = self.normalized_distance(positions, layer)  # [B, N, N]
+
+    def mlp(rows):  # [..., N] -> [..., N, H]
+      hidden = jax.nn.relu(rows[..., None] * w1[0] + b1)  # [..., N, W]
+      return jnp.dot(hidden, w2, precision="highest") + b2
+
+    b, n, _ = x.shape
+    row_bytes = n * w1.shape[-1] * 4
+    if b * n * row_bytes <= FIRE_CHUNK_BYTES:
+      bias = mlp(x)  # [B, N, N, H]
+    else:  # query rows in chunks, recomputed for the backward pass: memory of one chunk
+      chunk = max(1, FIRE_CHUNK_BYTES // row_bytes)
+      bias = jax.lax.map(jax.checkpoint(mlp), x.reshape(b * n, n), batch_size=chunk).reshape(b, n, n, -1)
     return pad_prefix_bias(jnp.moveaxis(bias, -1, 1), geometry)
