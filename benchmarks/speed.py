@@ -266,7 +266,7 @@ def headline_group(p: Profile, model: str, size: int, batch: int, log, other_lay
   sizes = vit_sizes(p, model)
   tokens = math.prod(run.geometry.shape) + run.geometry.num_prefix
   ceiling = timing.projection_matmuls(batch * tokens, sizes["width"], sizes["mlp_dim"], jnp.dtype(p.dtype))
-  timing.time_interleaved(entries + ceiling, p.rounds,
+  timing.time_interleaved(entries + ceiling, p.rounds, settle=note is None,  # timm: torch in the rounds
                           on_round=lambda r: log(f"  headline {model} {size}: round {r + 1}/{p.rounds}"))
   return dict(model=model, size=size, batch=batch, patch=p.patch, tokens=tokens, dtype=p.dtype,
               scan_layers=scanned, depth=sizes["depth"], entries=entries, ceiling=ceiling, timm_note=note)

@@ -125,10 +125,17 @@ def eager_timed(name: str, call: Stepper, items: int) -> Timed:
 
 
 def time_interleaved(entries: list[Timed], rounds: int, calls_per_round: int = 1,
-                     on_round: Callable[[int], None] | None = None) -> None:
-  """Append per-call seconds to each entry's ``times``, round-robin over ``entries``."""
+                     on_round: Callable[[int], None] | None = None, settle: bool = False) -> None:
+  """Append per-call seconds to each entry's ``times``, round-robin over ``entries``.
+
+  ``settle``: one untimed call of each entry before its timed ones, every round. For entries from
+  different runtimes (XLA and torch): the first XLA call after a torch step is slow (their thread
+  pools hand the cores over), which would be charged to whichever entry follows torch.
+  """
   for r in range(rounds):
     for entry in entries:
+      if settle:
+        jax.block_until_ready(entry.call())
       for _ in range(calls_per_round):
         start = time.perf_counter()
         jax.block_until_ready(entry.call())

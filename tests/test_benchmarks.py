@@ -306,3 +306,17 @@ def test_study_resumes_from_its_record(study_run):
                    r"posenc/table \(16, 16\) -> \(4, 16\)", first.stderr), first.stderr[-4000:]
   assert "1 recorded cells were measured under other settings" in again.stderr
   assert tables(again.stdout) == tables(first.stdout)
+
+
+def test_interleaved_rounds_settle_each_entry_untimed_and_keep_the_order():
+  """``settle``: one untimed call per entry per round, right before its timed calls."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import timing
+  finally:
+    sys.path.pop(0)
+  calls = []
+  entries = [timing.Timed(name, lambda name=name: calls.append(name) or 0, None, 1) for name in "ab"]
+  timing.time_interleaved(entries, rounds=2, calls_per_round=2, settle=True)
+  assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+  assert [len(e.times) for e in entries] == [4, 4]  # the settling calls are not recorded
