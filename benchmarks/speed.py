@@ -46,20 +46,17 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-import data_speed  # noqa: E402  (the input-pipeline helpers of benchmarks/data_speed.py)
-import linen_vit  # noqa: E402
-import timing  # noqa: E402
-import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
-from configs import bert_small, vit_tiny  # noqa: E402
 
 import speed_report  # noqa: E402
-from posenc import encodings, transfer  # noqa: E402
+from speed_entries import (POSENC, bert_config, family_encodings, first_batch,  # noqa: E402
+                           linen_entry, loader_rate, timm_device, timm_entry, timm_note, train_entry,
+                           vit_config, vit_sizes)
+import timing  # noqa: E402
+import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
+from posenc import transfer  # noqa: E402
 from posenc.encodings import Geometry  # noqa: E402
-from posenc.models import VIT_SIZES  # noqa: E402
 from posenc.models.attention import resolve_scan_layers  # noqa: E402
-from posenc.training import ConfigError, Run, setup, sharding  # noqa: E402
+from posenc.training import setup, sharding  # noqa: E402
 from posenc.training.checkpoint import Checkpointer  # noqa: E402
 from posenc.training.config import transfer_options  # noqa: E402
 
@@ -87,7 +84,6 @@ class Profile:
   goals: dict | None = None   # the issue's goals for this machine (GOALS), checked in the report
 
 
-SIZE_OPTIONS = ("width", "depth", "num_heads", "mlp_dim")
 TINY = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
 SECTIONS = ("headline", "vit", "bert", "eval", "restore")
 # The issue "a measured lead over timm", for 2 CPU cores: images/s ratios at the first headline group
@@ -110,128 +106,6 @@ PROFILES = {
                      headline=(("vit-mu", 8, 8),), encodings=dict(vit=("none", "learned"), bert=("learned",)),
                      restore_encodings=("learned",), goals=GOALS),
 }
-POSENC, LINEN, TIMM = speed_report.POSENC, speed_report.LINEN, speed_report.TIMM  # the headline's entry names
-
-
-# --------------------------------------------------------------------------- configs and steps
-
-
-def vit_config(p: Profile, posenc: str, size: int, batch: int, model: str | None = None) -> ml_collections.ConfigDict:
-  """configs/vit_tiny.py:full with this profile's model (or ``model``), patch, size and batch."""
-  c = vit_tiny.get_config("full")
-  c.model, c.patch_size = model or p.vit_model, p.patch
-  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.vit_options})
-  c.posenc, c.image_size, c.batch_size, c.eval_batch_size, c.dtype = posenc, size, batch, p.eval_batch, p.dtype
-  return c
-
-
-def bert_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collections.ConfigDict:
-  """configs/bert_small.py:full with this profile's model, length and batch."""
-  c = bert_small.get_config("full")
-  c.model = p.bert_model
-  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.bert_options})
-  c.posenc, c.max_len, c.batch_size, c.dtype = posenc, length, batch, p.dtype
-  return c
-
-
-def family_encodings(p: Profile, family: str) -> list[str]:
-  ndim = 2 if family == "vit" else 1
-  names = [n for n in encodings.names() if ndim in encodings.get(n).supported_ndims]
-  return [n for n in names if p.encodings is None or n in p.encodings[family]]
-
-
-def abstract_batch(batch: dict, batch_sharding) -> dict:
-  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding)
-          for k, v in batch.items()}
-
-
-def unrolled_flops(config, batch: dict) -> float | None:
-  """XLA's FLOP count of the lowered train step with the layers unrolled; None when they already are.
-
-  XLA counts a loop body once, so a scanned layer stack is counted with its
-  layers unrolled (the same arithmetic; nothing is compiled or allocated).
-  """
-  if not resolve_scan_layers(config.model_options.get("scan_layers")):
-    return None  # the caller counts the step it compiles (unrolled already: the CPU default)
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model_options.scan_layers = False
-  try:
-    run = setup(c)
-  except ConfigError:  # a model without the option: the caller counts the compiled program
-    return None
-  return timing.xla_flops(run.train_step.lower(run.spec.abstract, abstract_batch(batch, run.batch_sharding)))
-
-
-def train_entry(name: str, run: Run, batch: dict, flops: float | None = None) -> timing.Timed:
-  """posenc's real train step (``run.train_step``, from ``setup(config)``), compiled and run once.
-
-  ``flops``: the step's FLOPs when already known (the same step with its layers in the other
-  mode); default: counted here."""
-  state = run.spec.init()
-  global_batch = sharding.global_batch(batch, run.batch_sharding)
-  holder = {"state": state}
-
-  def make_call(compiled):
-    def call():
-      holder["state"], metrics = compiled(holder["state"], global_batch)
-      return metrics
-    return call
-
-  flops = unrolled_flops(run.config, batch) if flops is None else flops
-  return timing.compile_timed(name, run.train_step, (state, global_batch), run.task.items(batch), make_call,
-                              flops)
-
-
-def vit_sizes(p: Profile, model: str) -> dict:
-  """Width, depth, heads and MLP width of ``model`` with the profile's overrides (posenc's ViT's)."""
-  return {**VIT_SIZES[model.split("-")[1]], **{k: v for k, v in p.vit_options.items() if k in SIZE_OPTIONS}}
-
-
-def linen_entry(p: Profile, model_name: str, batch: dict) -> timing.Timed:
-  """The reference: benchmarks/linen_vit.py at the same sizes as posenc's ViT."""
-  model = linen_vit.LinenViT(num_classes=10, patch_size=p.patch, dtype=jnp.dtype(p.dtype), **vit_sizes(p, model_name))
-  images, labels = jnp.asarray(batch["image"], p.dtype), jnp.asarray(batch["label"])
-  step, (params, opt_state) = linen_vit.make_train_step(model, images, labels)
-  holder = [params, opt_state]
-
-  def make_call(compiled):
-    def call():
-      holder[0], holder[1], loss = compiled(holder[0], holder[1], images, labels)
-      return loss
-    return call
-
-  return timing.compile_timed(LINEN, step, (params, opt_state, images, labels), int(np.size(batch["label"])),
-                              make_call)
-
-
-def timm_device() -> str:
-  return "cpu" if jax.default_backend() == "cpu" else "cuda"
-
-
-def timm_note() -> str | None:
-  """None when timm can run where posenc runs (same device), else why it is skipped."""
-  return timm_vit.available() or timm_vit.cuda_note(timm_device())
-
-
-def timm_entry(p: Profile, model_name: str, batch: dict) -> timing.Timed:
-  """timm's VisionTransformer, same sizes, same batch, in a PyTorch eager loop (benchmarks/timm_vit.py)."""
-  step, _ = timm_vit.make_train_step(np.asarray(batch["image"]), np.asarray(batch["label"]), num_classes=10,
-                                     patch_size=p.patch, dtype=p.dtype, device=timm_device(),
-                                     **vit_sizes(p, model_name))
-  return timing.eager_timed(TIMM, step, int(np.size(batch["label"])))
-
-
-def first_batch(run: Run, split: str, train: bool, size=None) -> dict:
-  """The first batch of the run's own loader (``run.loader``) at ``size`` (None: as trained)."""
-  return next(iter(run.loader(split, train=train, size=size)))
-
-
-def loader_rate(run: Run, split: str, train: bool, size: int, batches: int) -> float:
-  """Items/s of the input pipeline alone (``posenc.data.make_loader``, in-process)."""
-  c = run.config
-  it = data_speed.batches_for(c.dataset, split, train, c.batch_size if train else c.eval_batch_size, size, 0)
-  items = run.task.items(next(it))
-  return items * data_speed.rate(lambda: next(it), batches)
 
 
 # --------------------------------------------------------------------------- section 1 + 2
