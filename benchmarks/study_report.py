@@ -146,30 +146,53 @@ def markdown(results: dict) -> str:
   return "\n".join(lines).rstrip() + "\n"
 
 
+VARIANT_STYLES = {"multires": "--", "dinov3": ":", "cape": ":"}  # image variants' line styles
+
+
+def plot_rows(f: dict) -> list[list[str]]:
+  """The encodings drawn in each row of panels: images split their plain encodings from the
+  labelled variants (drawn with their base encoding, thin, for reference); the others one row."""
+  if f.get("kind") != "image" or not any("+" in e for e in f["encodings"]):
+    return [f["encodings"]]
+  variants = [e for e in f["encodings"] if "+" in e]
+  bases = [e for e in f["encodings"] if "+" not in e]
+  return [bases, [e for e in bases if any(v.split("+")[0] == e for v in variants)] + variants]
+
+
 def plot(results: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  families = results["families"]
-  if not families:  # nothing recorded yet
+  rows = [(f, names) for f in results["families"] for names in plot_rows(f)]
+  if not rows:  # nothing recorded yet
     return
-  fig, axes = plt.subplots(len(families), 2, figsize=(11, 4 * len(families)), squeeze=False, sharey="row")
-  for row, f in zip(axes, families):
-    lm = f.get("kind") == "lm"
-    modes = {p: PROTOCOLS[p] for p in f["protocols"]} if f.get("kind") == "image" else LM_MODES if lm else MODES
+  fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False, sharey="row")
+  for row, (f, names) in zip(axes, rows):
+    lm, image = f.get("kind") == "lm", f.get("kind") == "image"
+    modes = {p: PROTOCOLS[p] for p in f["protocols"]} if image else LM_MODES if lm else MODES
+    colours = {name: f"C{i % 10}" for i, name in enumerate(f["encodings"])}
     for ax, (mode, caption) in zip(row, modes.items()):
-      for i, posenc in enumerate(f["encodings"]):
+      for i, posenc in enumerate(names):
+        reference = image and "+" not in posenc and any("+" in n for n in names)  # a variant's base, thin
+        style = "--" if i >= 10 else "-"
+        colour = colours[posenc]
+        if image:  # a variant in its base's colour, in the variant's line style
+          colour, style = colours.get(posenc.split("+")[0], colour), VARIANT_STYLES.get(posenc.partition("+")[2], style)
         stats = [summary(results["cells"], f["name"], posenc, mode, s, "loss" if lm else "accuracy")
                  for s in f["sizes"]]
         ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o",
-                    capsize=2, label=posenc, color=f"C{i % 10}", linestyle="--" if i >= 10 else "-")
-        if f.get("kind") == "image":  # fine-tuned points: stars of the same colour
+                    capsize=2, label=posenc, color=colour, linewidth=0.7 if reference else 1.5,
+                    alpha=0.5 if reference else 1.0,
+                    linestyle=style)
+        if image and not reference:  # fine-tuned points: stars of the same colour
           tuned = [summary(results["cells"], f["name"], posenc, f"{mode}+ft", s) for s in f["finetune_sizes"]]
-          ax.plot(f["finetune_sizes"], [m for m, _, _ in tuned], "*", ms=9, color=f"C{i % 10}")
+          ax.plot(f["finetune_sizes"], [m for m, _, _ in tuned], "*", ms=9, color=colour)
       ax.axvline(f["base"], color="grey", linewidth=0.8)
       ax.set_xscale("log", base=2)
       ax.set_xticks(f["sizes"], [str(s) for s in f["sizes"]])
-      ax.set_title(f"{f['name']}: {caption.split(':')[0]}", fontsize=10)
+      ax.set_title(f"{f['name']}: {caption.split(':')[0]}" + (" (stars: after fine-tuning)" if image else "")
+                   + ("\nvariants; thin: their base encoding" if image and any("+" in n for n in names) else ""),
+                   fontsize=10)
       ax.set_xlabel(f["field"])
       ax.set_ylabel("test log-perplexity (nats per token)" if lm else "accuracy (%)")
       if lm and results.get("baselines", {}).get(f["name"]):

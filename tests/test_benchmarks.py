@@ -320,3 +320,17 @@ def test_interleaved_rounds_settle_each_entry_untimed_and_keep_the_order():
   timing.time_interleaved(entries, rounds=2, calls_per_round=2, settle=True)
   assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
   assert [len(e.times) for e in entries] == [4, 4]  # the settling calls are not recorded
+
+
+def test_image_plot_draws_variants_in_their_own_row_beside_their_base():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import study_report
+  finally:
+    sys.path.pop(0)
+  image = dict(kind="image", encodings=["learned", "rope", "none", "rope+dinov3", "learned+multires"])
+  assert study_report.plot_rows(image) == [["learned", "rope", "none"], ["learned", "rope", "rope+dinov3",
+                                                                         "learned+multires"]]
+  assert study_report.plot_rows(dict(image, encodings=["learned", "none"])) == [["learned", "none"]]
+  text = dict(kind="lm", encodings=["rope", "rope+yarn"])  # text variants share the one row
+  assert study_report.plot_rows(text) == [["rope", "rope+yarn"]]
