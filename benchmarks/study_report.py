@@ -169,11 +169,12 @@ def plot(results: dict, path: str) -> None:
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False, sharey="row")
   for row, (f, names) in zip(axes, rows):
     lm, image = f.get("kind") == "lm", f.get("kind") == "image"
+    variant_row = image and any("+" in n for n in names)  # variants, each beside its base drawn thin
     modes = {p: PROTOCOLS[p] for p in f["protocols"]} if image else LM_MODES if lm else MODES
     colours = {name: f"C{i % 10}" for i, name in enumerate(f["encodings"])}
     for ax, (mode, caption) in zip(row, modes.items()):
       for i, posenc in enumerate(names):
-        reference = image and "+" not in posenc and any("+" in n for n in names)  # a variant's base, thin
+        reference = variant_row and "+" not in posenc
         style = "--" if i >= 10 else "-"
         colour = colours[posenc]
         if image:  # a variant in its base's colour, in the variant's line style
@@ -182,8 +183,7 @@ def plot(results: dict, path: str) -> None:
                  for s in f["sizes"]]
         ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o",
                     capsize=2, label=posenc, color=colour, linewidth=0.7 if reference else 1.5,
-                    alpha=0.5 if reference else 1.0,
-                    linestyle=style)
+                    alpha=0.5 if reference else 1.0, linestyle=style)
         if image and not reference:  # fine-tuned points: stars of the same colour
           tuned = [summary(results["cells"], f["name"], posenc, f"{mode}+ft", s) for s in f["finetune_sizes"]]
           ax.plot(f["finetune_sizes"], [m for m, _, _ in tuned], "*", ms=9, color=colour)
@@ -191,7 +191,7 @@ def plot(results: dict, path: str) -> None:
       ax.set_xscale("log", base=2)
       ax.set_xticks(f["sizes"], [str(s) for s in f["sizes"]])
       ax.set_title(f"{f['name']}: {caption.split(':')[0]}" + (" (stars: after fine-tuning)" if image else "")
-                   + ("\nvariants; thin: their base encoding" if image and any("+" in n for n in names) else ""),
+                   + ("\nvariants; thin: their base encoding" if variant_row else ""),
                    fontsize=10)
       ax.set_xlabel(f["field"])
       ax.set_ylabel("test log-perplexity (nats per token)" if lm else "accuracy (%)")
