@@ -53,24 +53,56 @@ def build(name: str, posenc_name: str, seed: int = 0, **kwargs):
   return graphdef, params, rest
 
 
-@pytest.mark.parametrize("posenc_name", ["rope", "sincos2d", "cpe", "none"])
-def test_vit_runs_at_new_sizes_from_the_same_parameters(posenc_name):
-  graphdef, params, rest = build("vit-mu", posenc_name, **VIT)
-  # The same parameters in a model built at 42x42 define the same function there.
-  graphdef42 = nnx.graphdef(nnx.eval_shape(lambda: models.create("vit-mu", posenc=posenc_name, rngs=nnx.Rngs(0),
-                                                                 **dict(VIT, image_size=42))))
-  sizes = [(28, 28), (42, 42), (28, 56)]
+@pytest.mark.parametrize("posenc_name, stem", [("rope", "patch"), ("sincos2d", "patch"), ("cpe", "patch"),
+                                               ("none", "patch"), ("cpe", "conv")])
+def test_vit_runs_at_new_sizes_from_the_same_parameters(posenc_name, stem):
+  patch = 7 if stem == "patch" else 4
+  kwargs = dict(VIT, stem=stem, patch_size=patch)
+  graphdef, params, rest = build("vit-mu", posenc_name, **kwargs)
+  # The same parameters in a model built at a new size define the same function there.
+  new = 6 * patch if stem == "patch" else 44
+  graphdef_new = nnx.graphdef(nnx.eval_shape(lambda: models.create("vit-mu", posenc=posenc_name, rngs=nnx.Rngs(0),
+                                                                 **dict(kwargs, image_size=new))))
+  sizes = [(28, 28), (new, new), (28, 56)]
   batch = [images(h=h, w=w, seed=i) for i, (h, w) in enumerate(sizes)]
 
   def run(params, xs):
     model = nnx.merge(graphdef, params, rest)
-    return [model(x) for x in xs] + [nnx.merge(graphdef42, params, rest)(xs[1])]
+    return [model(x) for x in xs] + [nnx.merge(graphdef_new, params, rest)(xs[1])]
 
-  *outs, built42 = run_jit(run, params, batch)
+  *outs, built_new = run_jit(run, params, batch)
   for out in outs:
     assert out.shape == (2, 5) and np.all(np.isfinite(out))
   assert not np.allclose(outs[0], outs[1])
-  np.testing.assert_allclose(built42, outs[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(built_new, outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_stem_matches_torch():
+  """ConvStem == torch Conv2d(3x3, stride 2, pad 1) -> LayerNorm over channels -> GELU(tanh), twice for patch 4,
+  and maps H x W to the patchify grid H/4 x W/4."""
+  import torch
+
+  from posenc.models.vit import ConvStem
+
+  stem = ConvStem(4, 3, 16, 1e-6, jnp.float32, jnp.float32, nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  for norm in stem.norms:  # non-trivial LayerNorm affine parameters
+    norm.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.scale.shape), jnp.float32)
+    norm.bias[...] = jnp.asarray(0.3 * rng.standard_normal(norm.bias.shape), jnp.float32)
+  x = rng.standard_normal((2, 28, 44, 3)).astype(np.float32)
+  got = np.asarray(run_jit(lambda m, x: m(x), stem, x))
+  assert got.shape == (2, 7, 11, 16)
+
+  y = torch.tensor(x.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    for kernel, norm in zip(stem.kernels, stem.norms):
+      y = torch.nn.functional.conv2d(y, torch.tensor(np.asarray(kernel[...]).transpose(3, 2, 0, 1)), stride=2,
+                                     padding=1)
+      scale, bias = (torch.tensor(np.asarray(v[...])) for v in (norm.scale, norm.bias))
+      y = torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), scale, bias, eps=1e-6)
+      y = torch.nn.functional.gelu(y, approximate="tanh").permute(0, 3, 1, 2)
+  assert [k.shape for k in stem.kernels] == [(3, 3, 3, 8), (3, 3, 8, 16)]
+  np.testing.assert_allclose(got, y.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_learned_grid_at_new_size_is_a_clear_error():
@@ -93,6 +125,10 @@ def test_bad_model_arguments_are_clear_errors():
     build("bert-mini", width=30, num_heads=4)
   with pytest.raises(ValueError, match="image size 30x30 is not divisible"):
     build("vit-mu", image_size=30)
+  with pytest.raises(ValueError, match="stem must be"):
+    build("vit-mu", stem="resnet")
+  with pytest.raises(ValueError, match="power of 2"):
+    build("vit-mu", stem="conv", patch_size=7, image_size=28)
   bert = build("bert-mini", **BERT)
   ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
   with pytest.raises(ValueError, match="padding_mask has shape"):

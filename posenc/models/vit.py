@@ -4,6 +4,8 @@
               **VIT_SIZES["ti"])
     logits = vit(images)                  # images [B, H, W, C]; any H, W divisible by 4
     logits = vit(images, positions=pos)   # pos [B or 1, h*w, 2] patch coordinates (row, col)
+    hybrid = ViT(..., stem="conv")        # 3x3 stride-2 convolutions instead of the patchify matmul
+
 
 The geometry (patch grid + prefix tokens) is derived statically from the
 input's shape, so each new size compiles once. Positions default to the
@@ -29,24 +31,57 @@ VIT_SIZES = {
 }
 
 
+class ConvStem(nnx.Module):
+  """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch_size) 3x3
+  stride-2 convolutions, each followed by LayerNorm and GELU, widening to ``width`` by halves.
+  It maps an image to the same token grid as patchify, so position encodings see the same geometry."""
+
+  def __init__(self, patch_size: int, channels: int, width: int, ln_eps: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    depth = int(patch_size).bit_length() - 1
+    if patch_size < 2 or 1 << depth != patch_size:
+      raise ValueError(f"stem='conv' needs a patch size that is a power of 2 (2, 4, 8, ...), got {patch_size}; "
+                       f"use stem='patch' or change patch_size.")
+    sizes = [channels] + [max(width >> (depth - 1 - i), 1) for i in range(depth)]
+    init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3)
+    self.kernels = nnx.List([param(init, rngs, (3, 3, cin, cout), param_dtype, (None, None, None, None))
+                             for cin, cout in zip(sizes, sizes[1:])])
+    self.norms = nnx.List([nnx.LayerNorm(c, epsilon=ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                           for c in sizes[1:]])
+    self.dtype = dtype
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` -> ``[B, H / patch, W / patch, width]`` (H, W divisible by the patch size)."""
+    x = images.astype(self.dtype)
+    for kernel, norm in zip(self.kernels, self.norms):
+      x = jax.lax.conv_general_dilated(x, kernel[...].astype(self.dtype), (2, 2), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x = jax.nn.gelu(norm(x))
+    return x
+
+
 class ViT(nnx.Module):
   """Patch embedding -> [class token, registers, patches] -> pre-LN blocks -> LayerNorm -> pool -> head.
 
   ``image_size`` is the size the model is BUILT at (it fixes the geometry given
   to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
   class token, ``pool="gap"`` averages the patch tokens (no class token).
-  ``scan_layers`` (None: per backend) and ``attention_impl``: see ``posenc.models.attention``.
+  ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` followed by a 1x1 projection
+  (``patch_embed [1, 1, width, width]``). ``scan_layers`` (None: per backend) and
+  ``attention_impl``: see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
                num_classes: int = 10, image_size=32, patch_size: int = 4, channels: int = 3,
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
-               pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
+               stem: str = "patch", pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
                ln_eps: float = 1e-6, scan_layers: bool | None = None, attention_impl: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32):
     if pool not in ("cls", "gap"):
       raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}.")
+    if stem not in ("patch", "conv"):
+      raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}.")
     for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout), ("drop_path", drop_path)):
       if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {rate}.")
@@ -56,9 +91,12 @@ class ViT(nnx.Module):
     self.any_dropout = bool(dropout or attention_dropout or drop_path)
     self.geometry = self.geometry_for(as_hw(image_size))
 
+    self.stem = (ConvStem(patch_size, channels, width, ln_eps, dtype, param_dtype, rngs) if stem == "conv"
+                 else None)
+    self.embed_patch, embed_channels = (1, width) if self.stem is not None else (self.patch_size, self.channels)
     self.patch_embed = param(
         jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3),
-        rngs, (patch_size, patch_size, channels, width), param_dtype, (None, None, None, "embed"))
+        rngs, (self.embed_patch, self.embed_patch, embed_channels, width), param_dtype, (None, None, None, "embed"))
     self.patch_bias = param(jax.nn.initializers.zeros, rngs, (width,), param_dtype, ("embed",))
     self.cls_token = (param(jax.nn.initializers.zeros, rngs, (1, width), param_dtype, (None, "embed"))
                       if pool == "cls" else None)
@@ -103,9 +141,12 @@ class ViT(nnx.Module):
     key = self.rngs.dropout() if train and self.any_dropout else None
     embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
 
-    b, (h, w), p, dt = images.shape[0], geometry.shape, self.patch_size, self.dtype
-    patches = images.astype(dt).reshape(b, h, p, w, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
-    x = dense(patches.reshape(b, h * w, p, p, self.channels), self.patch_embed[...].astype(dt),
+    if self.stem is not None:
+      images = self.stem(images)
+    b, (h, w), dt = images.shape[0], geometry.shape, self.dtype
+    p, c = self.embed_patch, images.shape[-1]
+    patches = images.astype(dt).reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = dense(patches.reshape(b, h * w, p, p, c), self.patch_embed[...].astype(dt),
               self.patch_bias[...].astype(dt), in_dims=3)
     prefix = [t[...] for t in (self.cls_token, self.registers) if t is not None]
     if prefix:
