@@ -6,6 +6,8 @@ curve, and two processes (jax.distributed on 127.0.0.1, gloo) the same run again
 """
 from __future__ import annotations
 
+import importlib
+
 import json
 import math
 import os
@@ -72,6 +74,16 @@ def test_get_config_short_overrides_and_presets():
     load_config("vit_tiny", "total_steps=many")
   with pytest.raises(ConfigError, match="preset 'fast'"):
     load_config("vit_tiny", "fast")
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "bert_small"])  # gpt_tiny has no presets
+def test_every_preset_builds_a_valid_run(name):
+  """Each named preset (README's table) passes validation and builds its model abstractly."""
+  module = importlib.import_module(f"configs.{name}")
+  assert module.PRESETS
+  for preset in module.PRESETS:
+    run = setup(load_config(name, preset))
+    assert jax.tree.leaves(run.spec.abstract["params"]), preset
 
 
 def test_every_config_field_is_its_tasks_and_documented():
