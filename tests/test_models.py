@@ -177,6 +177,42 @@ def test_models_call_every_hook_with_the_input_geometry(scan_layers):
     assert [c[2] for c in CALLS if c[0] == "after_block"] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("name, posenc_name, options, scan_layers", [
+    ("vit-mu", "cpb", {}, False), ("vit-mu", "cpb", {}, True), ("vit-mu", "rel_bias", {}, False),
+    ("vit-mu", "alibi", {}, False), ("bert-mini", "kerple", {}, False), ("bert-mini", "fire", {"per_layer": False}, False)])
+def test_a_layer_shared_bias_is_computed_once_and_changes_nothing(name, posenc_name, options, scan_layers,
+                                                                   monkeypatch):
+  """An encoding whose bias ignores the layer is called once per forward; outputs and gradients equal
+  those of calling it in every layer."""
+  kwargs = dict(VIT if name.startswith("vit") else BERT, posenc_options=options, scan_layers=scan_layers)
+  graphdef, params, rest = build(name, posenc_name, **kwargs)
+  per_layer = nnx.eval_shape(lambda: models.create(name, posenc=posenc_name, rngs=nnx.Rngs(0), **kwargs))
+  assert per_layer.posenc.bias_shared_by_layers
+  if posenc_name != "alibi":  # per-layer parameters: a bias per layer
+    own = nnx.eval_shape(lambda: models.create(name, posenc=posenc_name, rngs=nnx.Rngs(0),
+                                               **dict(kwargs, posenc_options={"per_layer": True})))
+    assert not own.posenc.bias_shared_by_layers
+  per_layer.posenc.bias_shared_by_layers = False
+  graphdef_per_layer = nnx.graphdef(per_layer)
+  inputs = images() if name.startswith("vit") else jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 12)))
+
+  calls = []
+  cls = type(per_layer.posenc)
+  original = cls.attention_bias
+  monkeypatch.setattr(cls, "attention_bias", lambda self, *a: calls.append(1) or original(self, *a))
+
+  def run(params, x):
+    value_and_grad = lambda g: jax.value_and_grad(lambda p: nnx.merge(g, p, rest)(x).sum())(params)
+    return value_and_grad(graphdef), value_and_grad(graphdef_per_layer)
+
+  (out, grad), (out_per_layer, grad_per_layer) = run_jit(run, params, inputs)
+  assert len(calls) == 1 + (1 if scan_layers else TINY["depth"])  # shared: once; per layer: per traced layer
+  np.testing.assert_allclose(out, out_per_layer, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grad, grad_per_layer)
+  if posenc_name != "alibi":  # the bias's parameters get a gradient (alibi has none)
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grad["posenc"]))
+
+
 def test_scan_and_loop_compute_the_same_function():
   """Per-layer encoding parameters indexed by a traced (scan) or Python (loop) layer agree."""
   graphdef, params, rest = build("vit-mu", "rope_mixed", scan_layers=True, **VIT)

@@ -121,7 +121,9 @@ class Encoding(nnx.Module):
   positions are accepted; table encodings look integer positions up) and
   override the hooks they use. ``coordinates`` maps the positions once per
   forward, before the hooks (normalised coordinates, train-time augmentation);
-  ``augments`` says whether it wants a PRNG key when training. The constructor
+  ``augments`` says whether it wants a PRNG key when training; ``bias_shared_by_layers``
+  that ``attention_bias`` does not depend on ``layer``, so a model calls it once per forward
+  and gives every layer that bias (one backward pass through it, not one per layer). The constructor
   arguments a model always offers (and ``make`` passes on when a subclass's
   ``__init__`` names them) are
   ``dim``, ``num_heads``, ``num_layers``, ``geometry`` (the geometry the model
@@ -133,6 +135,7 @@ class Encoding(nnx.Module):
   supported_ndims: tuple[int, ...] = (1, 2)
   continuous: bool = True
   augments: bool = False  # whether ``coordinates`` wants a PRNG key when training
+  bias_shared_by_layers: bool = False  # attention_bias ignores ``layer``: models compute it once per forward
 
   def coordinates(self, positions: jax.Array, geometry: Geometry, key: jax.Array | None = None) -> jax.Array:
     """The positions every hook of this forward sees: ``positions [B or 1, N, ndim]`` in, the

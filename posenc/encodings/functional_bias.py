@@ -83,6 +83,7 @@ class Kerple(Encoding):
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
     self.per_layer = bool(per_layer)
+    self.bias_shared_by_layers = not self.per_layer
     shape, names = ((num_layers, num_heads), ("layers", "heads")) if per_layer else ((num_heads,), ("heads",))
 
     def param(high):
@@ -140,6 +141,7 @@ class FIRE(Encoding):
     init_c = _positive_float(self.name, "init_c", init_c)
     self.init_threshold = _positive_float(self.name, "init_threshold", init_threshold)
     self.per_layer = bool(per_layer)
+    self.bias_shared_by_layers = not self.per_layer
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 
     def param(shape, names, init):

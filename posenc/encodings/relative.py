@@ -113,6 +113,7 @@ class RelativeBias(Encoding):
                per_layer: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.built = _require_geometry(self.name, geometry)
     self.num_layers, self.per_layer = num_layers, per_layer
+    self.bias_shared_by_layers = not per_layer
     self.num_buckets, self.max_distance = num_buckets, max_distance
     if self.built.ndim == 1:
       if num_buckets < 4 or num_buckets % 2 or max_distance <= num_buckets // 4:
@@ -183,6 +184,7 @@ class ContinuousPositionBias(Encoding):
     self.built = _require_geometry(self.name, geometry)
     self.check(self.built)
     self.num_layers, self.per_layer = num_layers, per_layer
+    self.bias_shared_by_layers = not per_layer
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 
     def param(shape, names, init):
@@ -218,6 +220,8 @@ class ALiBi(Encoding):
   Distance is ``|i - j|`` in 1D (symmetric, for a bidirectional encoder) and
   the Euclidean distance between patch coordinates in 2D.
   """
+
+  bias_shared_by_layers = True
 
   def __init__(self, *, num_heads: int):
     if num_heads < 1:

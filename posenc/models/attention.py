@@ -195,12 +195,12 @@ class Attention(nnx.Module):
     return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
-               mask: jax.Array | None, key: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None, key: jax.Array | None = None, shared_bias: jax.Array | None = None):
     """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``mask`` broadcastable to ``[B, T, T]``
-    (True = may attend) or None."""
+    (True = may attend) or None; ``shared_bias``: this layer's bias, computed once for all layers."""
     q, k, v = self._qkv(x)
     q, k = encoding.rotate(q, k, geometry, positions, layer)
-    bias = encoding.attention_bias(geometry, positions, layer)  # [B or 1, H, T, T] or None
+    bias = encoding.attention_bias(geometry, positions, layer) if shared_bias is None else shared_bias
     return self._attend(q, k, v, bias, mask, key)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
@@ -272,8 +272,9 @@ class Block(nnx.Module):
     self.pre_ln, self.dropout, self.drop_path = pre_ln, dropout, drop_path
     self.num_layers = num_layers
 
-  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer, mask, key):
-    attend = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k)
+  def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer, mask, key,
+               shared_bias=None):
+    attend = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k, shared_bias)
     return self._residuals(x, attend, encoding, geometry, positions, layer, key)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer,
@@ -351,18 +352,19 @@ class BlockStack(nnx.Module):
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
                mask: jax.Array | None, key: jax.Array | None) -> jax.Array:
     keys = [None] * self.num_layers if key is None else jax.random.split(key, self.num_layers)
+    shared = encoding.attention_bias(geometry, positions, 0) if encoding.bias_shared_by_layers else None
     if not self.scan_layers:
       graphdef, state = nnx.split(self.layers)
       leaves, treedef = jax.tree.flatten(state)
       for layer, layer_leaves in enumerate(unstack_layers(leaves)):
         block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
-        x = block(x, encoding, geometry, positions, layer, mask, keys[layer])
+        x = block(x, encoding, geometry, positions, layer, mask, keys[layer], shared)
       return x
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run(x, block, layer, key, encoding):
-      return block(x, encoding, geometry, positions, layer, mask, key)
+      return block(x, encoding, geometry, positions, layer, mask, key, shared)
 
     keys = None if key is None else keys
     return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)
