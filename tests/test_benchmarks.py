@@ -264,6 +264,19 @@ def study_run(study_first):
 
 
 @pytest.mark.slow
+def test_bias_sharing_quick_prints_one_row_per_case(speed_env):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bias_sharing.py"), "--quick"],
+                        cwd=ROOT, env=speed_env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  (table,) = tables(proc.stdout)
+  header, *rows = table
+  assert len(header) == 5 and [r[:2] for r in rows] == [["`cpb`", "vit 8"], ["`kerple`", "bert 16"]]
+  for row in rows:
+    ratio, low, high = ratio_cell(row[4])
+    assert low - 0.01 <= ratio <= high + 0.01  # the ratio of medians lies among the per-round ratios (2 rounds)
+
+
+@pytest.mark.slow
 def test_study_quick_tables_follow_from_its_cells(study_run):
   first, again, root = study_run
   markdown = (root / "out" / "study.md").read_text()  # the second run's report
