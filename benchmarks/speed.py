@@ -55,7 +55,7 @@ import timing  # noqa: E402
 import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
 from posenc import transfer  # noqa: E402
 from posenc.encodings import Geometry  # noqa: E402
-from posenc.models.attention import resolve_scan_layers  # noqa: E402
+from posenc.models.block_stack import resolve_scan_layers  # noqa: E402
 from posenc.training import setup, sharding  # noqa: E402
 from posenc.training.checkpoint import Checkpointer  # noqa: E402
 from posenc.training.config import transfer_options  # noqa: E402

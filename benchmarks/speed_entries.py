@@ -18,7 +18,7 @@ from configs import bert_small, vit_tiny
 
 from posenc import encodings
 from posenc.models import VIT_SIZES
-from posenc.models.attention import resolve_scan_layers
+from posenc.models.block_stack import resolve_scan_layers
 from posenc.training import ConfigError, Run, setup, sharding
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import inspect
 import jax.numpy as jnp
 from flax import nnx
 
-from posenc.models.attention import KVCache
+from posenc.models.block_stack import KVCache
 from posenc.models.bert import BERT, BERT_SIZES
 from posenc.models.generate import generate
 from posenc.models.gpt import GPT, GPT_SIZES

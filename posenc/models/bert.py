@@ -27,7 +27,8 @@ from flax import nnx
 
 from posenc import encodings
 from posenc.encodings.base import Geometry, forward_coordinates
-from posenc.models.attention import BlockStack, apply_dropout, attention_mask, dense, layer_norm, param
+from posenc.models.attention import apply_dropout, attention_mask, dense, layer_norm, param
+from posenc.models.block_stack import BlockStack
 
 # Turc et al. 2019 ("Well-Read Students Learn Better") sizes and BERT-base.
 BERT_SIZES = {

@@ -21,8 +21,8 @@ from flax import nnx
 
 from posenc import encodings
 from posenc.encodings.base import Geometry, check_positions, forward_coordinates
-from posenc.models.attention import (BlockStack, KVCache, apply_dropout, attention_mask, dense, layer_norm,
-                                     param)
+from posenc.models.attention import apply_dropout, attention_mask, dense, layer_norm, param
+from posenc.models.block_stack import BlockStack, KVCache
 
 # nano/mini are CPU sizes; small is GPT-2 small (124M parameters at vocab 50257, max_len 1024).
 GPT_SIZES = {

@@ -6,7 +6,6 @@
     logits = vit(images, positions=pos)   # pos [B or 1, h*w, 2] patch coordinates (row, col)
     hybrid = ViT(..., stem="conv")        # 3x3 stride-2 convolutions instead of the patchify matmul
 
-
 The geometry (patch grid + prefix tokens) is derived statically from the
 input's shape, so each new size compiles once. Positions default to the
 integer patch grid. Fixed encodings recompute for a new grid; a learned grid
@@ -20,7 +19,8 @@ from flax import nnx
 
 from posenc import encodings
 from posenc.encodings.base import Geometry, as_hw, forward_coordinates
-from posenc.models.attention import BlockStack, apply_dropout, dense, layer_norm, param
+from posenc.models.attention import apply_dropout, dense, layer_norm, param
+from posenc.models.block_stack import BlockStack
 
 # Standard sizes (ViT paper / DeiT); "mu" is a CPU-sized model for quick experiments.
 VIT_SIZES = {
@@ -67,8 +67,8 @@ class ViT(nnx.Module):
   to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
   class token, ``pool="gap"`` averages the patch tokens (no class token).
   ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` followed by a 1x1 projection
-  (``patch_embed [1, 1, width, width]``). ``scan_layers`` (None: per backend) and
-  ``attention_impl``: see ``posenc.models.attention``.
+  (``patch_embed [1, 1, width, width]``). ``scan_layers`` (None: per backend): see
+  ``posenc.models.block_stack``; ``attention_impl``: see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
