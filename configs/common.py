@@ -29,6 +29,7 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.lr = 1e-3                     # peak AdamW learning rate
   c.weight_decay = 0.05           # AdamW decoupled decay (matrices only; not biases/norms/posenc)
   c.grad_clip_norm = 1.0          # clip gradients to this global norm (0 = no clipping)
+  c.label_smoothing = 0.0         # training loss only: targets (1 - a) one-hot + a / classes (Szegedy et al.)
   c.posenc_lr_mult = 1.0          # learning-rate multiplier for position-encoding parameters
   c.seed = 0                      # seeds parameters, dropout, augmentation/masking and data order
   # --- loop, logging, checkpoints ----------------------------------------------------------

@@ -14,7 +14,9 @@ One batch of uint8 images [b, h, w, c] (the stored size) becomes float32 [b, H, 
    (area fraction uniform in ``crop_scale``, aspect ratio log-uniform in [3/4, 4/3], up
    to 10 attempts, else the centre crop of the largest in-ratio box), the crop resized
    to the object size, then a left-right flip with probability 1/2. Without it the
-   whole image is resized to the object size.
+   whole image is resized to the object size. Independently of it, ``flip`` flips with
+   probability 1/2 and ``translate`` t shifts the object by (dy, dx) uniform in [-t, t]^2
+   pixels, filling with raw pixel 0 (the pad-and-crop of CIFAR-style training).
 4. **Canvas** (protocol ``canvas``, where object and output sizes differ): per axis, an
    object smaller than the canvas is placed on a blank canvas (raw pixel 0, the
    background) at offset d in [0, canvas - object]; a larger one is cropped to the
@@ -121,6 +123,14 @@ def sample_crop_boxes(draws: np.ndarray, height: int, width: int, scale: tuple[f
   return boxes
 
 
+def translate_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+  """``[b, h, w, c]`` shifted by int ``shifts [b, 2]`` = (dy, dx) (down, right), zero-filled."""
+  b, h, w, _ = images.shape
+  t = int(np.abs(shifts).max(initial=0))
+  padded = np.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
+  return np.stack([padded[i, t - dy:t - dy + h, t - dx:t - dx + w] for i, (dy, dx) in enumerate(shifts)])
+
+
 def canvas_offsets(fractions: np.ndarray, object_hw: tuple[int, int], canvas_hw: tuple[int, int]
                    ) -> np.ndarray:
   """Uniforms ``[b, 2]`` -> int offsets ``[b, 2]``: d = floor(u * (n + 1)) in [0, n], n = |canvas - object|."""
@@ -159,6 +169,8 @@ class ImagePreprocess(grain.transforms.RandomMap):
   augment: bool
   object_size: tuple[int, int] | None = None
   crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
+  flip: bool = False
+  translate: int = 0
   fixed_draws: np.ndarray | None = None
   process_index: int = 0
   process_count: int = 1
@@ -173,12 +185,15 @@ class ImagePreprocess(grain.transforms.RandomMap):
     object_hw = self.object_size or size
     if self.augment:
       boxes = sample_crop_boxes(rng.random((rows, CROP_ATTEMPTS, 4))[mine], height, width, self.crop_scale)
-      flips = (rng.random(rows) < 0.5)[mine]
       images = np.stack([resize_image(image[top:top + h, left:left + w], object_hw)
                          for image, (top, left, h, w) in zip(images, boxes)])
-      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
     elif object_hw != (height, width):
       images = resize_images(images, object_hw)
+    if self.augment or self.flip:
+      flips = (rng.random(rows) < 0.5)[mine]
+      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    if self.translate:
+      images = translate_images(images, rng.integers(-self.translate, self.translate + 1, (rows, 2))[mine])
     if object_hw != size:
       fractions = (self.fixed_draws[batch["index"]] if self.fixed_draws is not None
                    else rng.random((rows, 2))[mine])
@@ -189,8 +204,8 @@ class ImagePreprocess(grain.transforms.RandomMap):
 
 def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, image_size=None,
                      image_sizes=(), object_size=None, protocol: str = "zoom", augment: bool | None = None,
-                     crop_scale=DEFAULT_CROP_SCALE, process_index: int = 0, process_count: int = 1
-                     ) -> ImagePreprocess:
+                     crop_scale=DEFAULT_CROP_SCALE, flip: bool = False, translate: int = 0,
+                     process_index: int = 0, process_count: int = 1) -> ImagePreprocess:
   """The checked ``ImagePreprocess`` of ``make_loader``'s image arguments (ValueError if bad)."""
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
@@ -199,9 +214,11 @@ def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, 
     raise ValueError("image_sizes (one size drawn per batch) is for training; evaluate at one image_size.")
   sizes = tuple(as_hw(s) for s in image_sizes) or (None if image_size is None else as_hw(image_size),)
   canvas = protocol == "canvas" and object_size is not None
+  if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
+    raise ValueError(f"translate must be an int >= 0 (pixels), got {translate!r}.")
   mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
   return ImagePreprocess(
       sizes, mean, std, train if augment is None else bool(augment),
       object_size=as_hw(object_size) if canvas else None, crop_scale=check_crop_scale(crop_scale),
-      fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
+      flip=train and bool(flip), translate=translate if train else 0, fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
       process_index=process_index, process_count=process_count)

@@ -14,11 +14,16 @@ from posenc.encodings import Geometry
 Batch = dict[str, jax.Array]
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted mean cross-entropy, and the summed statistics evaluation aggregates."""
+  """Weighted mean cross-entropy, and the summed statistics evaluation aggregates. With
+  ``label_smoothing`` a, the target is (1 - a) one-hot + a / classes: (1 - a) xent + a (logsumexp -
+  mean logit), without materialising the smoothed targets (a vocabulary-wide one-hot for LMs)."""
   logits = logits.astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if label_smoothing:
+    uniform = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+    xent = (1.0 - label_smoothing) * xent + label_smoothing * uniform
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   stats = {"loss_sum": jnp.sum(xent * weights), "correct": jnp.sum(correct * weights),
            "count": jnp.sum(weights)}
@@ -72,10 +77,10 @@ class Task(abc.ABC):
     """This process's batches of ``split`` (a grain dataset; iterators resume from their state)."""
 
   @abc.abstractmethod
-  def forward(self, model, batch: Batch, *, train: bool, position_scale: float = 1.0
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def forward(self, model, batch: Batch, *, train: bool, position_scale: float = 1.0,
+              label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean loss, summed statistics) of ``model`` on ``batch``; ``position_scale`` multiplies
-    the positions (position interpolation)."""
+    the positions (position interpolation); ``label_smoothing``: see ``cross_entropy``."""
 
   def metrics(self, stats: dict) -> dict:
     """Reported metrics from summed statistics (one step's or a whole evaluation's)."""

@@ -107,13 +107,13 @@ class CausalLM(Task):
                              scored_tokens=self.scored_tokens(config, split), vocab_size=config.vocab_size,
                              **shard)
 
-  def forward(self, model, batch, *, train, position_scale=1.0):
+  def forward(self, model, batch, *, train, position_scale=1.0, label_smoothing=0.0):
     positions = batch["positions"]
     if position_scale != 1.0:
       positions = positions * position_scale
     logits = model(batch["input_ids"], positions=positions, packing_ids=batch["packing_ids"], train=train)
     weights = batch["weights"] * batch["valid"].astype(jnp.float32)[:, None]
-    return cross_entropy(logits, batch["targets"], weights)
+    return cross_entropy(logits, batch["targets"], weights, label_smoothing)
 
   def metrics(self, stats: dict) -> dict:
     out = super().metrics(stats)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 
-from posenc.config import ConfigError
+from posenc.config import ConfigError, check_number
 from posenc.encodings import Geometry, as_hw
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
 
@@ -41,6 +41,8 @@ class ImageClassification(Task):
       "patch_size": "patch side; must divide image_size and every eval_image_sizes / train_image_sizes",
       "augment": "train-time random-resized crop (area fraction in crop_scale) + horizontal flip",
       "crop_scale": "(low, high): the crop's area fraction, uniform; aspect ratio log-uniform in [3/4, 4/3]",
+      "flip": "train-time horizontal flip with probability 1/2 (also part of augment)",
+      "translate": "train-time random shift by up to this many pixels per axis, zero-filled (0 = none)",
       "train_image_sizes": "train at one of these sizes per step, drawn from (seed, step), always resampled "
                            "(zoom); () = image_size only",
       "eval_image_sizes": "also evaluate at these sizes (parameters transferred on the fly)",
@@ -67,6 +69,9 @@ class ImageClassification(Task):
                         f"a larger or smaller canvas).")
     if config.object_size != 0:
       _hw(config, "object_size", config.object_size)
+    check_number(config, "translate", allow_zero=True, integer=True)
+    if not isinstance(config.flip, bool):
+      raise ConfigError(f"config field 'flip' must be True or False, got {config.flip!r}.")
     try:
       check_crop_scale(config.crop_scale)
     except ValueError as e:
@@ -133,6 +138,7 @@ class ImageClassification(Task):
                             protocol="zoom" if sizes else config.eval_protocol,  # several sizes: FlexiViT
                             object_size=self.object_size(config),
                             augment=train and config.augment, crop_scale=tuple(config.crop_scale),
+                            flip=train and config.flip, translate=config.translate if train else 0,
                             process_index=jax.process_index(), process_count=jax.process_count())
 
   @staticmethod
@@ -140,13 +146,13 @@ class ImageClassification(Task):
     """The canvas protocol's object size: ``object_size``, or ``image_size`` where it is 0."""
     return config.object_size or config.image_size
 
-  def forward(self, model, batch, *, train, position_scale=1.0):
+  def forward(self, model, batch, *, train, position_scale=1.0, label_smoothing=0.0):
     images = batch["image"]
     positions = None
     if position_scale != 1.0:
       positions = model.geometry_for(images.shape[1:3]).positions() * position_scale
     logits = model(images, positions=positions, train=train)
-    return cross_entropy(logits, batch["label"], batch["valid"].astype(logits.dtype))
+    return cross_entropy(logits, batch["label"], batch["valid"].astype(logits.dtype), label_smoothing)
 
   def items(self, batch) -> int:
     return int(batch["label"].size)

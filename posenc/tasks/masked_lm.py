@@ -48,7 +48,7 @@ class MaskedLM(Task):
                             max_len=config.max_len if size is None else size,
                             process_index=jax.process_index(), process_count=jax.process_count())
 
-  def forward(self, model, batch, *, train, position_scale=1.0):
+  def forward(self, model, batch, *, train, position_scale=1.0, label_smoothing=0.0):
     """Logits only at the masked tokens (``mlm_capacity`` per row): the head is most of the step."""
     from posenc.data.pipeline import mlm_capacity
     ids = batch["input_ids"]
@@ -60,7 +60,7 @@ class MaskedLM(Task):
     logits = model(ids, positions=positions, segment_ids=batch["segment_ids"],
                    padding_mask=batch["padding_mask"], predict_at=at, train=train)
     take = lambda x: jnp.take_along_axis(x, at, axis=1)  # noqa: E731
-    return cross_entropy(logits, take(batch["mlm_targets"]), take(weights))
+    return cross_entropy(logits, take(batch["mlm_targets"]), take(weights), label_smoothing)
 
   def items(self, batch) -> int:
     return int(batch["input_ids"].size)

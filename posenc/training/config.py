@@ -19,7 +19,7 @@ MESH_AXES = ("data", "fsdp", "model")
 COMMON_FIELDS = frozenset({
     "task", "model", "model_options", "attention_impl", "posenc", "posenc_options", "dtype", "dataset", "batch_size",
     "eval_batch_size", "eval_max_batches", "total_steps", "warmup_steps", "lr", "weight_decay",
-    "grad_clip_norm", "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every",
+    "grad_clip_norm", "label_smoothing", "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every",
     "keep_checkpoints", "init_from", "transfer", "mesh", "logical_axis_rules"})
 DTYPES = ("float32", "bfloat16")
 
@@ -101,6 +101,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   check_number(config, "batch_size", "eval_batch_size", "keep_checkpoints", integer=True)
   check_number(config, "lr")
   check_number(config, "weight_decay", "posenc_lr_mult", "grad_clip_norm", allow_zero=True)
+  if not 0 <= config.label_smoothing < 1 or isinstance(config.label_smoothing, bool):
+    raise ConfigError(f"config field 'label_smoothing' must be a number in [0, 1), got {config.label_smoothing!r}.")
   check_number(config, "total_steps", "warmup_steps", "eval_every", "checkpoint_every", "log_every",
                "eval_max_batches", "seed", allow_zero=True, integer=True)
   if config.total_steps == 0 and not config.init_from:

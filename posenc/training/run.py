@@ -173,7 +173,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       raise
     raise ConfigError(f"cannot build model '{config.model}' with posenc '{config.posenc}' "
                       f"(fields model_options / posenc_options): {e}") from None
-  train_step = jax.jit(make_train_step(spec.graphdef, spec.tx, task_forward(task, scale), task.metrics),
+  train_step = jax.jit(make_train_step(spec.graphdef, spec.tx, task_forward(task, scale, config.label_smoothing),
+                                       task.metrics),
                        in_shardings=(spec.shardings, batch_sharding),
                        out_shardings=(spec.shardings, sharding.replicated(mesh)), donate_argnums=0)
   meta = {"config": json.loads(config.to_json_best_effort()), "task": task.name,

@@ -57,6 +57,6 @@ def make_eval_step(graphdef: nnx.GraphDef, forward: Forward) -> Callable:
   return eval_step
 
 
-def task_forward(task, position_scale: float = 1.0) -> Forward:
-  """The task's forward with this run's (static) position scale bound."""
-  return functools.partial(task.forward, position_scale=position_scale)
+def task_forward(task, position_scale: float = 1.0, label_smoothing: float = 0.0) -> Forward:
+  """The task's forward with this run's (static) position scale (and, training, label smoothing) bound."""
+  return functools.partial(task.forward, position_scale=position_scale, label_smoothing=label_smoothing)

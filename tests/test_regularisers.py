@@ -1,0 +1,76 @@
+"""Train-time regularisers: label smoothing (against optax's smoothed targets), and the image
+pipeline's flip and translation (against scipy's shift; seeded, training only)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.ndimage
+
+from posenc.config import ConfigError
+from posenc.data import images, make_loader, pipeline
+from posenc.tasks.base import cross_entropy
+
+FM = "fashion_mnist"
+
+
+def _unnormalise(x):
+  mean, std = pipeline.IMAGE_STATS[FM]
+  return x * std + mean
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3])
+def test_label_smoothing_matches_optax_smoothed_targets(alpha):
+  logits = jax.random.normal(jax.random.key(0), (6, 11)) * 3
+  targets = jnp.array([0, 3, 10, 5, 5, 1])
+  weights = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+  loss, stats = cross_entropy(logits, targets, weights, alpha)
+  smoothed = optax.smooth_labels(jax.nn.one_hot(targets, 11), alpha)
+  expected = optax.softmax_cross_entropy(logits, smoothed)
+  np.testing.assert_allclose(stats["loss_sum"], jnp.sum(expected * weights), rtol=1e-6)
+  np.testing.assert_allclose(loss, jnp.sum(expected * weights) / 5, rtol=1e-6)
+  assert stats["correct"] == jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+
+
+def test_label_smoothing_is_training_only_and_checked():
+  from configs.vit_tiny import get_config
+  from posenc.training import config as config_lib
+  from posenc.training.steps import task_forward
+  from posenc import tasks
+  forward = task_forward(tasks.get("image_classification"), 1.0, 0.2)
+  assert forward.keywords == {"position_scale": 1.0, "label_smoothing": 0.2}
+  for bad in ("label_smoothing=1.0", "label_smoothing=-0.1", "translate=-2", "translate=1.5", "flip=1"):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+      config_lib.validate(get_config(bad), num_devices=1)
+
+
+def test_translate_images_is_a_zero_filled_shift():
+  x = np.random.default_rng(0).random((5, 9, 7, 2)).astype(np.float32)
+  shifts = np.array([[0, 0], [2, -1], [-3, 3], [1, 1], [-2, 0]])
+  out = images.translate_images(x, shifts)
+  for xi, oi, (dy, dx) in zip(x, out, shifts):
+    np.testing.assert_array_equal(oi, scipy.ndimage.shift(xi, (dy, dx, 0), order=0, cval=0.0))
+
+
+def _batch(seed, train=True, **kw):
+  return next(iter(make_loader(FM, "validation", batch_size=64, train=train, seed=seed, **kw)))["image"][..., 0]
+
+
+def test_flip_and_translate_are_seeded_draws_of_the_closed_form():
+  plain = _unnormalise(_batch(3, augment=False))
+  moved = _unnormalise(_batch(3, augment=False, flip=True, translate=2))
+  np.testing.assert_array_equal(moved, _unnormalise(_batch(3, augment=False, flip=True, translate=2)))
+  assert not np.array_equal(moved, _unnormalise(_batch(4, augment=False, flip=True, translate=2)))
+  seen = set()
+  for x, y in zip(plain, moved):
+    found = [(dy, dx, f) for f in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)
+             if np.abs(scipy.ndimage.shift(x[:, ::-1] if f else x, (dy, dx), order=0) - y).max() < 1e-6]
+    assert found, "not a flip + shift of its source"
+    seen.update(found)
+  assert len({s[:2] for s in seen}) >= 15 and {s[2] for s in seen} == {False, True}
+  # evaluation (train=False) is never shifted or flipped
+  np.testing.assert_array_equal(_batch(3, train=False, flip=True, translate=2), _batch(3, train=False))
+  with pytest.raises(ValueError, match="translate"):
+    make_loader(FM, "validation", batch_size=8, train=True, seed=0, translate=-1)
