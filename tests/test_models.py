@@ -129,6 +129,13 @@ def test_bad_model_arguments_are_clear_errors():
     build("vit-mu", stem="resnet")
   with pytest.raises(ValueError, match="power of 2"):
     build("vit-mu", stem="conv", patch_size=7, image_size=28)
+  with pytest.raises(ValueError, match="stem_width.*needs stem='conv'"):
+    build("vit-mu", stem_width=128)
+  wide = build("vit-mu", stem="conv", stem_width=128, patch_size=4, image_size=28)  # 1 -> 64 -> 128 -> 1x1 -> 64
+  assert [k.shape for k in wide.stem.kernels] == [(3, 3, 3, 64), (3, 3, 64, 128)]
+  assert wide.patch_embed.shape == (1, 1, 128, 64)
+  logits = nnx.eval_shape(lambda m, x: m(x), wide, jax.ShapeDtypeStruct((2, 28, 28, 3), jnp.float32))
+  assert logits.shape == (2, 10)
   bert = build("bert-mini", **BERT)
   ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
   with pytest.raises(ValueError, match="padding_mask has shape"):

@@ -66,15 +66,16 @@ class ViT(nnx.Module):
   ``image_size`` is the size the model is BUILT at (it fixes the geometry given
   to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
   class token, ``pool="gap"`` averages the patch tokens (no class token).
-  ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` followed by a 1x1 projection
-  (``patch_embed [1, 1, width, width]``). ``scan_layers`` (None: per backend): see
+  ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` (its last convolution has
+  ``stem_width`` channels, 0 = ``width``) followed by a 1x1 projection to ``width``
+  (``patch_embed [1, 1, stem_width, width]``). ``scan_layers`` (None: per backend): see
   ``posenc.models.block_stack``; ``attention_impl``: see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
                num_classes: int = 10, image_size=32, patch_size: int = 4, channels: int = 3,
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
-               stem: str = "patch", pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
+               stem: str = "patch", stem_width: int = 0, pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
                ln_eps: float = 1e-6, scan_layers: bool | None = None, attention_impl: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32):
@@ -91,9 +92,14 @@ class ViT(nnx.Module):
     self.any_dropout = bool(dropout or attention_dropout or drop_path)
     self.geometry = self.geometry_for(as_hw(image_size))
 
-    self.stem = (ConvStem(patch_size, channels, width, ln_eps, dtype, param_dtype, rngs) if stem == "conv"
+    if stem_width < 0 or (stem_width and stem != "conv"):
+      raise ValueError(f"stem_width (the conv stem's output channels; 0 = width) needs stem='conv' and must "
+                       f"be >= 0, got stem_width={stem_width} with stem={stem!r}.")
+    stem_width = stem_width or width
+    self.stem = (ConvStem(patch_size, channels, stem_width, ln_eps, dtype, param_dtype, rngs) if stem == "conv"
                  else None)
-    self.embed_patch, embed_channels = (1, width) if self.stem is not None else (self.patch_size, self.channels)
+    self.embed_patch, embed_channels = ((1, stem_width) if self.stem is not None
+                                        else (self.patch_size, self.channels))
     self.patch_embed = param(
         jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3),
         rngs, (self.embed_patch, self.embed_patch, embed_channels, width), param_dtype, (None, None, None, "embed"))
