@@ -239,6 +239,20 @@ def test_cpe_matches_torch_depthwise_conv():
   np.testing.assert_allclose(out[:, 2:], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_cpe_depthwise_conv_gradients_match_torch_autograd():
+  from posenc.encodings.conditional import depthwise_conv3x3  # hand-written backward
+  rng = np.random.default_rng(3)
+  grid, kernel, cot = rng.normal(size=(2, 5, 6, C)), rng.normal(size=(3, 3, C)), rng.normal(size=(2, 5, 6, C))
+  loss = lambda g, k: jnp.sum(jnp.sin(depthwise_conv3x3(g, k)) * cot)
+  d_grid, d_kernel = jax.grad(loss, (0, 1))(jnp.asarray(grid, jnp.float32), jnp.asarray(kernel, jnp.float32))
+  tg = torch.tensor(grid.transpose(0, 3, 1, 2), requires_grad=True)
+  tk = torch.tensor(kernel.transpose(2, 0, 1)[:, None], requires_grad=True)
+  out = torch.nn.functional.conv2d(tg, tk, padding=1, groups=C)
+  (torch.sin(out) * torch.tensor(cot.transpose(0, 3, 1, 2))).sum().backward()
+  np.testing.assert_allclose(d_grid, tg.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(d_kernel, tk.grad.numpy()[:, 0].transpose(1, 2, 0), rtol=1e-4, atol=1e-4)
+
+
 def test_cpe_translation_equivariant_away_from_borders():
   enc = randomize(build("cpe"))
   geometry, (h, w), (sy, sx) = Geometry.grid(7, 8), (7, 8), (1, 2)

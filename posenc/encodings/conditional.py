@@ -20,6 +20,43 @@ from posenc.encodings.base import Encoding, Geometry, split_prefix
 from posenc.encodings.registry import register
 
 
+def _taps(grid: jax.Array) -> list[list[jax.Array]]:
+  """The 3x3 neighbourhood of ``grid [B, h, w, C]`` (zero padding): ``taps[i][j][b, y, x] = grid[b, y+i-1, x+j-1]``."""
+  _, h, w, _ = grid.shape
+  padded = jnp.pad(grid, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return [[padded[:, i:i + h, j:j + w] for j in range(3)] for i in range(3)]
+
+
+def _correlate(grid: jax.Array, kernel: jax.Array) -> jax.Array:
+  taps = _taps(grid)
+  return sum(taps[i][j] * kernel[i, j] for i in range(3) for j in range(3))
+
+
+@jax.custom_vjp
+def depthwise_conv3x3(grid: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``grid [B, h, w, C]`` cross-correlated with one 3x3 filter per channel, ``kernel [3, 3, C]``,
+  zero padding ("SAME"): what ``lax.conv_general_dilated(..., feature_group_count=C)`` computes, as
+  nine shifted multiply-adds, with a hand-written backward (input gradient: the same correlation with
+  the kernel turned 180 degrees; kernel gradient: nine reductions). XLA:CPU's grouped convolution
+  and the autodiff of the shifted slices are both much slower (benchmarks/speed.py, cpe)."""
+  return _correlate(grid, kernel)
+
+
+def _depthwise_fwd(grid, kernel):
+  return _correlate(grid, kernel), (grid, kernel)
+
+
+def _depthwise_bwd(residuals, g):
+  grid, kernel = residuals
+  taps = _taps(grid)
+  d_kernel = jnp.stack([jnp.stack([jnp.sum(taps[i][j] * g, axis=(0, 1, 2)) for j in range(3)])
+                        for i in range(3)])
+  return _correlate(g, kernel[::-1, ::-1]), d_kernel.astype(kernel.dtype)
+
+
+depthwise_conv3x3.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 @register("cpe")
 class ConditionalPositionEncoding(Encoding):
   """PEG: ``x + depthwise_conv3x3(x)`` after each block in ``layers``; 2D only, any grid.
@@ -54,10 +91,7 @@ class ConditionalPositionEncoding(Encoding):
     prefix, tokens = split_prefix(x, geometry)
     b, _, c = tokens.shape
     grid = tokens.reshape(b, *geometry.shape, c)
-    conv = jax.lax.conv_general_dilated(
-        grid, kernel.astype(x.dtype), window_strides=(1, 1), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
-    grid = grid + conv + bias.astype(x.dtype)
+    grid = grid + depthwise_conv3x3(grid, kernel[:, :, 0].astype(x.dtype)) + bias.astype(x.dtype)
     return jnp.concatenate([prefix, grid.reshape(b, -1, c)], axis=1)
 
   def after_block(self, x: jax.Array, geometry: Geometry, positions: jax.Array, layer) -> jax.Array:
