@@ -201,16 +201,19 @@ def test_rope_mixed_init_follows_rope_vit():
 
 
 # ---------------------------------------------------------------- prefix, layers, params
-@pytest.mark.parametrize("build", [_rope, _mixed], ids=["rope", "rope_mixed"])
-def test_prefix_tokens_unchanged_and_ignored(build):
+@pytest.mark.parametrize("build,shape", [
+    (_rope, (3, 4)), (_mixed, (3, 4)), (lambda: _rope(scaling="yarn", original_length=8), (40,)),
+], ids=["rope", "rope_mixed", "rope-yarn"])
+def test_prefix_tokens_unchanged_and_ignored(build, shape):
   enc = build()
-  with_prefix = Geometry.grid(3, 4, num_prefix=3)
+  geom = Geometry.grid if len(shape) == 2 else Geometry.seq
+  with_prefix = geom(*shape, num_prefix=3)
   q, k = _qk(with_prefix)
   qr, kr = rotate(enc, q, k, with_prefix, 2)
-  np.testing.assert_array_equal(qr[:, :3], q[:, :3])
+  np.testing.assert_array_equal(qr[:, :3], q[:, :3])  # not turned, and not scaled by YaRN's factor
   np.testing.assert_array_equal(kr[:, :3], k[:, :3])
   # Position tokens are rotated exactly as without the prefix.
-  q2, k2 = rotate(enc, q[:, 3:], k[:, 3:], Geometry.grid(3, 4), 2)
+  q2, k2 = rotate(enc, q[:, 3:], k[:, 3:], geom(*shape), 2)
   np.testing.assert_allclose(qr[:, 3:], q2, atol=1e-6)
   np.testing.assert_allclose(kr[:, 3:], k2, atol=1e-6)
 
