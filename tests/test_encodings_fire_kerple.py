@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from posenc.encodings import Geometry, make
@@ -175,6 +176,38 @@ def test_fire_is_translation_invariant_only_below_its_threshold():
 
 # --- jit, gradients, dtypes, errors --------------------------------------------------
 
+@pytest.mark.parametrize("threshold", [512.0, 4.0])
+def test_fire_gradients_match_torch_autograd(threshold):
+  """FIRE's hand-written MLP backward (``functional_bias.fire_mlp``) against torch's autograd of the
+  closed form in float64: every parameter of the layer, and the positions."""
+  enc = randomize(build("fire", init_threshold=threshold), scale=0.5)
+  enc.c[...] = jnp.asarray([-0.3, 0.1, 2.0])
+  enc.threshold_scale[...] = jnp.ones((LAYERS,))  # L = 512: every query below; L = 4: some above
+  layer, geometry = 1, Geometry.seq(9, num_prefix=1)
+  positions = jnp.asarray(real_positions(9, high=12.0))  # [2, 9, 1], distinct: |i - j| > 0 off the diagonal
+  weights = np.random.default_rng(3).normal(size=(2, H, 10, 10))
+
+  def loss(e, pos):
+    return jnp.sum(e.attention_bias(geometry, pos, layer) * jnp.asarray(weights, jnp.float32))
+
+  grads, pos_grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(enc, positions)
+  grads = nnx.to_pure_dict(grads)
+
+  p = {k: torch.tensor(v, requires_grad=True) for k, v in params64(enc, layer).items()}
+  pos = torch.tensor(np.asarray(positions, np.float64)[..., 0], requires_grad=True)
+  c, big_l = p["c"].abs(), p["threshold_scale"].abs() * enc.init_threshold
+  x = torch.log1p(c * (pos[:, :, None] - pos[:, None, :]).abs())
+  x = x / (torch.log1p(c * torch.maximum(pos, big_l)) + 1e-6)[:, :, None]
+  bias = torch.relu(x[..., None] * p["w1"][0] + p["b1"]) @ p["w2"] + p["b2"]  # [B, N, N, H]
+  (torch.moveaxis(bias, -1, 1) * torch.tensor(weights[:, :, 1:, 1:])).sum().backward()
+
+  for key, value in p.items():
+    np.testing.assert_allclose(grads[key][layer], value.grad.numpy(), rtol=2e-4, atol=1e-5, err_msg=key)
+    others = np.delete(np.asarray(grads[key]), layer, axis=0)
+    assert not others.any(), key  # the other layers' parameters get no gradient
+  np.testing.assert_allclose(pos_grad[..., 0], pos.grad.numpy(), rtol=2e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["fire", "kerple"])
 def test_jit_at_two_lengths_with_finite_nonzero_gradients(name):
   enc = randomize(build(name, per_layer=True), scale=0.5)
@@ -246,4 +279,4 @@ def test_fire_in_query_row_chunks_equals_all_at_once_with_its_gradients(monkeypa
   chunked, chunked_grads = bias_and_grads()
   np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
   for key in whole_grads:
-    np.testing.assert_allclose(chunked_grads[key], whole_grads[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(chunked_grads[key], whole_grads[key], rtol=2e-5, atol=1e-6, err_msg=key)  # sum order

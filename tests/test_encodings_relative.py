@@ -153,12 +153,8 @@ def test_rel_bias_per_layer_traced_layer():
 
 # --- cpb ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("grid", [(3, 4), (5, 6), (2, 3)])
-def test_cpb_matches_swinv2(grid):
-  """Built at 3x4; at another grid Swin-V2 normalises by pretrained_window_size."""
-  enc = randomize(build("cpb"), scale=0.3)  # pre-sigmoid values O(1), not saturated
-  geometry = Geometry.grid(*grid, num_prefix=1)
-  ours = positions(bias_of(enc, geometry), geometry)
+def swinv2_cpb(enc, grid):
+  """HF Swin-V2's bias ``[H, n, n]`` (torch, differentiable) with ``enc``'s MLP, and that MLP."""
   attn = Swinv2SelfAttention(Swinv2Config(), dim=16, num_heads=H, window_size=list(grid),
                              pretrained_window_size=list(GRID.shape))
   mlp = attn.continuous_position_bias_mlp
@@ -166,12 +162,42 @@ def test_cpb_matches_swinv2(grid):
     mlp[0].weight.copy_(torch.from_numpy(np.array(enc.w1[...]).T))
     mlp[0].bias.copy_(torch.from_numpy(np.array(enc.b1[...])))
     mlp[2].weight.copy_(torch.from_numpy(np.array(enc.w2[...]).T))
-    table = mlp(attn.relative_coords_table).view(-1, H)
-    n = grid[0] * grid[1]
-    theirs = table[attn.relative_position_index.view(-1)].view(n, n, H).permute(2, 0, 1)
-    theirs = (16 * torch.sigmoid(theirs)).numpy()
+  table = mlp(attn.relative_coords_table).view(-1, H)
+  n = grid[0] * grid[1]
+  theirs = table[attn.relative_position_index.view(-1)].view(n, n, H).permute(2, 0, 1)
+  return 16 * torch.sigmoid(theirs), mlp
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (5, 6), (2, 3)])
+def test_cpb_matches_swinv2(grid):
+  """Built at 3x4; at another grid Swin-V2 normalises by pretrained_window_size."""
+  enc = randomize(build("cpb"), scale=0.3)  # pre-sigmoid values O(1), not saturated
+  geometry = Geometry.grid(*grid, num_prefix=1)
+  ours = positions(bias_of(enc, geometry), geometry)
+  with torch.no_grad():
+    theirs = swinv2_cpb(enc, grid)[0].numpy()
   assert np.ptp(theirs) > 1.0
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (5, 6)])
+def test_cpb_gradients_match_swinv2_autograd(grid):
+  """The hand-written backward of cpb's MLP (``relative.pair_mlp``) against torch's autograd of HF
+  Swin-V2's bias (the MLP on its offset table, then gathered)."""
+  enc = randomize(build("cpb"), scale=0.3)
+  geometry = Geometry.grid(*grid, num_prefix=1)
+  n = grid[0] * grid[1]
+  weights = np.random.default_rng(2).normal(size=(H, n, n)).astype(np.float32)
+  pad = np.pad(weights, ((0, 0), (1, 0), (1, 0)))[None]  # the prefix row and column: zero bias
+  loss = lambda e: jnp.sum(e.attention_bias(geometry, geometry.positions(), 0) * pad)  # noqa: E731
+  grads = nnx.to_pure_dict(nnx.jit(nnx.grad(loss))(enc))
+  theirs, mlp = swinv2_cpb(enc, grid)
+  (theirs * torch.from_numpy(weights)).sum().backward()
+  for key, param in (("w1", mlp[0].weight), ("b1", mlp[0].bias), ("w2", mlp[2].weight)):
+    want = param.grad.numpy().T if param.ndim == 2 else param.grad.numpy()
+    assert np.abs(want).max() > 1e-3, key
+    # float32 sums over n^2 pairs (both sides): absolute error relative to the largest entry
+    np.testing.assert_allclose(grads[key], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=key)
 
 
 # --- translation invariance -------------------------------------------------------

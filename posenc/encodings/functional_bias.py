@@ -25,7 +25,7 @@ from flax import nnx
 
 from posenc.encodings.base import Encoding, pad_prefix_bias, pair_offsets
 from posenc.encodings.registry import register
-from posenc.encodings.relative import _layer_params
+from posenc.encodings.relative import _layer_params, pair_mlp
 
 FIRE_EPS = 1e-6  # added to FIRE's normaliser (the paper's eps)
 # FIRE's MLP activations ([rows, N, hidden] float32) are built in query-row chunks of about
@@ -172,8 +172,7 @@ class FIRE(Encoding):
     x = self.normalized_distance(positions, layer)  # [B, N, N]
 
     def mlp(rows):  # [..., N] -> [..., N, H]
-      hidden = jax.nn.relu(rows[..., None] * w1[0] + b1)  # [..., N, W]
-      return jnp.dot(hidden, w2, precision="highest") + b2
+      return pair_mlp(rows[..., None], w1, b1, w2) + b2
 
     b, n, _ = x.shape
     row_bytes = n * w1.shape[-1] * 4
