@@ -178,8 +178,8 @@ def test_fire_is_translation_invariant_only_below_its_threshold():
 
 @pytest.mark.parametrize("threshold", [512.0, 4.0])
 def test_fire_gradients_match_torch_autograd(threshold):
-  """FIRE's hand-written MLP backward (``functional_bias.fire_mlp``) against torch's autograd of the
-  closed form in float64: every parameter of the layer, and the positions."""
+  """FIRE's gradients (its MLP as two matmuls, ``relative.pair_mlp``) against torch's autograd of
+  the closed form in float64: every parameter of the layer, and the positions."""
   enc = randomize(build("fire", init_threshold=threshold), scale=0.5)
   enc.c[...] = jnp.asarray([-0.3, 0.1, 2.0])
   enc.threshold_scale[...] = jnp.ones((LAYERS,))  # L = 512: every query below; L = 4: some above
@@ -279,4 +279,4 @@ def test_fire_in_query_row_chunks_equals_all_at_once_with_its_gradients(monkeypa
   chunked, chunked_grads = bias_and_grads()
   np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
   for key in whole_grads:
-    np.testing.assert_allclose(chunked_grads[key], whole_grads[key], rtol=2e-5, atol=1e-6, err_msg=key)  # sum order
+    np.testing.assert_allclose(chunked_grads[key], whole_grads[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -182,7 +182,7 @@ def test_cpb_matches_swinv2(grid):
 
 @pytest.mark.parametrize("grid", [(3, 4), (5, 6)])
 def test_cpb_gradients_match_swinv2_autograd(grid):
-  """The hand-written backward of cpb's MLP (``relative.pair_mlp``) against torch's autograd of HF
+  """cpb's gradients (its MLP over every pair, ``relative.pair_mlp``) against torch's autograd of HF
   Swin-V2's bias (the MLP on its offset table, then gathered)."""
   enc = randomize(build("cpb"), scale=0.3)
   geometry = Geometry.grid(*grid, num_prefix=1)

@@ -13,7 +13,6 @@ offsets up in its table; ``cpb`` and ``alibi`` take real-valued positions.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -29,32 +28,15 @@ from posenc.resize import resize_table
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 
 
-@jax.custom_vjp
 def pair_mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array) -> jax.Array:
   """``relu(x w1 + b1) w2``: ``[..., D] -> [..., H]``, the MLP ``cpb`` and ``fire`` run per pair.
 
-  Its backward is written out, the reductions over pairs as matmuls, and recomputes the hidden
-  layer instead of keeping it: autodiff's version fused those reductions into slow loops on
-  XLA:CPU (``benchmarks/RESULTS.md``). ``w1 [D, W]``, ``b1 [W]``, ``w2 [W, H]``; float32.
+  ``w1 [D, W]``, ``b1 [W]``, ``w2 [W, H]``; float32. Both layers are matmuls, FIRE's ``D = 1``
+  included: written as a broadcast multiply, its backward reduces over every pair in fused loops
+  that XLA:CPU runs several times slower (``benchmarks/RESULTS.md``).
   """
-  return _pair_mlp_forward(x, w1, b1, w2)[0]
-
-
-def _pair_mlp_forward(x, w1, b1, w2):
   hidden = jax.nn.relu(jnp.dot(x, w1, precision="highest") + b1)
-  return jnp.dot(hidden, w2, precision="highest"), (x, w1, b1, w2)
-
-
-def _pair_mlp_backward(saved, grad):
-  x, w1, b1, w2 = saved
-  dot = functools.partial(jnp.dot, precision="highest")
-  rows, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # [P, D], [P, H]
-  pre = dot(rows, w1) + b1  # [P, W]
-  d_pre = jnp.where(pre > 0, dot(g, w2.T), 0.0)
-  return dot(d_pre, w1.T).reshape(x.shape), dot(rows.T, d_pre), d_pre.sum(0), dot(jax.nn.relu(pre).T, g)
-
-
-pair_mlp.defvjp(_pair_mlp_forward, _pair_mlp_backward)
+  return jnp.dot(hidden, w2, precision="highest")
 
 
 def t5_bucket(relative_position: jax.Array, num_buckets: int = 32,
