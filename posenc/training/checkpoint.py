@@ -62,21 +62,28 @@ def _errors_only():
 
 
 class _DroppedShardReads(py_logging.Filter):
-  """Drop asyncio's 'exception was never retrieved' for Orbax's other shard reads.
+  """Drop the tracebacks of Orbax's abandoned shard reads of a damaged checkpoint.
 
   When one shard of a damaged array fails, Orbax's sibling reads fail too and are
-  never awaited; asyncio prints each with a traceback when it is collected. The
-  first failure is already reported as a DamagedCheckpoint.
+  never awaited; asyncio prints each with a traceback when it is collected. A read
+  that finishes after its event loop closed makes ``concurrent.futures`` log
+  "exception calling callback" with ``RuntimeError: Event loop is closed`` (asyncio
+  checks ``is_closed()`` before ``call_soon_threadsafe``, a race). The first failure
+  is already reported as a DamagedCheckpoint.
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     text = record.getMessage()
-    return not ("never retrieved" in text and "Encountered error while reading array" in text)
+    if "never retrieved" in text and "Encountered error while reading array" in text:
+      return False
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
 
 
 @functools.cache
 def _register_array_handler() -> None:
-  py_logging.getLogger("asyncio").addFilter(_DroppedShardReads())
+  for logger in ("asyncio", "concurrent.futures"):
+    py_logging.getLogger(logger).addFilter(_DroppedShardReads())
   with _errors_only():
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
