@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
   c = common.base("image_classification")
   c.model = "vit-mu"              # 64 wide, 4 layers, 4 heads (posenc.models.VIT_SIZES)
   c.dataset = "fashion_mnist"     # posenc.data dataset name (or any TFDS image dataset online)
+  c.train_split = "train"         # or a TFDS split string: "train[:100%]" = all 60,000 (validation included)
   # --- task: image classification ---------------------------------------------------------
   c.image_size = config_dict.FieldReference(28, field_type=object)  # built/trained at: int or (h, w)
   c.patch_size = 7                # patch side; must divide image_size, eval_ and train_image_sizes

@@ -586,3 +586,19 @@ def test_text_resume_and_process_sharding():
     for key in whole[k]:
       interleaved = np.stack([parts[0][k][key], parts[1][k][key]], axis=1)
       np.testing.assert_array_equal(interleaved.reshape(whole[k][key].shape), whole[k][key])
+
+
+def test_train_split_is_what_the_image_task_trains_on_and_only_that(idx_train):
+  """``train_split`` (a TFDS split string) feeds training; evaluation splits are untouched."""
+  from configs.vit_tiny import get_config
+  from posenc import tasks
+  config, task = get_config("train_split=train[59000:59200]"), tasks.get("image_classification")
+  raw_images, raw_labels = idx_train
+  epoch = take(task.loader(config, "train", train=True, batch_size=100), 2)
+  seen = np.concatenate([np.rint(unnormalise(b["image"][..., 0]) * 255) for b in epoch]).astype(np.uint8)
+  order = np.lexsort(seen.reshape(len(seen), -1).T)
+  expected = raw_images[59000:59200].reshape(200, 28, 28)
+  np.testing.assert_array_equal(seen[order], expected[np.lexsort(expected.reshape(200, -1).T)])
+  assert sorted(np.concatenate([b["label"] for b in epoch])) == sorted(raw_labels[59000:59200])
+  evaluated = next(iter(task.loader(config, "validation", train=False, batch_size=50)))
+  np.testing.assert_array_equal(evaluated["label"], raw_labels[55000:55050])

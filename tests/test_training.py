@@ -128,6 +128,8 @@ def test_model_options_only_override_the_named_size():
     ("vit_tiny", "mesh.model=2,mesh.fsdp=2,mesh.data=1", "'mesh'"),
     ("vit_tiny", "dtype=float16", "'dtype'"),
     ("vit_tiny", "dataset=text", "'dataset'"),
+    ("vit_tiny", "train_split=trian", "'train_split'.*Unknown split"),
+    ("vit_tiny", "train_split=train[:60001]", "'train_split'.*60000 examples"),
     ("vit_tiny", "init_from=/no/such/run", "'init_from'"),
     ("vit_tiny", "task=no_such_task", "'task'"),
     ("vit_tiny", "transfer.method=cubic", "'transfer'"),

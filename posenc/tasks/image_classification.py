@@ -49,6 +49,8 @@ class ImageClassification(Task):
       "eval_protocol": "images at a size other than object_size (evaluation; training at image_size): 'zoom' "
                        "(resampled) | 'canvas' (placed at a seeded position on a blank canvas, or cropped from it)",
       "object_size": "canvas protocol: the object's size (the trained scale); 0 = image_size",
+      "train_split": "the split trained on: 'train' or a TFDS split string ('train[:100%]': Fashion-MNIST's "
+                     "60,000, validation included)",
   }
   NDIM = 2
   ITEMS = "images"
@@ -101,7 +103,12 @@ class ImageClassification(Task):
                           f"posenc_options.resample=True (FlexiViT).") from None
 
   def check_dataset(self, config) -> None:
+    from posenc.data import datasets
     dataset_info(config, "num_classes", "it holds no labelled images; use 'fashion_mnist'")
+    try:
+      datasets.source(config.dataset, config.train_split)
+    except ValueError as e:
+      raise ConfigError(f"config field 'train_split': {e}") from None
 
   def size_label(self, config) -> str:
     h, w = as_hw(config.image_size)
@@ -132,6 +139,7 @@ class ImageClassification(Task):
 
   def loader(self, config, split, *, train, batch_size, size=None):
     from posenc import data
+    split = config.train_split if train else split
     sizes = tuple(config.train_image_sizes) if train and size is None else ()
     return data.make_loader(config.dataset, split, batch_size=batch_size, train=train, seed=config.seed,
                             image_size=config.image_size if size is None else size, image_sizes=sizes,
