@@ -488,6 +488,16 @@ def test_cpb_takes_real_positions():
                                 bias_of(enc, geometry, 0, ints))
 
 
+def test_cpb_integer_positions_take_the_offset_table_where_it_has_them():
+  """Integer positions whose offsets fit the grid's (2h-1)(2w-1) table run the MLP on that table and
+  gather (Swin-V2's order); other integer positions run it per pair. Both give the closed form."""
+  enc = randomize(build("cpb", hidden_dim=32), scale=0.3)
+  geometry = Geometry.grid(4, 5, num_prefix=1)
+  for ints in (int_positions(geometry, (4, 5)), int_positions(geometry, (9, 9), low=-9)):
+    np.testing.assert_allclose(positions(bias_of(enc, geometry, 0, ints), geometry, batch=2),
+                               cpb_numpy(enc, ints), rtol=1e-5, atol=1e-5)
+
+
 REL_BIAS = [("1d", SEQ), ("2d", GRID)]
 
 

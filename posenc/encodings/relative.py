@@ -214,13 +214,28 @@ class ContinuousPositionBias(Encoding):
 
   def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
-    w1, b1, w2 = (_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
-                  for p in (self.w1, self.b1, self.w2))
-    scale = jnp.asarray([max(n - 1, 1) for n in self.built.shape], jnp.float32)
-    coords = pair_offsets(positions.astype(jnp.float32)) / scale * 8.0  # [B, N, N, 2]
-    coords = jnp.sign(coords) * jnp.log2(jnp.abs(coords) + 1.0) / math.log2(8.0)
-    bias = 16.0 * jax.nn.sigmoid(pair_mlp(coords, w1, b1, w2))  # [B, N, N, H]
+    params = [_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
+              for p in (self.w1, self.b1, self.w2)]
+    offsets = pair_offsets(positions)  # [B, N, N, 2]
+    if jnp.issubdtype(positions.dtype, jnp.integer):
+      # Swin-V2's order: the MLP over the grid's (2h-1)(2w-1) distinct offsets, then a gather per
+      # pair (far fewer rows than N^2); offsets outside the grid's table take the per-pair path.
+      h, w = geometry.shape
+      grid = jnp.stack(jnp.meshgrid(jnp.arange(1 - h, h), jnp.arange(1 - w, w), indexing="ij"), -1)
+      index, valid = table_index(offsets, (h, w))
+      bias = jax.lax.cond(jnp.all(valid),
+                          lambda: jnp.take(self._bias(grid.reshape(-1, 2), *params), index, axis=0),
+                          lambda: self._bias(offsets, *params))
+    else:
+      bias = self._bias(offsets, *params)  # [B, N, N, H]
     return pad_prefix_bias(jnp.moveaxis(bias, -1, 1), geometry)
+
+  def _bias(self, offsets: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array) -> jax.Array:
+    """``[..., 2]`` offsets -> ``[..., H]`` biases: log-spaced coordinates, the MLP, 16 sigmoid."""
+    scale = jnp.asarray([max(n - 1, 1) for n in self.built.shape], jnp.float32)
+    coords = offsets.astype(jnp.float32) / scale * 8.0
+    coords = jnp.sign(coords) * jnp.log2(jnp.abs(coords) + 1.0) / math.log2(8.0)
+    return 16.0 * jax.nn.sigmoid(pair_mlp(coords, w1, b1, w2))
 
 
 @register("alibi")
