@@ -77,14 +77,15 @@ def test_vit_runs_at_new_sizes_from_the_same_parameters(posenc_name, stem):
   np.testing.assert_allclose(built_new, outs[1], rtol=1e-5, atol=1e-5)
 
 
-def test_conv_stem_matches_torch():
+@pytest.mark.parametrize("extra", [0, 2])
+def test_conv_stem_matches_torch(extra):
   """ConvStem == torch Conv2d(3x3, stride 2, pad 1) -> LayerNorm over channels -> GELU(tanh), twice for patch 4,
-  and maps H x W to the patchify grid H/4 x W/4."""
+  then ``extra`` times the same with stride 1, and maps H x W to the patchify grid H/4 x W/4."""
   import torch
 
   from posenc.models.vit import ConvStem
 
-  stem = ConvStem(4, 3, 16, 1e-6, jnp.float32, jnp.float32, nnx.Rngs(0))
+  stem = ConvStem(4, 3, 16, 1e-6, jnp.float32, jnp.float32, nnx.Rngs(0), extra_convs=extra)
   rng = np.random.default_rng(0)
   for norm in stem.norms:  # non-trivial LayerNorm affine parameters
     norm.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.scale.shape), jnp.float32)
@@ -95,13 +96,13 @@ def test_conv_stem_matches_torch():
 
   y = torch.tensor(x.transpose(0, 3, 1, 2))
   with torch.no_grad():
-    for kernel, norm in zip(stem.kernels, stem.norms):
-      y = torch.nn.functional.conv2d(y, torch.tensor(np.asarray(kernel[...]).transpose(3, 2, 0, 1)), stride=2,
-                                     padding=1)
+    for i, (kernel, norm) in enumerate(zip(stem.kernels, stem.norms)):
+      y = torch.nn.functional.conv2d(y, torch.tensor(np.asarray(kernel[...]).transpose(3, 2, 0, 1)),
+                                     stride=2 if i < 2 else 1, padding=1)
       scale, bias = (torch.tensor(np.asarray(v[...])) for v in (norm.scale, norm.bias))
       y = torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), scale, bias, eps=1e-6)
       y = torch.nn.functional.gelu(y, approximate="tanh").permute(0, 3, 1, 2)
-  assert [k.shape for k in stem.kernels] == [(3, 3, 3, 8), (3, 3, 8, 16)]
+  assert [k.shape for k in stem.kernels] == [(3, 3, 3, 8), (3, 3, 8, 16)] + [(3, 3, 16, 16)] * extra
   np.testing.assert_allclose(got, y.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -131,6 +132,8 @@ def test_bad_model_arguments_are_clear_errors():
     build("vit-mu", stem="conv", patch_size=7, image_size=28)
   with pytest.raises(ValueError, match="stem_width.*needs stem='conv'"):
     build("vit-mu", stem_width=128)
+  with pytest.raises(ValueError, match="stem_extra_convs.*needs stem='conv'"):
+    build("vit-mu", stem_extra_convs=1)
   wide = build("vit-mu", stem="conv", stem_width=128, patch_size=4, image_size=28)  # 1 -> 64 -> 128 -> 1x1 -> 64
   assert [k.shape for k in wide.stem.kernels] == [(3, 3, 3, 64), (3, 3, 64, 128)]
   assert wide.patch_embed.shape == (1, 1, 128, 64)

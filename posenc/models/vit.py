@@ -33,16 +33,18 @@ VIT_SIZES = {
 
 class ConvStem(nnx.Module):
   """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch_size) 3x3
-  stride-2 convolutions, each followed by LayerNorm and GELU, widening to ``width`` by halves.
+  stride-2 convolutions, each followed by LayerNorm and GELU, widening to ``width`` by halves, then
+  ``extra_convs`` 3x3 stride-1 convolutions at ``width`` on the token grid (same LayerNorm, GELU).
   It maps an image to the same token grid as patchify, so position encodings see the same geometry."""
 
   def __init__(self, patch_size: int, channels: int, width: int, ln_eps: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, extra_convs: int = 0):
     depth = int(patch_size).bit_length() - 1
     if patch_size < 2 or 1 << depth != patch_size:
       raise ValueError(f"stem='conv' needs a patch size that is a power of 2 (2, 4, 8, ...), got {patch_size}; "
                        f"use stem='patch' or change patch_size.")
-    sizes = [channels] + [max(width >> (depth - 1 - i), 1) for i in range(depth)]
+    sizes = [channels] + [max(width >> (depth - 1 - i), 1) for i in range(depth)] + [width] * extra_convs
+    self.strides = (2,) * depth + (1,) * extra_convs
     init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3)
     self.kernels = nnx.List([param(init, rngs, (3, 3, cin, cout), param_dtype, (None, None, None, None))
                              for cin, cout in zip(sizes, sizes[1:])])
@@ -53,8 +55,8 @@ class ConvStem(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     """``[B, H, W, C]`` -> ``[B, H / patch, W / patch, width]`` (H, W divisible by the patch size)."""
     x = images.astype(self.dtype)
-    for kernel, norm in zip(self.kernels, self.norms):
-      x = jax.lax.conv_general_dilated(x, kernel[...].astype(self.dtype), (2, 2), ((1, 1), (1, 1)),
+    for kernel, norm, stride in zip(self.kernels, self.norms, self.strides):
+      x = jax.lax.conv_general_dilated(x, kernel[...].astype(self.dtype), (stride, stride), ((1, 1), (1, 1)),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
       x = jax.nn.gelu(norm(x))
     return x
@@ -66,16 +68,17 @@ class ViT(nnx.Module):
   ``image_size`` is the size the model is BUILT at (it fixes the geometry given
   to the encoding, e.g. the size of a learned grid). ``pool="cls"`` reads the
   class token, ``pool="gap"`` averages the patch tokens (no class token).
-  ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` (its last convolution has
-  ``stem_width`` channels, 0 = ``width``) followed by a 1x1 projection to ``width``
-  (``patch_embed [1, 1, stem_width, width]``). ``scan_layers`` (None: per backend): see
+  ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` (its stride-2 convolutions end at
+  ``stem_width`` channels, 0 = ``width``, then ``stem_extra_convs`` stride-1 ones) followed by a
+  1x1 projection to ``width`` (``patch_embed [1, 1, stem_width, width]``). ``scan_layers`` (None: per backend): see
   ``posenc.models.block_stack``; ``attention_impl``: see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
                num_classes: int = 10, image_size=32, patch_size: int = 4, channels: int = 3,
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
-               stem: str = "patch", stem_width: int = 0, pool: str = "cls", num_registers: int = 0, dropout: float = 0.0,
+               stem: str = "patch", stem_width: int = 0, stem_extra_convs: int = 0, pool: str = "cls",
+               num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
                ln_eps: float = 1e-6, scan_layers: bool | None = None, attention_impl: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32):
@@ -95,9 +98,12 @@ class ViT(nnx.Module):
     if stem_width < 0 or (stem_width and stem != "conv"):
       raise ValueError(f"stem_width (the conv stem's output channels; 0 = width) needs stem='conv' and must "
                        f"be >= 0, got stem_width={stem_width} with stem={stem!r}.")
+    if stem_extra_convs < 0 or (stem_extra_convs and stem != "conv"):
+      raise ValueError(f"stem_extra_convs (3x3 stride-1 convolutions at the end of the conv stem) needs "
+                       f"stem='conv' and must be >= 0, got {stem_extra_convs} with stem={stem!r}.")
     stem_width = stem_width or width
-    self.stem = (ConvStem(patch_size, channels, stem_width, ln_eps, dtype, param_dtype, rngs) if stem == "conv"
-                 else None)
+    self.stem = (ConvStem(patch_size, channels, stem_width, ln_eps, dtype, param_dtype, rngs, stem_extra_convs)
+                 if stem == "conv" else None)
     self.embed_patch, embed_channels = ((1, stem_width) if self.stem is not None
                                         else (self.patch_size, self.channels))
     self.patch_embed = param(
