@@ -70,8 +70,8 @@ class ViT(nnx.Module):
   class token, ``pool="gap"`` averages the patch tokens (no class token).
   ``stem="conv"`` replaces the patchify matmul by ``ConvStem`` (its stride-2 convolutions end at
   ``stem_width`` channels, 0 = ``width``, then ``stem_extra_convs`` stride-1 ones) followed by a
-  1x1 projection to ``width`` (``patch_embed [1, 1, stem_width, width]``). ``scan_layers`` (None: per backend): see
-  ``posenc.models.block_stack``; ``attention_impl``: see ``posenc.models.attention``.
+  1x1 projection to ``width`` (``patch_embed [1, 1, stem_width, width]``). ``scan_layers`` (None:
+  per backend): see ``posenc.models.block_stack``; ``attention_impl``: see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
