@@ -139,7 +139,7 @@ class ImageClassification(Task):
 
   def loader(self, config, split, *, train, batch_size, size=None):
     from posenc import data
-    split = config.train_split if train else split
+    split = config.train_split if train and split == "train" else split  # the training role
     sizes = tuple(config.train_image_sizes) if train and size is None else ()
     return data.make_loader(config.dataset, split, batch_size=batch_size, train=train, seed=config.seed,
                             image_size=config.image_size if size is None else size, image_sizes=sizes,
