@@ -28,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
   c.crop_scale = (0.35, 1.0)      # crop area fraction, uniform in (low, high); aspect log-uniform in [3/4, 4/3]
   c.flip = False                  # train-time horizontal flip (p = 1/2; augment flips too)
   c.translate = 0                 # train-time random shift by up to this many pixels per axis (zero fill)
+  c.random_erasing = 0.0          # train-time probability of erasing one box with noise (timm's reprob)
   c.train_image_sizes = ()        # e.g. (24, 32, 40): one per step from (seed, step), resampled; () = image_size
   c.eval_image_sizes = ()         # also evaluate at these sizes (parameters transferred on the fly)
   c.eval_protocol = "zoom"        # eval sizes (and image_size) != object_size: zoom (resample) | canvas

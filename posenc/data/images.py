@@ -17,6 +17,10 @@ One batch of uint8 images [b, h, w, c] (the stored size) becomes float32 [b, H, 
    whole image is resized to the object size. Independently of it, ``flip`` flips with
    probability 1/2 and ``translate`` t shifts the object by (dy, dx) uniform in [-t, t]^2
    pixels, filling with raw pixel 0 (the pad-and-crop of CIFAR-style training).
+   ``random_erasing`` p erases one box per image with probability p after normalisation
+   (Zhong et al. 2020 as timm's ``RandomErasing(mode="pixel")``: area fraction uniform in
+   [0.02, 1/3], aspect log-uniform in [0.3, 1/0.3], the first of 10 attempts that fits
+   strictly inside the image, else none; filled with per-pixel standard normal noise).
 4. **Canvas** (protocol ``canvas``, where object and output sizes differ): per axis, an
    object smaller than the canvas is placed on a blank canvas (raw pixel 0, the
    background) at offset d in [0, canvas - object]; a larger one is cropped to the
@@ -48,6 +52,8 @@ PROTOCOLS = ("zoom", "canvas")
 DEFAULT_CROP_SCALE = (0.35, 1.0)  # area fraction of a random-resized crop (timm's default: (0.08, 1))
 CROP_RATIO = (3 / 4, 4 / 3)       # aspect ratio (w / h) range of a random-resized crop
 CROP_ATTEMPTS = 10                # tries before the centre-crop fallback (torchvision)
+ERASE_SCALE = (0.02, 1 / 3)       # random erasing: area fraction (timm's RandomErasing defaults)
+ERASE_RATIO = (0.3, 1 / 0.3)      # random erasing: aspect ratio range
 CANVAS_STREAM = 0x63616e76        # seeds the fixed per-image canvas placements: ("canvas", seed)
 
 
@@ -90,28 +96,41 @@ def check_crop_scale(crop_scale) -> tuple[float, float]:
   return low, high
 
 
-def sample_crop_boxes(draws: np.ndarray, height: int, width: int, scale: tuple[float, float],
-                      ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
-  """torchvision's ``RandomResizedCrop.get_params`` from uniforms: ``draws [n, attempts, 4]``
-  in [0, 1) -> int boxes ``[n, 4]`` = (top, left, h, w).
-
-  Attempt a: target area = H*W * U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area *
-  aspect)), h = round(sqrt(area / aspect)); the first attempt with 0 < h <= H and 0 < w <= W
-  wins, at top = floor(u * (H - h + 1)), left = floor(u * (W - w + 1)). If none does: the
-  largest box of aspect in ``ratio``, centred (the whole image if its own aspect is in range).
-  """
+def crop_attempts(draws: np.ndarray, height: int, width: int, scale: tuple[float, float],
+                  ratio: tuple[float, float]) -> np.ndarray:
+  """Uniforms ``draws [n, attempts, 4]`` -> candidate boxes ``[n, attempts, 4]`` = (top, left,
+  h, w), not yet checked to fit: attempt a draws area =
+  H*W * U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area * aspect)), h = round(sqrt(area
+  / aspect)), top = floor(u * (H - h + 1)), left = floor(u * (W - w + 1))."""
   u = np.asarray(draws, np.float64)
   area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
   log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
   aspect = np.exp(log_low + u[..., 1] * (log_high - log_low))
   w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
   h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
   top = np.floor(u[..., 2] * (height - h + 1)).astype(np.int64)
   left = np.floor(u[..., 3] * (width - w + 1)).astype(np.int64)
-  first = np.argmax(fits, axis=-1)  # the first attempt that fits (0 if none: replaced below)
-  pick = lambda x: np.take_along_axis(x, first[:, None], axis=-1)[:, 0]  # noqa: E731
-  boxes = np.stack([pick(top), pick(left), pick(h), pick(w)], axis=-1)
+  return np.stack([top, left, h, w], axis=-1)
+
+
+def first_fit(boxes: np.ndarray, fits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The first fitting attempt of each row: boxes ``[n, 4]`` (attempt 0 where none fits), and
+  whether any did ``[n]``."""
+  first = np.argmax(fits, axis=-1)
+  return np.take_along_axis(boxes, first[:, None, None], axis=1)[:, 0], fits.any(axis=-1)
+
+
+def sample_crop_boxes(draws: np.ndarray, height: int, width: int, scale: tuple[float, float],
+                      ratio: tuple[float, float] = CROP_RATIO) -> np.ndarray:
+  """torchvision's ``RandomResizedCrop.get_params`` from uniforms: ``draws [n, attempts, 4]``
+  in [0, 1) -> int boxes ``[n, 4]`` = (top, left, h, w).
+
+  The first of ``crop_attempts`` with 0 < h <= H and 0 < w <= W wins. If none does: the
+  largest box of aspect in ``ratio``, centred (the whole image if its own aspect is in range).
+  """
+  boxes = crop_attempts(draws, height, width, scale, ratio)
+  h, w = boxes[..., 2], boxes[..., 3]
+  boxes, fits = first_fit(boxes, (w > 0) & (w <= width) & (h > 0) & (h <= height))
   in_ratio = width / height
   if in_ratio < ratio[0]:
     fh, fw = int(round(width / ratio[0])), width
@@ -119,8 +138,23 @@ def sample_crop_boxes(draws: np.ndarray, height: int, width: int, scale: tuple[f
     fh, fw = height, int(round(height * ratio[1]))
   else:
     fh, fw = height, width
-  boxes[~fits.any(axis=-1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+  boxes[~fits] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
   return boxes
+
+
+def erase_boxes(images: np.ndarray, erase: np.ndarray, draws: np.ndarray, noise: np.ndarray) -> np.ndarray:
+  """Random erasing: where ``erase [b]``, the first of ``draws [b, attempts, 4]``'s boxes
+  (``crop_attempts`` at ``ERASE_SCALE`` / ``ERASE_RATIO``) with h < H and w < W (timm's test) is
+  replaced by ``noise [b, H, W, c]`` there; rows without a fitting box stay as they are."""
+  b, height, width, _ = images.shape
+  boxes = crop_attempts(draws, height, width, ERASE_SCALE, ERASE_RATIO)
+  h, w = boxes[..., 2], boxes[..., 3]
+  boxes, fits = first_fit(boxes, (h > 0) & (h < height) & (w > 0) & (w < width))
+  top, left, h, w = (boxes[:, i, None] for i in range(4))
+  rows, cols = np.arange(height), np.arange(width)
+  inside = (((rows >= top) & (rows < top + h))[:, :, None] & ((cols >= left) & (cols < left + w))[:, None, :])
+  inside &= (erase & fits)[:, None, None]
+  return np.where(inside[..., None], noise, images)
 
 
 def translate_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
@@ -171,6 +205,7 @@ class ImagePreprocess(grain.transforms.RandomMap):
   crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
   flip: bool = False
   translate: int = 0
+  random_erasing: float = 0.0
   fixed_draws: np.ndarray | None = None
   process_index: int = 0
   process_count: int = 1
@@ -198,14 +233,19 @@ class ImagePreprocess(grain.transforms.RandomMap):
       fractions = (self.fixed_draws[batch["index"]] if self.fixed_draws is not None
                    else rng.random((rows, 2))[mine])
       images = place_on_canvas(images, size, fractions)
-    return {"image": ((images - self.mean) / self.std).astype(np.float32),
+    images = (images - self.mean) / self.std
+    if self.random_erasing:
+      erase = (rng.random(rows) < self.random_erasing)[mine]
+      draws = rng.random((rows, CROP_ATTEMPTS, 4))[mine]
+      images = erase_boxes(images, erase, draws, rng.standard_normal((rows, *images.shape[1:]))[mine])
+    return {"image": images.astype(np.float32),
             "label": batch["label"], "valid": batch["valid"]}
 
 
 def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, image_size=None,
                      image_sizes=(), object_size=None, protocol: str = "zoom", augment: bool | None = None,
                      crop_scale=DEFAULT_CROP_SCALE, flip: bool = False, translate: int = 0,
-                     process_index: int = 0, process_count: int = 1) -> ImagePreprocess:
+                     random_erasing: float = 0.0, process_index: int = 0, process_count: int = 1) -> ImagePreprocess:
   """The checked ``ImagePreprocess`` of ``make_loader``'s image arguments (ValueError if bad)."""
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
@@ -216,9 +256,12 @@ def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, 
   canvas = protocol == "canvas" and object_size is not None
   if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
     raise ValueError(f"translate must be an int >= 0 (pixels), got {translate!r}.")
+  if isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float)) or not 0 <= random_erasing <= 1:
+    raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing!r}.")
   mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
   return ImagePreprocess(
       sizes, mean, std, train if augment is None else bool(augment),
       object_size=as_hw(object_size) if canvas else None, crop_scale=check_crop_scale(crop_scale),
-      flip=train and bool(flip), translate=translate if train else 0, fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
+      flip=train and bool(flip), translate=translate if train else 0,
+      random_erasing=float(random_erasing) if train else 0.0, fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
       process_index=process_index, process_count=process_count)

@@ -196,7 +196,7 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
                 image_size=None, max_len: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, num_epochs: int | None = None,
                 augment: bool | None = None, crop_scale=DEFAULT_CROP_SCALE, flip: bool = False,
-                translate: int = 0, image_sizes=(), object_size=None, protocol: str = "zoom", worker_count: int = 0,
+                translate: int = 0, random_erasing: float = 0.0, image_sizes=(), object_size=None, protocol: str = "zoom", worker_count: int = 0,
                 data_dir: str | None = None) -> grain.IterDataset:
   """Batches of `dataset`/`split` for this process (batch_size // process_count rows
   of every global batch). See the module docstring for order, augmentation, masking.
@@ -204,7 +204,8 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   Images: `image_size` (int or (h, w); None: as stored) is the output size; `image_sizes`
   (training only) draws one of them per global batch instead. `augment` (default: train)
   is a random-resized crop of area fraction in `crop_scale` + flip; `flip` alone flips and
-  `translate` t shifts by up to t pixels per axis (training only). `protocol` "zoom"
+  `translate` t shifts by up to t pixels per axis and `random_erasing` p erases a box with
+  probability p (training only). `protocol` "zoom"
   resamples the image to the output size; "canvas" resizes it to `object_size` and places
   it on (or crops it from) the output-size canvas at a seeded position (None: zoom).
   """
@@ -219,9 +220,9 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   shard = dict(process_index=process_index, process_count=process_count)
 
   if dataset == "text":
-    if (image_size is not None or augment or flip or translate or image_sizes or object_size is not None
+    if (image_size is not None or augment or flip or translate or random_erasing or image_sizes or object_size is not None
         or protocol != "zoom"):
-      raise ValueError("image_size/image_sizes/augment/flip/translate/object_size/protocol are for image datasets, "
+      raise ValueError("image_size/image_sizes/augment/flip/translate/random_erasing/object_size/protocol are for image datasets, "
                        "not 'text'; use max_len.")
     max_len = _check_int("max_len", DEFAULT_MAX_LEN if max_len is None else max_len, 2)
     records = packed_text(split, max_len, directory)
@@ -237,7 +238,7 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
     transform = image_preprocess(dataset, num_records=len(records), train=train, seed=seed,
                                  image_size=image_size, image_sizes=image_sizes, object_size=object_size,
                                  protocol=protocol, augment=augment, crop_scale=crop_scale, flip=flip,
-                                 translate=translate, **shard)
+                                 translate=translate, random_erasing=random_erasing, **shard)
 
   if train and len(records) < batch_size:
     raise ValueError(f"Split {split!r} of {dataset!r} has {len(records)} examples, fewer than "

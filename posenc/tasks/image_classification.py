@@ -43,6 +43,8 @@ class ImageClassification(Task):
       "crop_scale": "(low, high): the crop's area fraction, uniform; aspect ratio log-uniform in [3/4, 4/3]",
       "flip": "train-time horizontal flip with probability 1/2 (also part of augment)",
       "translate": "train-time random shift by up to this many pixels per axis, zero-filled (0 = none)",
+      "random_erasing": "train-time probability of erasing one random box with noise (Zhong et al. 2020, "
+                        "timm's RandomErasing); 0 = none",
       "train_image_sizes": "train at one of these sizes per step, drawn from (seed, step), always resampled "
                            "(zoom); () = image_size only",
       "eval_image_sizes": "also evaluate at these sizes (parameters transferred on the fly)",
@@ -72,6 +74,10 @@ class ImageClassification(Task):
     if config.object_size != 0:
       _hw(config, "object_size", config.object_size)
     check_number(config, "translate", allow_zero=True, integer=True)
+    check_number(config, "random_erasing", allow_zero=True)
+    if config.random_erasing > 1:
+      raise ConfigError(f"config field 'random_erasing' is a probability; got {config.random_erasing!r}, "
+                        f"give a number in [0, 1].")
     if not isinstance(config.flip, bool):
       raise ConfigError(f"config field 'flip' must be True or False, got {config.flip!r}.")
     try:
@@ -147,6 +153,7 @@ class ImageClassification(Task):
                             object_size=self.object_size(config),
                             augment=train and config.augment, crop_scale=tuple(config.crop_scale),
                             flip=train and config.flip, translate=config.translate if train else 0,
+                            random_erasing=config.random_erasing if train else 0.0,
                             process_index=jax.process_index(), process_count=jax.process_count())
 
   @staticmethod
