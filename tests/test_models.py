@@ -302,14 +302,18 @@ def test_packing_ids_keep_sequences_apart():
   assert not np.allclose(a[:, 7:], b[:, 7:])
 
 
-@pytest.mark.parametrize("name, posenc_name", [("vit-mu", "rope_mixed"), ("bert-mini", "rel_bias")])
-def test_logical_axis_sharding_matches_one_device(name, posenc_name):
+CONV_STEM = dict(VIT, patch_size=4, stem="conv", stem_width=32, stem_extra_convs=1)
+
+
+@pytest.mark.parametrize("name, posenc_name, options", [("vit-mu", "rope_mixed", VIT), ("vit-mu", "learned", CONV_STEM),
+                                                        ("bert-mini", "rel_bias", BERT)])
+def test_logical_axis_sharding_matches_one_device(name, posenc_name, options):
   """(data=4, model=2) mesh, FSDP over data + tensor parallel over model: same outputs as one device."""
   from posenc.training.sharding import state_shardings
 
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
   rules = (("batch", "data"), ("embed", "data"), ("mlp", "model"), ("heads", "model"), ("vocab", "model"))
-  graphdef, params, rest = build(name, posenc_name, **(VIT if name.startswith("vit") else BERT))
+  graphdef, params, rest = build(name, posenc_name, **options)
   if name.startswith("vit"):
     inputs = images(batch=8)
   else:

@@ -48,7 +48,9 @@ class ConvStem(nnx.Module):
     init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3)
     self.kernels = nnx.List([param(init, rngs, (3, 3, cin, cout), param_dtype, (None, None, None, None))
                              for cin, cout in zip(sizes, sizes[1:])])
-    self.norms = nnx.List([nnx.LayerNorm(c, epsilon=ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    replicated = {"out_sharding": (None,)}  # stem channels are no model axis (as the kernels)
+    self.norms = nnx.List([nnx.LayerNorm(c, epsilon=ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                         scale_metadata=replicated, bias_metadata=replicated)
                            for c in sizes[1:]])
     self.dtype = dtype
 
