@@ -55,7 +55,7 @@ CROP_RATIO = (3 / 4, 4 / 3)       # aspect ratio (w / h) range of a random-resiz
 CROP_ATTEMPTS = 10                # tries before the centre-crop fallback (torchvision)
 ERASE_SCALE = (0.02, 1 / 3)       # random erasing: area fraction (timm's RandomErasing defaults)
 ERASE_RATIO = (0.3, 1 / 0.3)      # random erasing: aspect ratio range
-CACHE_BYTES = 2 << 30              # ImageRecords keeps decoded splits up to this size (Fashion-MNIST: 47 MB)
+CACHE_BYTES = 2 << 30             # ImageRecords keeps decoded splits up to this size (Fashion-MNIST: 47 MB)
 CANVAS_STREAM = 0x63616e76        # seeds the fixed per-image canvas placements: ("canvas", seed)
 
 
@@ -168,7 +168,7 @@ def erase_boxes(images: np.ndarray, erase: np.ndarray, draws: np.ndarray, noise:
   """Random erasing: where ``erase [b]``, the first of ``draws [b, attempts, 4]``'s boxes
   (``crop_attempts`` at ``ERASE_SCALE`` / ``ERASE_RATIO``) with h < H and w < W (timm's test) is
   replaced by ``noise [b, H, W, c]`` there; rows without a fitting box stay as they are."""
-  b, height, width, _ = images.shape
+  _, height, width, _ = images.shape
   boxes = crop_attempts(draws, height, width, ERASE_SCALE, ERASE_RATIO)
   h, w = boxes[..., 2], boxes[..., 3]
   boxes, fits = first_fit(boxes, (h > 0) & (h < height) & (w > 0) & (w < width))
@@ -278,12 +278,14 @@ def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, 
   canvas = protocol == "canvas" and object_size is not None
   if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
     raise ValueError(f"translate must be an int >= 0 (pixels), got {translate!r}.")
-  if isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float)) or not 0 <= random_erasing <= 1:
+  if (isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float))
+      or not 0 <= random_erasing <= 1):
     raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing!r}.")
   mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
   return ImagePreprocess(
       sizes, mean, std, train if augment is None else bool(augment),
       object_size=as_hw(object_size) if canvas else None, crop_scale=check_crop_scale(crop_scale),
       flip=train and bool(flip), translate=translate if train else 0,
-      random_erasing=float(random_erasing) if train else 0.0, fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
+      random_erasing=float(random_erasing) if train else 0.0,
+      fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
       process_index=process_index, process_count=process_count)

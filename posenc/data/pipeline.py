@@ -196,8 +196,8 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
                 image_size=None, max_len: int | None = None, process_index: int | None = None,
                 process_count: int | None = None, num_epochs: int | None = None,
                 augment: bool | None = None, crop_scale=DEFAULT_CROP_SCALE, flip: bool = False,
-                translate: int = 0, random_erasing: float = 0.0, image_sizes=(), object_size=None, protocol: str = "zoom", worker_count: int = 0,
-                data_dir: str | None = None) -> grain.IterDataset:
+                translate: int = 0, random_erasing: float = 0.0, image_sizes=(), object_size=None,
+                protocol: str = "zoom", worker_count: int = 0, data_dir: str | None = None) -> grain.IterDataset:
   """Batches of `dataset`/`split` for this process (batch_size // process_count rows
   of every global batch). See the module docstring for order, augmentation, masking.
 
@@ -220,10 +220,10 @@ def make_loader(dataset: str, split: str, *, batch_size: int, train: bool, seed:
   shard = dict(process_index=process_index, process_count=process_count)
 
   if dataset == "text":
-    if (image_size is not None or augment or flip or translate or random_erasing or image_sizes or object_size is not None
-        or protocol != "zoom"):
-      raise ValueError("image_size/image_sizes/augment/flip/translate/random_erasing/object_size/protocol are for image datasets, "
-                       "not 'text'; use max_len.")
+    if (image_size is not None or augment or flip or translate or random_erasing or image_sizes
+        or object_size is not None or protocol != "zoom"):
+      raise ValueError("image_size/image_sizes/augment/flip/translate/random_erasing/object_size/protocol are for "
+                       "image datasets, not 'text'; use max_len.")
     max_len = _check_int("max_len", DEFAULT_MAX_LEN if max_len is None else max_len, 2)
     records = packed_text(split, max_len, directory)
     fixed = None
