@@ -1,7 +1,7 @@
 """Dataset names -> prepared TFDS builders, random-access sources and `info()`.
 
-posenc names: "fashion_mnist" (Debian IDX files), "text" (Austen + Moby Dick), or
-any TFDS name (prepared as array_record in the data dir; downloading needs internet).
+posenc names: "fashion_mnist" (Debian IDX files), "text" (Austen + Moby Dick),
+"synthetic" (random batches of a task's shapes: posenc.data.synthetic), or any TFDS name (prepared as array_record in the data dir; downloading needs internet).
 
 Directories (environment variables, with defaults):
   POSENC_DATA_DIR    prepared TFDS data (default: TFDS's, i.e. $TFDS_DATA_DIR or
@@ -154,6 +154,9 @@ def source(dataset: str, split: str, directory: str | None = None):
 
 def info(dataset: str, directory: str | None = None) -> DatasetInfo:
   """Number of classes / vocabulary size, channels, image size and split sizes."""
+  if dataset == "synthetic":  # random batches of any task's shapes (posenc.data.synthetic)
+    from posenc.data import synthetic
+    return synthetic.INFO
   b = builder(dataset, directory)
   names = SPLITS.get(dataset) or {s: s for s in b.info.splits}
   splits = {name: b.info.splits[tfds_split].num_examples for name, tfds_split in names.items()}

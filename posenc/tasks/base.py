@@ -5,6 +5,7 @@ import abc
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -75,6 +76,19 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def loader(self, config, split: str, *, train: bool, batch_size: int, size=None):
     """This process's batches of ``split`` (a grain dataset; iterators resume from their state)."""
+
+  @abc.abstractmethod
+  def random_batch(self, config, rng: np.random.Generator, rows: int, *, train: bool, size=None) -> dict:
+    """``rows`` random rows with the keys, shapes and dtypes of ``loader``'s (dataset 'synthetic')."""
+
+  def batches(self, config, split: str, *, train: bool, batch_size: int, size=None):
+    """``loader``, or for ``dataset='synthetic'`` random batches of the same shapes."""
+    if config.dataset != "synthetic":
+      return self.loader(config, split, train=train, batch_size=batch_size, size=size)
+    from posenc.data import synthetic  # imported late: data builders are heavy
+    return synthetic.loader(lambda rng, rows: self.random_batch(config, rng, rows, train=train, size=size),
+                            split=split, batch_size=batch_size, train=train, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
 
   @abc.abstractmethod
   def forward(self, model, batch: Batch, *, train: bool, position_scale: float = 1.0,

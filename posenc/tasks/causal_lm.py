@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from posenc.config import ConfigError
 from posenc.encodings import Geometry
@@ -60,9 +61,9 @@ class CausalLM(Task):
                         "the same tokens; cap them with eval_tokens instead.")
 
   def check_dataset(self, config) -> None:
-    if config.dataset != "text":
-      raise ConfigError(f"config field 'dataset': causal_lm reads the text corpus ('text'), not "
-                        f"'{config.dataset}'.")
+    if config.dataset not in ("text", "synthetic"):
+      raise ConfigError(f"config field 'dataset': causal_lm reads the text corpus ('text') or random "
+                        f"tokens ('synthetic'), not '{config.dataset}'.")
     dataset_info(config, "vocab_size", "it holds no text; use 'text'")
 
   def size_label(self, config) -> str:
@@ -106,6 +107,17 @@ class CausalLM(Task):
     return lm.lm_eval_loader(split, batch_size=batch_size, length=length, stride=stride,
                              scored_tokens=self.scored_tokens(config, split), vocab_size=config.vocab_size,
                              **shard)
+
+  def random_batch(self, config, rng, rows, *, train, size=None):
+    """One document per row; an evaluation window with a stride scores its last ``stride`` tokens."""
+    length, stride = (config.max_len, None) if size is None else size
+    tokens = rng.integers(0, config.vocab_size, (rows, length + 1), dtype=np.int32)
+    weights = np.ones((rows, length), np.float32)
+    if stride:
+      weights[:, :length - stride] = 0.0
+    return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights,
+            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+            "packing_ids": np.ones((rows, length), np.int32), "valid": np.ones(rows, np.float32)}
 
   def forward(self, model, batch, *, train, position_scale=1.0, label_smoothing=0.0):
     positions = batch["positions"]

@@ -14,6 +14,7 @@ to the source run's ``image_size``); training at several sizes always resamples
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from posenc.config import ConfigError, check_number
 from posenc.encodings import Geometry, as_hw
@@ -111,6 +112,8 @@ class ImageClassification(Task):
   def check_dataset(self, config) -> None:
     from posenc.data import datasets
     dataset_info(config, "num_classes", "it holds no labelled images; use 'fashion_mnist'")
+    if config.dataset == "synthetic":
+      return
     try:
       datasets.source(config.dataset, config.train_split)
     except ValueError as e:
@@ -155,6 +158,12 @@ class ImageClassification(Task):
                             flip=train and config.flip, translate=config.translate if train else 0,
                             random_erasing=config.random_erasing if train else 0.0,
                             process_index=jax.process_index(), process_count=jax.process_count())
+
+  def random_batch(self, config, rng, rows, *, train, size=None):
+    h, w = as_hw(config.image_size if size is None else size)
+    info = dataset_info(config, "num_classes", "")
+    return {"image": rng.standard_normal((rows, h, w, info.channels), dtype=np.float32),
+            "label": rng.integers(0, info.num_classes, rows, dtype=np.int32), "valid": np.ones(rows, bool)}
 
   @staticmethod
   def object_size(config):

@@ -75,7 +75,7 @@ class Run:
 
   def loader(self, split: str, *, train: bool, size=None):
     batch_size = self.config.batch_size if train else self.config.eval_batch_size
-    return self.task.loader(self.config, split, train=train, batch_size=batch_size, size=size)
+    return self.task.batches(self.config, split, train=train, batch_size=batch_size, size=size)
 
   def initial_state(self, log: Callable[[str], None] = print) -> dict:
     """A fresh sharded state; with ``init_from``, its parameters come from that checkpoint
