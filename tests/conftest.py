@@ -8,10 +8,12 @@ import tempfile
 
 # Tests check what programs compute, not how fast: compile for speed of compiling (no LLVM
 # optimisation, XLA:CPU's elemental emitters; both exist in the pinned jaxlib). Subprocesses inherit it.
+# On an accelerator (benchmarks/device_check.sh sets JAX_PLATFORMS=cuda) XLA's defaults stay.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE,
-                                    "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] == "cpu":
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE,
+                                      "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="posenc-test-jax-cache-")

@@ -97,12 +97,63 @@ ATTENTION_IMPLS = ("auto", "xla", "per_head", "dot_product_attention")
 def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
   """``"auto"`` -> the implementation for ``backend`` (default: JAX's): per-head on CPU (the
   fastest measured there, benchmarks/speed.py), ``jax.nn.dot_product_attention`` elsewhere
-  (cuDNN's fused kernel on GPUs where it applies, XLA's on TPU)."""
+  (cuDNN's fused kernel on GPUs where it applies: ``fused_kernel``; XLA's on TPU)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl {impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
   if impl != "auto":
     return impl
   return "per_head" if (backend or jax.default_backend()) == "cpu" else "dot_product_attention"
+
+
+def fused_kernel(dtype, head_dim: int, backend: str | None = None) -> str:
+  """The ``implementation`` that ``dot_product_attention`` hands to ``jax.nn.dot_product_attention``:
+  ``"cudnn"`` on a GPU for 16-bit inputs with a head dimension that cuDNN's flash attention takes
+  (a multiple of 8, at most 128), else ``"xla"``. Chosen here, at trace time, because JAX's own
+  default (``implementation=None``) runs XLA's unfused attention on every backend."""
+  if (backend or jax.default_backend()) != "gpu":
+    return "xla"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or head_dim > 128:
+    return "xla"
+  return "cudnn"
+
+
+def _pad_axis(x: jax.Array, axis: int, extra: int, full: int, **kwargs) -> jax.Array:
+  """``x`` with ``extra`` more entries at the end of ``axis``, where that axis is ``full`` long
+  (a broadcast axis of size 1 stays as it is)."""
+  if not extra or x.shape[axis] != full:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, **kwargs)
+
+
+def dot_product_attention(q, k, v, bias, mask, dtype) -> jax.Array:
+  """``jax.nn.dot_product_attention`` with the kernel of ``fused_kernel``; queries already scaled.
+
+  cuDNN takes the mask and bias as one additive bias (and returns its gradient). Its flash kernel
+  trains a bias only on even lengths, so odd ones (a ViT's 196 patches + the class token) are
+  padded by one masked key and one discarded query. Where cuDNN's own checks still refuse the
+  inputs, XLA's kernel runs."""
+  bias = None if bias is None else bias.astype(jnp.float32 if dtype == jnp.float32 else dtype)
+  mask = None if mask is None else mask[:, None]  # [B or 1, 1, T or 1, S]
+  if fused_kernel(dtype, q.shape[-1]) == "cudnn":
+    t, s = q.shape[1], k.shape[1]
+    pt, ps = t % 2, s % 2
+    qp, kp, vp, bp, mp = q, k, v, bias, mask
+    if pt or ps:
+      qp, kp, vp = _pad_axis(q, 1, pt, t), _pad_axis(k, 1, ps, s), _pad_axis(v, 1, ps, s)
+      bp = None if bias is None else _pad_axis(_pad_axis(bias, 2, pt, t), 3, ps, s)
+      keys = jnp.arange(s + ps) < s  # the padded key is masked out
+      mp = keys[None, None, None] if mask is None else \
+          _pad_axis(_pad_axis(mask, 2, pt, t, mode="edge"), 3, ps, s, mode="edge") & keys
+    if mp is not None:  # cuDNN broadcasts a bias over batch and heads only
+      mp = jnp.broadcast_to(mp, mp.shape[:2] + (t + pt, s + ps))
+    try:
+      out = jax.nn.dot_product_attention(qp, kp, vp, bias=bp, mask=mp, scale=1.0, implementation="cudnn")
+      return out[:, :t]
+    except (NotImplementedError, ValueError, RuntimeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation="xla")
 
 
 class Attention(nnx.Module):
@@ -156,10 +207,7 @@ class Attention(nnx.Module):
     ``mask`` broadcastable to ``[B, T, S]``."""
     dt, impl = self.dtype, self.attention_impl
     if impl == "dot_product_attention" and (key is None or not self.attention_dropout):
-      out = jax.nn.dot_product_attention(
-          q, k, v, bias=None if bias is None else bias.astype(jnp.float32 if dt == jnp.float32 else dt),
-          mask=None if mask is None else mask[:, None], scale=1.0,
-          implementation="xla" if jax.default_backend() == "tpu" else None)
+      out = dot_product_attention(q, k, v, bias, mask, dt)
       return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
     if impl != "per_head":  # one batched einsum over heads (also the dropout path of the fused kernel)
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)

@@ -13,10 +13,11 @@ from posenc.models.attention import Block, LayerCache
 
 
 def resolve_scan_layers(scan_layers: bool | None, backend: str | None = None) -> bool:
-  """None -> per backend: unrolled on CPU (a faster step there, benchmarks/speed.py), scanned on
-  GPU/TPU (compile time independent of depth)."""
+  """None -> per backend: unrolled on CPU and GPU (the faster step on both, and on an H200 the
+  faster compile too: benchmarks/results/speed_gpu.md), scanned on TPU (compile time independent
+  of depth, as maxtext; not measured here)."""
   if scan_layers is None:
-    return (backend or jax.default_backend()) != "cpu"
+    return (backend or jax.default_backend()) == "tpu"
   return bool(scan_layers)
 
 
