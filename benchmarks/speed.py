@@ -3,6 +3,7 @@
     python benchmarks/speed.py            # full run; writes benchmarks/results/speed.{md,json} + plots
     python benchmarks/speed.py --quick    # CI only (tests/test_benchmarks.py): tiny models, meaningless numbers
     python benchmarks/speed.py --sections bert   # re-measure one section, keep the others
+    python benchmarks/speed.py --profile gpu     # on a GPU (benchmarks/device_check.sh): speed_gpu.{md,json}
 
 Sections (each a markdown table):
   1. The headline: posenc's ViT train step vs timm's VisionTransformer in a PyTorch eager loop
@@ -48,9 +49,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 import speed_report  # noqa: E402
-from speed_entries import (POSENC, bert_config, family_encodings, first_batch,  # noqa: E402
-                           linen_entry, loader_rate, timm_device, timm_entry, timm_note, train_entry,
-                           vit_config, vit_sizes)
+from speed_entries import (POSENC, bert_config, family_encodings, first_batch, gpt_config,  # noqa: E402
+                           linen_entry, loader_rate, num_classes, timm_device, timm_entry, timm_note, train_entry,
+                           unrolled_flops, vit_config, vit_sizes)
 import timing  # noqa: E402
 import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
 from posenc import transfer  # noqa: E402
@@ -77,6 +78,11 @@ class Profile:
   matmul_n: int
   eval_sizes: tuple           # image sides for evaluation (ViT built at vit_sizes[0]); restores to the last
   eval_batch: int
+  gpt_model: str = "gpt-nano"
+  gpt_options: dict = dataclasses.field(default_factory=dict)
+  gpt_sizes: tuple = ()       # ((max_len, batch), ...)
+  gpt_vocab: int = 4096       # the causal LM's vocabulary (GPT-2: 50,257, padded to 50,304)
+  dataset: str | None = None  # None: each config's own; "synthetic": random batches (no data installed)
   headline: tuple = ()        # ((ViT model, image side, batch), ...): posenc vs timm vs linen; the first
                               #   also compiles its step with the other layer mode (scanned / unrolled)
   encodings: dict | None = None  # {"vit": names, "bert": names}; None: every encoding a model supports
@@ -85,7 +91,9 @@ class Profile:
 
 
 TINY = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
-SECTIONS = ("headline", "vit", "bert", "eval", "restore")
+SECTIONS = ("headline", "vit", "bert", "gpt", "eval", "restore")
+# What benchmarks/device_check.sh measures on an accelerator: one encoding per mechanism.
+DEVICE_ENCODINGS = ("none", "learned", "rope", "rope_mixed", "alibi", "rel_bias")
 # The issue "a measured lead over timm", for 2 CPU cores: images/s ratios at the first headline group
 # (and the same order at the others), compile seconds of the scanned ViT-Ti step, and restore with
 # transfer over a plain restore.
@@ -95,15 +103,21 @@ PROFILES = {
     "cpu": Profile("vit-ti", {}, 4, ((32, 128), (64, 32)), "bert-mini", {}, ((128, 32), (256, 16), (512, 8)),
                    "float32", 5, 2048, (16, 32, 48, 64), 128,
                    headline=(("vit-ti", 32, 128), ("vit-s", 32, 128), ("vit-ti", 64, 32)), goals=GOALS),
-    # Accelerators: ViT-B/16 at 224 / 384 and BERT-base, in bfloat16.
-    "gpu": Profile("vit-b", {}, 16, ((224, 128), (384, 32)), "bert-base", {}, ((128, 256), (512, 64)),
-                   "bfloat16", 10, 8192, (160, 224, 320, 384), 256,
-                   headline=(("vit-b", 224, 128), ("vit-b", 384, 32))),
+    # Accelerators: ViT-B/16 at 224 / 384, GPT-2 small at 1,024 tokens and BERT-base, in bfloat16, on
+    # synthetic batches (3-channel images, 1,000 classes; no dataset needs installing on the device).
+    "gpu": Profile("vit-b", {}, 16, ((224, 256), (384, 64)), "bert-base", {}, ((512, 64),),
+                   "bfloat16", 8, 8192, (160, 224, 320, 384), 256,
+                   gpt_model="gpt-small", gpt_sizes=((1024, 32),), gpt_vocab=50304, dataset="synthetic",
+                   headline=(("vit-b", 224, 256),),
+                   encodings=dict(vit=DEVICE_ENCODINGS, bert=DEVICE_ENCODINGS, gpt=DEVICE_ENCODINGS),
+                   restore_encodings=("learned", "rel_bias", "none")),
     # CI only (tests/test_benchmarks.py): one-layer models and the fewest compiles that fill every
     # table (the headline's posenc step is the ViT table's `learned` one: a cache hit under the
     # tests' persistent compilation cache); its numbers mean nothing, the goals' verdicts neither.
     "quick": Profile("vit-mu", TINY, 4, ((8, 8),), "bert-tiny", TINY, ((16, 8),), "float32", 2, 64, (8, 16), 8,
-                     headline=(("vit-mu", 8, 8),), encodings=dict(vit=("none", "learned"), bert=("learned",)),
+                     gpt_model="gpt-nano", gpt_options=TINY, gpt_sizes=((16, 8),), gpt_vocab=512,
+                     headline=(("vit-mu", 8, 8),),
+                     encodings=dict(vit=("none", "learned"), bert=("learned",), gpt=("alibi",)),
                      restore_encodings=("learned",), goals=GOALS),
 }
 
@@ -131,11 +145,11 @@ def headline_group(p: Profile, model: str, size: int, batch: int, log, other_lay
     entries.append(train_entry(f"{POSENC}, {'unrolled' if scanned else 'scanned'} layers", setup(other), sample,
                                flops=entries[0].flops))  # the same arithmetic, counted unrolled
     log(f"  headline {model} {size}: {entries[-1].name} compiled in {entries[-1].compile_s:.1f}s")
-  entries.append(linen_entry(p, model, sample))
+  entries.append(linen_entry(p, model, sample, num_classes(run)))
   log(f"  headline {model} {size}: linen reference compiled in {entries[-1].compile_s:.1f}s")
   note = timm_note()
   if note is None:
-    entries.append(timm_entry(p, model, sample))
+    entries.append(timm_entry(p, model, sample, num_classes(run)))
     log(f"  headline {model} {size}: timm built and run once")
   sizes = vit_sizes(p, model)
   tokens = math.prod(run.geometry.shape) + run.geometry.num_prefix
@@ -161,7 +175,7 @@ def headline(p: Profile, log, torch_threads: int | None = None) -> dict:
 
 def train_group(p: Profile, family: str, size: int, batch: int, log) -> dict:
   """Every encoding's train step at one size, timed in interleaved rounds with a matmul."""
-  make_config = vit_config if family == "vit" else bert_config
+  make_config = {"vit": vit_config, "bert": bert_config, "gpt": gpt_config}[family]
   entries, runs, sample = [], [], None
   for name in family_encodings(p, family):
     run = setup(make_config(p, name, size, batch))
@@ -174,7 +188,7 @@ def train_group(p: Profile, family: str, size: int, batch: int, log) -> dict:
   matmul = timing.matmul_reference(p.matmul_n, jnp.dtype(p.dtype))
   timing.time_interleaved(entries + [matmul], p.rounds,
                           on_round=lambda r: log(f"  {family} {size}: round {r + 1}/{p.rounds}"))
-  loader = loader_rate(runs[0], "train", True, size, batches=max(3, 2 * p.rounds))
+  loader = None if p.dataset == "synthetic" else loader_rate(runs[0], "train", True, max(3, 2 * p.rounds))
   return dict(family=family, size=size, batch=batch, entries=entries, matmul=matmul, loader=loader,
               model=runs[0].config.model)
 
@@ -208,7 +222,7 @@ def eval_at_sizes(p: Profile, log) -> list[dict]:
     args = (params, state["model_state"], test)
     entries.append(timing.compile_timed(f"eval {size}", at.step, args, run.task.items(test),
                                         lambda c, args=args: lambda: c(*args)))
-    loader = loader_rate(run, "test", False, size, max(3, 2 * p.rounds))
+    loader = None if p.dataset == "synthetic" else loader_rate(run, "test", False, max(3, 2 * p.rounds), at.size)
     rows.append(dict(size=size, train_size=train_size, tokens=math.prod(at.geometry.shape) + at.geometry.num_prefix,
                      transfer_first_s=times[0] if times else None,
                      transfer_s=statistics.median(times[1:]) if times else None,
@@ -279,6 +293,37 @@ def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
   return rows
 
 
+# --------------------------------------------------------------------------- FLOPs counted here
+
+
+def count_flops(p: Profile, results: dict, log) -> int:
+  """Fill in the GFLOP/step of posenc's train steps that the measuring machine did not count (jax
+  0.11's GPU lowering reports no cost analysis) with this machine's count of the same step: XLA's
+  cost analysis of the lowered (StableHLO) program, before any backend compiles it. Returns how
+  many entries it filled."""
+  makers = {"vit": vit_config, "bert": bert_config, "gpt": gpt_config}
+  cache, filled = {}, 0
+
+  def flops(family, name, size, batch, model=None):
+    key = (family, name, size, batch, model)
+    if key not in cache:
+      config = makers[family](p, name, size, batch, *(model,) if model else ())
+      cache[key] = unrolled_flops(config, first_batch(setup(config), "train", True), always=True)
+      log(f"  counted {key}: {cache[key] and cache[key] / 1e9:,.1f} GFLOP/step")
+    return cache[key]
+
+  for family in makers:
+    for g in results.get(family) or []:
+      for e in g["entries"]:
+        if e.flops is None:
+          e.flops, filled = flops(family, e.name, g["size"], g["batch"]), filled + 1
+  for g in (results.get("headline") or {}).get("groups", []):
+    for e in g["entries"]:
+      if e.flops is None and e.name.startswith(POSENC):
+        e.flops, filled = flops("vit", "learned", g["size"], g["batch"], g["model"]), filled + 1
+  return filled
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -308,6 +353,11 @@ def main(argv=None) -> int:
                       help="measure only these; the others are kept from the previous report in --out")
   parser.add_argument("--encodings", nargs="+", default=None,
                       help="only these encodings (default: every one a model supports)")
+  parser.add_argument("--synthetic", action="store_true",
+                      help="random batches of the real ones' shapes (no dataset needed; the gpu profile's default)")
+  parser.add_argument("--count-flops", action="store_true",
+                      help="measure nothing: fill in the GFLOP/step (and MFU) that the profile's report in --out "
+                           "lacks, counted on this machine from the same lowered steps")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch's CPU threads for the timm contender (default: the host's cores)")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"),
@@ -318,12 +368,26 @@ def main(argv=None) -> int:
   start = time.time()
   if args.rounds:
     p = dataclasses.replace(p, rounds=args.rounds)
+  if args.synthetic:
+    p = dataclasses.replace(p, dataset="synthetic")
   if args.encodings:
-    p = dataclasses.replace(p, encodings=dict(vit=args.encodings, bert=args.encodings))
+    p = dataclasses.replace(p, encodings=dict(vit=args.encodings, bert=args.encodings, gpt=args.encodings))
   log = lambda msg: print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
   logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only checkpoint directories
+  if args.count_flops:
+    stem = speed_report.stem(name)
+    with open(os.path.join(args.out, f"{stem}.json")) as f:
+      results = speed_report.from_json(json.load(f))
+    filled = count_flops(p, results, log)
+    results["flops_note"] = (f"GFLOP/step of {filled} train steps counted after the run by `--count-flops` "
+                             f"({timing.machine_lines()[1]}): XLA's cost analysis of the same lowered step.")
+    markdown = speed_report.markdown(results)
+    speed_report.write(results, markdown, args.out, stem)
+    print(markdown)
+    return 0
   header = timing.machine_lines()
-  results = {"profile": name, "header": header, "measured": {}}
+  results = {"profile": name, "header": header, "measured": {}, "dataset": p.dataset,
+             "peak_flops": timing.peak_flops(p.dtype)}
   results["goals"] = p.goals
   if "headline" in args.sections:
     results["headline"] = headline(p, log, args.torch_threads)
@@ -331,17 +395,22 @@ def main(argv=None) -> int:
     results["vit"] = [train_group(p, "vit", s, b, log) for s, b in p.vit_sizes]
   if "bert" in args.sections:
     results["bert"] = [train_group(p, "bert", s, b, log) for s, b in p.bert_sizes]
+  if "gpt" in args.sections:
+    results["gpt"] = [train_group(p, "gpt", s, b, log) for s, b in p.gpt_sizes]
   if "eval" in args.sections:
     results["eval"] = eval_at_sizes(p, log)
   if "restore" in args.sections:
     results["restore"] = restore_with_transfer(p, family_encodings(p, "vit"), log)
   results["seconds"] = time.time() - start
+  results["cores"] = os.cpu_count()
+  results["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   now = time.strftime("%Y-%m-%d %H:%M")
   results["measured"] = {s: now for s in args.sections}
-  results = keep_other_sections(results, os.path.join(args.out, "speed.json"))
+  stem = speed_report.stem(name)
+  results = keep_other_sections(results, os.path.join(args.out, f"{stem}.json"))
   markdown = speed_report.markdown(results)
   print(markdown)
-  speed_report.write(results, markdown, args.out)
+  speed_report.write(results, markdown, args.out, stem)
   return 0
 
 

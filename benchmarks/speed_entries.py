@@ -14,7 +14,7 @@ import linen_vit
 import speed_report
 import timing
 import timm_vit  # imports torch and timm only when a timm entry is built
-from configs import bert_small, vit_tiny
+from configs import bert_small, gpt_tiny, vit_tiny
 
 from posenc import encodings
 from posenc.models import VIT_SIZES
@@ -36,6 +36,7 @@ def vit_config(p: Profile, posenc: str, size: int, batch: int, model: str | None
   c.model, c.patch_size = model or p.vit_model, p.patch
   c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.vit_options})
   c.posenc, c.image_size, c.batch_size, c.eval_batch_size, c.dtype = posenc, size, batch, p.eval_batch, p.dtype
+  c.dataset = p.dataset or c.dataset
   return c
 
 
@@ -45,11 +46,22 @@ def bert_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collecti
   c.model = p.bert_model
   c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.bert_options})
   c.posenc, c.max_len, c.batch_size, c.dtype = posenc, length, batch, p.dtype
+  c.dataset = p.dataset or c.dataset
+  return c
+
+
+def gpt_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collections.ConfigDict:
+  """configs/gpt_tiny.py with this profile's model, vocabulary, length and batch."""
+  c = gpt_tiny.get_config()
+  c.model, c.vocab_size = p.gpt_model, p.gpt_vocab
+  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.gpt_options})
+  c.posenc, c.max_len, c.batch_size, c.eval_batch_size, c.dtype = posenc, length, batch, batch, p.dtype
+  c.dataset = p.dataset or c.dataset
   return c
 
 
 def family_encodings(p: Profile, family: str) -> list[str]:
-  ndim = 2 if family == "vit" else 1
+  ndim = 2 if family == "vit" else 1  # bert, gpt: sequences
   names = [n for n in encodings.names() if ndim in encodings.get(n).supported_ndims]
   return [n for n in names if p.encodings is None or n in p.encodings[family]]
 
@@ -59,14 +71,15 @@ def abstract_batch(batch: dict, batch_sharding) -> dict:
           for k, v in batch.items()}
 
 
-def unrolled_flops(config, batch: dict) -> float | None:
-  """XLA's FLOP count of the lowered train step with the layers unrolled; None when they already are.
+def unrolled_flops(config, batch: dict, always: bool = False) -> float | None:
+  """XLA's FLOP count of the lowered train step with the layers unrolled; None when they already are
+  (unless ``always``).
 
   XLA counts a loop body once, so a scanned layer stack is counted with its
   layers unrolled (the same arithmetic; nothing is compiled or allocated).
   """
-  if not resolve_scan_layers(config.model_options.get("scan_layers")):
-    return None  # the caller counts the step it compiles (unrolled already: the CPU default)
+  if not always and not resolve_scan_layers(config.model_options.get("scan_layers")):
+    return None  # the caller counts the step it compiles (unrolled already)
   c = ml_collections.ConfigDict(config.to_dict())
   c.model_options.scan_layers = False
   try:
@@ -101,9 +114,15 @@ def vit_sizes(p: Profile, model: str) -> dict:
   return {**VIT_SIZES[model.split("-")[1]], **{k: v for k, v in p.vit_options.items() if k in SIZE_OPTIONS}}
 
 
-def linen_entry(p: Profile, model_name: str, batch: dict) -> timing.Timed:
+def num_classes(run: Run) -> int:
+  """The classes of the run's dataset (the references' heads match posenc's)."""
+  from posenc import data
+  return data.info(run.config.dataset).num_classes
+
+
+def linen_entry(p: Profile, model_name: str, batch: dict, classes: int) -> timing.Timed:
   """The reference: benchmarks/linen_vit.py at the same sizes as posenc's ViT."""
-  model = linen_vit.LinenViT(num_classes=10, patch_size=p.patch, dtype=jnp.dtype(p.dtype), **vit_sizes(p, model_name))
+  model = linen_vit.LinenViT(num_classes=classes, patch_size=p.patch, dtype=jnp.dtype(p.dtype), **vit_sizes(p, model_name))
   images, labels = jnp.asarray(batch["image"], p.dtype), jnp.asarray(batch["label"])
   step, (params, opt_state) = linen_vit.make_train_step(model, images, labels)
   holder = [params, opt_state]
@@ -127,9 +146,9 @@ def timm_note() -> str | None:
   return timm_vit.available() or timm_vit.cuda_note(timm_device())
 
 
-def timm_entry(p: Profile, model_name: str, batch: dict) -> timing.Timed:
+def timm_entry(p: Profile, model_name: str, batch: dict, classes: int) -> timing.Timed:
   """timm's VisionTransformer, same sizes, same batch, in a PyTorch eager loop (benchmarks/timm_vit.py)."""
-  step, _ = timm_vit.make_train_step(np.asarray(batch["image"]), np.asarray(batch["label"]), num_classes=10,
+  step, _ = timm_vit.make_train_step(np.asarray(batch["image"]), np.asarray(batch["label"]), num_classes=classes,
                                      patch_size=p.patch, dtype=p.dtype, device=timm_device(),
                                      **vit_sizes(p, model_name))
   return timing.eager_timed(TIMM, step, int(np.size(batch["label"])))
@@ -140,9 +159,12 @@ def first_batch(run: Run, split: str, train: bool, size=None) -> dict:
   return next(iter(run.loader(split, train=train, size=size)))
 
 
-def loader_rate(run: Run, split: str, train: bool, size: int, batches: int) -> float:
-  """Items/s of the input pipeline alone (``posenc.data.make_loader``, in-process)."""
-  c = run.config
-  it = data_speed.batches_for(c.dataset, split, train, c.batch_size if train else c.eval_batch_size, size, 0)
+def loader_rate(run: Run, split: str, train: bool, batches: int, size=None) -> float:
+  """Items/s of the run's own input pipeline alone (``run.loader``: the task's, in-process), at
+  ``size`` (None: as trained)."""
+  def endless():  # an evaluation loader is one pass: start it again when exhausted
+    while True:
+      yield from run.loader(split, train=train, size=size)
+  it = endless()
   items = run.task.items(next(it))
   return items * data_speed.rate(lambda: next(it), batches)

@@ -8,7 +8,14 @@ import time
 
 from timing import Timed, ceiling_rate
 
-UNITS = {"vit": ("img/s", "image side"), "bert": ("tok/s", "max_len")}
+UNITS = {"vit": ("img/s", "image side"), "bert": ("tok/s", "max_len"), "gpt": ("tok/s", "max_len")}
+FAMILIES = {"vit": "ViT (configs/vit_tiny.py:full)", "bert": "BERT (configs/bert_small.py:full)",
+            "gpt": "GPT (configs/gpt_tiny.py)"}
+
+
+def stem(profile: str) -> str:
+  """File name stem of a profile's report: speed.* for the CPU (and CI's quick), speed_<profile>.* else."""
+  return "speed" if profile in ("cpu", "quick") else f"speed_{profile}"
 
 
 def _num(x, digits=1) -> str:
@@ -66,7 +73,7 @@ def _group_name(g: dict) -> str:
   return f"`{g['model']}`/{g['patch']} {g['size']} px, batch {g['batch']}"
 
 
-def headline(section: dict, goals: dict | None) -> list[str]:
+def headline(section: dict, goals: dict | None, dataset: str | None = None) -> list[str]:
   """Section 1: posenc vs timm vs linen per headline group, the ceiling, compile times."""
   groups = section["groups"]
   if not groups:
@@ -86,8 +93,9 @@ def headline(section: dict, goals: dict | None) -> list[str]:
                   f"machine timm loses far more than the XLA steps do, and posenc / timm overstates the lead; "
                   f"measure it on an idle machine (or see `--torch-threads 1`).")
   lines = ["## 1. posenc vs timm and a Flax linen ViT", "",
-           "The same ViT (learned position table, class token, pre-LN, tanh-GELU; 1-channel Fashion-MNIST "
-           "images, 10 classes; the model's width, depth, heads and MLP width) trained by three "
+           "The same ViT (learned position table, class token, pre-LN, tanh-GELU; "
+           + ("synthetic 3-channel images, 1,000 classes" if dataset == "synthetic" else
+              "1-channel Fashion-MNIST images, 10 classes") + "; the model's width, depth, heads and MLP width) trained by three "
            "implementations on the same batch with AdamW, float32 unless the profile says otherwise "
            f"({groups[0]['dtype']} here): posenc's real step (which also clips gradients, follows its LR "
            "schedule and computes accuracy, gradient norm and a finiteness check), a straightforward Flax "
@@ -157,6 +165,35 @@ def goal_lines(groups: list[dict], goals: dict) -> list[str]:
   return ["Goals of the issue (2 CPU cores):", ""] + out
 
 
+DEVICE_GOALS = dict(vit_mfu=0.45, gpt_tokens=400e3, overhead=0.10)  # H100/H200-class, bfloat16
+
+
+def device_goal_lines(results: dict) -> list[str]:
+  """The accelerator goals: ViT-B/16 224 px at >= 45 % MFU, GPT-2 small >= 400k tok/s, every
+  encoding within 10 % of `none`."""
+  out, peak = [], results.get("peak_flops")
+  for g in results.get("vit", [])[:1]:
+    e = _entry(g, "learned") or g["entries"][0]
+    if peak and e.flops:
+      frac = e.flops / e.seconds / peak
+      out.append(f"- `{g['model']}` {g['size']} px (`{e.name}`) at ≥ {DEVICE_GOALS['vit_mfu']:.0%} MFU of peak: "
+                 f"{_verdict(frac >= DEVICE_GOALS['vit_mfu'])} ({frac:.1%}).")
+  for g in results.get("gpt", [])[:1]:
+    e = _entry(g, "learned") or g["entries"][0]
+    out.append(f"- `{g['model']}` at {g['size']} tokens (`{e.name}`) ≥ {DEVICE_GOALS['gpt_tokens'] / 1e3:,.0f}k tok/s: "
+               f"{_verdict(e.rate >= DEVICE_GOALS['gpt_tokens'])} ({e.rate / 1e3:,.0f}k).")
+  for family in ("vit", "gpt"):
+    for g in results.get(family, []):
+      none = _entry(g, "none")
+      if none is None:
+        continue
+      worst = max(g["entries"], key=lambda e: e.seconds)
+      over = worst.seconds / none.seconds - 1
+      out.append(f"- {family} {g['size']}: every encoding within {DEVICE_GOALS['overhead']:.0%} of `none`: "
+                 f"{_verdict(over <= DEVICE_GOALS['overhead'])} (slowest `{worst.name}`, {over:+.0%}).")
+  return ["Goals of the issue (H100/H200-class GPU, bfloat16):", ""] + out + [""] if out else []
+
+
 def compile_lines(group: dict, goals: dict | None) -> list[str]:
   """Compile time of the first group's train step with its layers scanned and unrolled."""
   ours = _entry(group, POSENC)
@@ -191,21 +228,23 @@ def _pct(x) -> str:
   return "—" if x is None else f"{100 * x:.0f}%"
 
 
-def train_table(family: str, groups: list[dict]) -> list[str]:
+def train_table(family: str, groups: list[dict], peak: float | None = None) -> list[str]:
   unit, size_name = UNITS[family]
   lines = [f"| {size_name} | batch | posenc | {unit} | step ms | vs `none` | compile s | GFLOP/step | MFU "
-           f"| XLA MB | RSS peak MB | loader {unit} |", "|---:|---:|---|" + "---:|" * 9]
+           f"| MFU of peak | attention | XLA MB | RSS peak MB | loader {unit} |", "|---:|---:|---|" + "---:|" * 11]
   for g in groups:
     none = _entry(g, "none")
     for e in g["entries"]:
       if e.name == LINEN:  # reports written before the headline was its own section
         continue
       overhead = "—" if none is None else f"{100 * (e.seconds / none.seconds - 1):+.0f}%"
-      starved = " (starved)" if g["loader"] < e.rate else ""
+      loader = g.get("loader")
+      starved = " (starved)" if loader is not None and loader < e.rate else ""
+      of_peak = peak and e.flops and e.flops / e.seconds / peak
       lines.append(f"| {g['size']} | {g['batch']} | `{e.name}` | {_num(e.rate)} | {_num(1e3 * e.seconds, 0)} | "
                    f"{overhead} | {_num(e.compile_s)} | {_num(e.flops and e.flops / 1e9)} | "
-                   f"{_pct(mfu(e, g['matmul']))} | {_mb(e.xla_bytes)} | {_mb(e.rss_bytes)} | "
-                   f"{_num(g['loader'], 0)}{starved} |")
+                   f"{_pct(mfu(e, g['matmul']))} | {_pct(of_peak)} | {e.attention or '—'} | {_mb(e.xla_bytes)} | "
+                   f"{_mb(e.rss_bytes)} | {'synthetic' if loader is None else _num(loader, 0)}{starved} |")
   return lines
 
 
@@ -216,12 +255,14 @@ def matmul_line(groups: list[dict]) -> str:
 
 
 def markdown(results: dict) -> str:
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-  cores = os.cpu_count() or 1
+  load = results.get("load_end")  # as measured (a report re-rendered elsewhere keeps its machine's)
+  cores = results.get("cores") or os.cpu_count() or 1
   lines = ["# posenc speed", "", f"Profile `{results['profile']}`, measured {max(results['measured'].values())} "
            f"in {results['seconds'] / 60:.1f} min (`python benchmarks/speed.py"
            f"{' --quick' if results['profile'] == 'quick' else ''}`).", ""]
-  lines += [f"- {h}" for h in results["header"]] + [f"- load average at end: {load:.1f}", ""]
+  lines += [f"- {h}" for h in results["header"]] + [f"- load average at end: {_num(load)}", ""]
+  if results.get("flops_note"):
+    lines += [results["flops_note"], ""]
   if len(set(results["measured"].values())) > 1:
     lines += ["Sections measured at different times (`--sections` re-measures some and keeps the rest): "
               + ", ".join(f"{k} {v}" for k, v in results["measured"].items()) + ".", ""]
@@ -230,14 +271,22 @@ def markdown(results: dict) -> str:
             f"contender per round) and reported as the median over rounds, so a load spike hits every "
             f"contender alike and the ratios stay fair.", ""]
   if results.get("headline"):
-    lines += headline(results["headline"], results.get("goals"))
-  if results.get("vit") or results.get("bert"):
+    lines += headline(results["headline"], results.get("goals"), results.get("dataset"))
+  if any(results.get(f) for f in FAMILIES):
     lines += ["## 2. Train step per position encoding", ""]
-  for family, title in (("vit", "ViT (configs/vit_tiny.py:full)"), ("bert", "BERT (configs/bert_small.py:full)")):
+    if results.get("dataset") == "synthetic":
+      lines += ["Batches are synthetic (`--config.dataset=synthetic`: random data of the real batches' shapes; "
+                "images 3-channel, 1,000 classes): no dataset is installed on the device.", ""]
+    if results.get("peak_flops"):
+      lines += [f"*MFU of peak* = the step's FLOPs (XLA's cost analysis) per second over the device's datasheet "
+                f"peak, {results['peak_flops'] / 1e12:,.0f} TFLOP/s dense bfloat16.", ""]
+  for family, title in FAMILIES.items():
     if results.get(family):
       groups = results[family]
       lines += [f"### {title}, model `{groups[0]['model']}`", "", matmul_line(groups), ""]
-      lines += train_table(family, groups) + [""]
+      lines += train_table(family, groups, results.get("peak_flops")) + [""]
+  if results.get("profile") == "gpu":
+    lines += device_goal_lines(results)
   if results.get("eval"):
     rows = results["eval"]
     lines += [f"## 3. Evaluation at several resolutions", "",
@@ -251,7 +300,7 @@ def markdown(results: dict) -> str:
       again = "—" if r["transfer_s"] is None else _num(1e3 * r["transfer_s"], 2)
       first = "— (built at this size)" if r["transfer_first_s"] is None else _num(r["transfer_first_s"], 2)
       lines.append(f"| {r['size']} | {r['tokens']} | {first} | {again} | {_num(r['eval'].compile_s)} | "
-                   f"{_num(r['eval'].rate)} | {_num(r['loader'], 0)} |")
+                   f"{_num(r['eval'].rate)} | {'synthetic' if r['loader'] is None else _num(r['loader'], 0)} |")
     lines.append("")
   if results.get("restore"):
     lines += restore_lines(results["restore"], results.get("goals"))
@@ -262,8 +311,9 @@ def markdown(results: dict) -> str:
             "time relative to `none` at the same size. *XLA MB* = the compiled step's buffer assignment "
             "(arguments + outputs + temporaries − donated). *RSS peak MB* = the process's resident-set "
             "high-water mark (Linux VmHWM, reset before each compile, read after the first step; it includes "
-            "everything the process holds). *loader* = `posenc.data.make_loader` alone, in-process "
-            "(benchmarks/data_speed.py); *(starved)* marks a step faster than its input pipeline."]
+            "everything the process holds). *loader* = the run's own input pipeline "
+            "(`run.loader`) alone, in-process; *(starved)* marks a step faster than its input pipeline. *attention* = "
+            "whether the compiled step calls cuDNN's fused attention kernel or runs XLA's own ops."]
   return "\n".join(lines) + "\n"
 
 
@@ -312,12 +362,13 @@ def restore_ratio(row: dict) -> tuple[float, float, float] | None:
 
 def _timed(e: Timed) -> dict:
   return dict(name=e.name, compile_s=e.compile_s, items=e.items, flops=e.flops, xla_bytes=e.xla_bytes,
-              rss_bytes=e.rss_bytes, times=e.times)
+              rss_bytes=e.rss_bytes, attention=e.attention, times=e.times)
 
 
 def to_json(results: dict) -> dict:
   out = {k: results[k] for k in ("profile", "header", "seconds", "measured")}
-  for family in ("vit", "bert"):
+  out.update({k: results.get(k) for k in ("dataset", "peak_flops", "flops_note", "cores", "load_end")})
+  for family in FAMILIES:
     out[family] = [dict(g, entries=[_timed(e) for e in g["entries"]], matmul=_timed(g["matmul"]))
                    for g in results.get(family, [])]
   if results.get("headline"):
@@ -334,7 +385,7 @@ def from_json(data: dict) -> dict:
   """``to_json``'s inverse (the entries come back without their callables)."""
   timed = lambda d: Timed(call=None, **d)  # noqa: E731
   out = dict(data)
-  for family in ("vit", "bert"):
+  for family in FAMILIES:
     out[family] = [dict(g, entries=[timed(e) for e in g["entries"]], matmul=timed(g["matmul"]))
                    for g in data.get(family, [])]
   if data.get("headline"):
@@ -350,7 +401,7 @@ def plot(results: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  families = [f for f in ("vit", "bert") if results.get(f)]
+  families = [f for f in FAMILIES if results.get(f)]
   fig, axes = plt.subplots(1, len(families) + 1, figsize=(6 * (len(families) + 1), 4), squeeze=False)
   for ax, family in zip(axes[0][1:], families):
     groups = results[family]
@@ -381,10 +432,10 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def write(results: dict, text: str, directory: str) -> None:
+def write(results: dict, text: str, directory: str, name: str = "speed") -> None:
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "speed.md"), "w") as f:
+  with open(os.path.join(directory, f"{name}.md"), "w") as f:
     f.write(text)
-  with open(os.path.join(directory, "speed.json"), "w") as f:
+  with open(os.path.join(directory, f"{name}.json"), "w") as f:
     json.dump(to_json(results), f, indent=1, default=str)
-  plot(results, os.path.join(directory, "speed.png"))
+  plot(results, os.path.join(directory, f"{name}.png"))

@@ -33,6 +33,7 @@ class Timed:
   flops: float | None = None    # per call, from XLA's cost analysis
   xla_bytes: int | None = None  # XLA buffer assignment: arguments + outputs + temporaries - donated
   rss_bytes: int | None = None  # process RSS high-water mark over compile + first call
+  attention: str | None = None  # "cuDNN" where the compiled program calls cuDNN's fused attention, else "XLA"
   times: list[float] = dataclasses.field(default_factory=list)
 
   @property
@@ -85,6 +86,27 @@ def device_peak_bytes() -> int | None:
 
 # --------------------------------------------------------------------------- FLOPs
 
+# Dense bfloat16 peaks from the vendors' datasheets (FLOP/s), by a substring of ``device_kind``.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops(dtype: str) -> float | None:
+  """The device's datasheet peak for ``dtype`` matmuls (bfloat16 only; None where not known)."""
+  if dtype != "bfloat16":
+    return None
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in BF16_PEAK_FLOPS.items() if k in kind), None)
+
+
+def attention_kernel(compiled) -> str:
+  """Which attention the compiled program runs: cuDNN's fused kernel (a custom call) or XLA's ops."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # noqa: BLE001 - a backend that cannot print its program
+    return "?"
+  return "cuDNN" if "__cudnn$fmha" in text else "XLA"
+
 
 def xla_flops(lowered_or_compiled) -> float | None:
   """FLOPs XLA's cost analysis counts for one call (a loop body counts once)."""
@@ -114,7 +136,7 @@ def compile_timed(name: str, jitted, args: tuple, items: int, make_call: Callabl
   call = make_call(compiled)
   jax.block_until_ready(call())  # first call: allocation, and warm caches
   return Timed(name, call, seconds, items, flops if flops is not None else xla_flops(lowered),
-               xla_bytes(compiled), rss_peak_bytes())
+               xla_bytes(compiled), rss_peak_bytes(), attention_kernel(compiled))
 
 
 def eager_timed(name: str, call: Stepper, items: int) -> Timed:
@@ -190,6 +212,15 @@ def ceiling_rate(entries: list[Timed], round_index: int | None = None) -> float:
   return sum(e.flops for e in entries) / sum(seconds)
 
 
+def cpu_model() -> str:
+  """The host CPU's model name (Linux /proc/cpuinfo), the portable context of every CPU figure."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+  except OSError:
+    return "?"
+
+
 def machine_lines() -> list[str]:
   """Where the numbers come from: devices, cores, versions, load, XLA flags."""
   import flax
@@ -199,7 +230,8 @@ def machine_lines() -> list[str]:
   kinds = sorted({d.device_kind for d in devices})
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   return [
-      f"devices: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}); host CPU cores: {os.cpu_count()}",
+      f"devices: {len(devices)} x {', '.join(kinds)} ({devices[0].platform}); host CPU: {cpu_model()}, "
+      f"{os.cpu_count()} cores",
       f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
       f"flax {flax.__version__}, optax {optax.__version__}",
       f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '(none)')}",
