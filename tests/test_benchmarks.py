@@ -134,12 +134,12 @@ def test_speed_quick_writes_well_formed_tables(quick_run):
   assert stdout.strip() == markdown.strip()
   assert "shared with other jobs" in markdown
   found = tables(markdown)
-  # headline (contenders, ratios + ceiling, compile times), ViT, BERT, eval, restore
-  assert len(found) == 7, [t[0] for t in found]
+  # headline (contenders, ratios + ceiling, compile times), ViT, BERT, GPT, eval, restore
+  assert len(found) == 8, [t[0] for t in found]
   for table in found:
     assert len({len(row) for row in table}) == 1, table
     assert all(cell for row in table for cell in row), table
-  contenders, ratios, compiles, vit, bert, evaluation, restore = found
+  contenders, ratios, compiles, vit, bert, gpt, evaluation, restore = found
   assert timm_importable(), "run install.sh: it installs benchmarks/requirements.txt"
   timm = ["timm"]
   assert [row[1].split()[0] for row in contenders[1:]] == ["posenc", "posenc,", "Flax"] + timm
@@ -154,6 +154,7 @@ def test_speed_quick_writes_well_formed_tables(quick_run):
                                                   "posenc, scanned layers"]
   assert [row[2] for row in vit[1:]] == ["`learned`", "`none`"]
   assert [row[2] for row in bert[1:]] == ["`learned`"]
+  assert [row[2] for row in gpt[1:]] == ["`alibi`"] and gpt[1][10] == "XLA"  # no cuDNN on a CPU
   assert [row[0] for row in evaluation[1:]] == ["8", "16"]
   assert restore[1][0] == "`learned`" and "posenc/" in restore[1][2]
   with open(out / "speed.png", "rb") as f:
@@ -226,7 +227,7 @@ def test_speed_quick_numbers_follow_from_measurements(quick_run):
   assert len(row["plain_times"]) == len(row["transfer_times"]) == 3
   per = [m / p for p, m in zip(row["plain_times"], row["transfer_times"])]
   expected = (median(row["transfer_times"]) / median(row["plain_times"]), min(per), max(per))
-  assert ratio_cell(found[6][1][8]) == pytest.approx(expected, abs=0.006)
+  assert ratio_cell(found[7][1][8]) == pytest.approx(expected, abs=0.006)
   bold = re.search(r"Restore with transfer / plain restore: `learned` ([\d.]+)×", markdown)
   assert float(bold.group(1)) == pytest.approx(expected[0], abs=0.006)
 
@@ -241,11 +242,43 @@ def test_speed_sections_remeasure_one_and_keep_the_rest(quick_run, speed_env, tm
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   before, after = (json.loads((d / "speed.json").read_text()) for d in (out, tmp_path))
-  assert set(after["measured"]) == {"headline", "vit", "bert", "eval", "restore"}
-  for section in ("headline", "vit", "bert", "restore"):
+  assert set(after["measured"]) == {"headline", "vit", "bert", "gpt", "eval", "restore"}
+  for section in ("headline", "vit", "bert", "gpt", "restore"):
     assert after[section] == before[section] and after["measured"][section] == before["measured"][section]
   assert after["eval"] != before["eval"]  # measured again: new timings
   assert tables((tmp_path / "speed.md").read_text())[:5] == tables((out / "speed.md").read_text())[:5]
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_reports_every_step_and_flops_count_again(speed_env, tmp_path):
+  """benchmarks/device_check.sh --dry-run: every step runs and passes on this CPU (synthetic batches), and
+  speed.py --count-flops fills in a report's missing GFLOP/step with the counts the run itself made."""
+  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_check.sh"), "--dry-run", str(tmp_path)],
+                        cwd=ROOT, env=speed_env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  (steps,) = tables((tmp_path / "device_check.md").read_text())
+  assert [row[0] for row in steps[1:]] == ["pytest -m accelerator"] + [
+      f"speed.py --quick --synthetic --sections {s}" for s in ("vit", "gpt", "headline", "restore", "eval")]
+  assert all(row[1] == "passed" for row in steps[1:]), steps
+  markdown = (tmp_path / "speed.md").read_text()
+  assert "Batches are synthetic" in markdown and "synthetic 3-channel images, 1,000 classes" in markdown
+  measured = json.loads((tmp_path / "speed.json").read_text())
+  assert set(measured["measured"]) == {"vit", "gpt", "headline", "restore", "eval"}
+  assert all(g["loader"] is None for g in measured["vit"] + measured["gpt"])  # nothing to read: synthetic
+  blank = json.loads(json.dumps(measured))
+  for g in blank["vit"] + blank["gpt"]:
+    for e in g["entries"]:
+      e["flops"] = None
+  (tmp_path / "speed.json").write_text(json.dumps(blank))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--synthetic",
+                         "--count-flops", "--out", str(tmp_path)], cwd=ROOT, env=speed_env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  counted = json.loads((tmp_path / "speed.json").read_text())
+  for family in ("vit", "gpt"):
+    for g, h in zip(counted[family], measured[family]):
+      assert [e["flops"] for e in g["entries"]] == [e["flops"] for e in h["entries"]] and g["entries"][0]["flops"]
+  assert "counted after the run by `--count-flops`" in (tmp_path / "speed.md").read_text()
 
 
 @pytest.fixture(scope="module")
