@@ -38,9 +38,10 @@ def bias_of(enc, geometry, layer=0, positions=None):
 
 
 def randomize(enc, seed=1, scale=1.0):
+  """Random parameters, but FIRE's ``threshold_init``: a stored constant (``L`` before its learned scale)."""
   rng = np.random.default_rng(seed)
-  for _, p in nnx.iter_graph(enc):
-    if isinstance(p, nnx.Param):
+  for path, p in nnx.iter_graph(enc):
+    if isinstance(p, nnx.Param) and path[-1] != "threshold_init":
       p[...] = jnp.asarray(scale * rng.normal(size=p.shape), p.dtype)
   return enc
 
@@ -76,7 +77,7 @@ def kerple_closed_form(enc, positions, layer):
 def fire_closed_form(enc, positions, layer):
   """b(i, j) = MLP(psi(|i - j|) / psi(max(L, i))), psi(x) = log(|c| x + 1), i the query."""
   p = params64(enc, layer)
-  c, big_l = abs(p["c"]), abs(p["threshold_scale"]) * enc.init_threshold
+  c, big_l = abs(p["c"]), abs(p["threshold_scale"]) * p["threshold_init"]
   psi = lambda x: math.log(c * x + 1)  # noqa: E731
   pos = np.asarray(positions, np.float64)[..., 0]
   b, n = pos.shape
@@ -94,17 +95,20 @@ def test_parameter_counts_names_and_init():
   count = lambda *a, **k: num_params(nnx.eval_shape(lambda: build(*a, **k)))  # noqa: E731
   assert count("kerple") == 2 * H  # shared by the layers, as in the paper's code
   assert count("kerple", per_layer=True) == LAYERS * 2 * H
-  assert count("fire") == LAYERS * (2 * W + W * H + H + 2)
-  assert count("fire", hidden_dim=8, per_layer=False) == 2 * 8 + 8 * H + H + 2
+  assert count("fire") == LAYERS * (2 * W + W * H + H + 3)
+  assert count("fire", hidden_dim=8, per_layer=False) == 2 * 8 + 8 * H + H + 3
   fire, kerple = build("fire"), build("kerple", per_layer=True)
   assert fire.w2.get_metadata()["out_sharding"] == ("layers", "mlp", "heads")
   assert fire.c.get_metadata()["out_sharding"] == ("layers",)
   assert kerple.raw_r1.get_metadata()["out_sharding"] == ("layers", "heads")
   assert build("kerple").raw_r1.get_metadata()["out_sharding"] == ("heads",)
-  # The paper's initial values: c = 0.1, L = 512; torch nn.Linear bounds for the MLP.
+  # The reference code's initial values: c = 0.1, L = 512 at its 2,048-token training length (a
+  # quarter of the built length); torch nn.Linear bounds for the MLP.
   np.testing.assert_allclose(fire.c[...], 0.1, rtol=1e-6)
   np.testing.assert_array_equal(fire.threshold_scale[...], 1.0)
-  assert fire.init_threshold == 512.0
+  np.testing.assert_array_equal(fire.threshold_init[...], 7 / 4)  # SEQ: 7 positions
+  np.testing.assert_array_equal(build("fire", Geometry.seq(2048)).threshold_init[...], 512.0)
+  np.testing.assert_array_equal(build("fire", init_threshold=100).threshold_init[...], 100.0)
   assert np.abs(fire.w1[...]).max() <= 1.0 and np.abs(fire.w2[...]).max() <= 1 / math.sqrt(W)
   assert np.abs(fire.w2[...]).max() > 0.5 / math.sqrt(W)
   # KERPLE's r1 ~ U(0, 2), r2 ~ U(0, 1), floored at 0.01 (stored through a softplus).
@@ -163,7 +167,7 @@ def test_kerple_depends_only_on_the_distance():
 def test_fire_is_translation_invariant_only_below_its_threshold():
   geometry = Geometry.seq(9)
   p = real_positions(9, high=20)
-  enc = randomize(build("fire", geometry), scale=0.5)  # L = 512 * |threshold_scale|
+  enc = randomize(build("fire", geometry, init_threshold=512), scale=0.5)  # L = 512 * |threshold_scale|
   enc.threshold_scale[...] = jnp.ones((LAYERS,))
   base = bias_of(enc, geometry, 1, p)
   np.testing.assert_allclose(bias_of(enc, geometry, 1, p + np.float32(400.5)), base, rtol=1e-4, atol=1e-4)
@@ -195,12 +199,14 @@ def test_fire_gradients_match_torch_autograd(threshold):
 
   p = {k: torch.tensor(v, requires_grad=True) for k, v in params64(enc, layer).items()}
   pos = torch.tensor(np.asarray(positions, np.float64)[..., 0], requires_grad=True)
-  c, big_l = p["c"].abs(), p["threshold_scale"].abs() * enc.init_threshold
+  big_l = p["threshold_scale"].abs() * p.pop("threshold_init").detach()  # a constant: no gradient
+  c = p["c"].abs()
   x = torch.log1p(c * (pos[:, :, None] - pos[:, None, :]).abs())
   x = x / (torch.log1p(c * torch.maximum(pos, big_l)) + 1e-6)[:, :, None]
   bias = torch.relu(x[..., None] * p["w1"][0] + p["b1"]) @ p["w2"] + p["b2"]  # [B, N, N, H]
   (torch.moveaxis(bias, -1, 1) * torch.tensor(weights[:, :, 1:, 1:])).sum().backward()
 
+  assert not np.asarray(grads["threshold_init"]).any()  # stored under stop_gradient, as init_L in the paper's code
   for key, value in p.items():
     np.testing.assert_allclose(grads[key][layer], value.grad.numpy(), rtol=2e-4, atol=1e-5, err_msg=key)
     others = np.delete(np.asarray(grads[key]), layer, axis=0)
@@ -226,7 +232,8 @@ def test_jit_at_two_lengths_with_finite_nonzero_gradients(name):
     assert bias.shape == weights.shape and bias.dtype == jnp.float32 and np.isfinite(bias).all()
     leaves = nnx.to_pure_dict(grads)
     assert set(leaves) == ({"raw_r1", "raw_r2"} if name == "kerple" else
-                           {"w1", "b1", "w2", "b2", "c", "threshold_scale"})
+                           {"w1", "b1", "w2", "b2", "c", "threshold_scale", "threshold_init"})
+    assert not np.asarray(leaves.pop("threshold_init", 0)).any()  # FIRE's stored constant
     for key, g in leaves.items():
       g = np.asarray(g)
       assert np.isfinite(g).all() and np.abs(g[1]).sum() > 0, key  # layer 1's slice
@@ -257,8 +264,30 @@ def test_clear_errors():
     build("fire", init_c=0.0)
   with pytest.raises(ValueError, match=r"init_threshold must be a number > 0"):
     build("fire", init_threshold=-1)
+  with pytest.raises(ValueError, match=r"give init_threshold, or build it at a 1D geometry"):
+    make("fire", num_heads=H, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"'kerple' has no option\(s\) \['hidden_dim'\]"):
     build("kerple", hidden_dim=8)
+
+
+def test_fire_threshold_follows_the_trained_length_and_survives_a_rebuild_at_another():
+  """The paper's rule: L at or below the training length, so that training queries pass it (progressive
+  interpolation runs) and the MLP's input spans [0, 1] in training as at longer lengths. A model built at
+  another length (evaluation, init_from) takes the trained parameters, threshold included."""
+  from posenc import models
+  def causal_span(enc, length):  # the MLP's inputs over keys at or before the query (a causal model's)
+    x = np.asarray(nnx.jit(lambda e: e.normalized_distance(Geometry.seq(length).positions(), 0))(enc))[0]
+    return x[np.tril_indices(length)].min(), x[np.tril_indices(length)].max()
+
+  assert causal_span(build("fire", Geometry.seq(64)), 64)[1] > 0.97  # psi(63) / psi(63): all of [0, 1]
+  assert causal_span(build("fire", Geometry.seq(64), init_threshold=512), 64)[1] < 0.55  # the old default's trap
+  assert causal_span(build("fire", Geometry.seq(64)), 512) == (0.0, pytest.approx(1.0, abs=1e-5))
+  trained = models.create("gpt-nano", posenc="fire", rngs=nnx.Rngs(0), vocab_size=16, max_len=64)
+  rebuilt = models.create("gpt-nano", posenc="fire", rngs=nnx.Rngs(1), vocab_size=16, max_len=512)
+  np.testing.assert_array_equal(trained.posenc.threshold_init[...], 16.0)
+  np.testing.assert_array_equal(rebuilt.posenc.threshold_init[...], 128.0)
+  nnx.update(rebuilt, nnx.state(trained, nnx.Param))  # what a restore at another length does: same shapes
+  np.testing.assert_array_equal(rebuilt.posenc.threshold_init[...], 16.0)
 
 
 def test_fire_in_query_row_chunks_equals_all_at_once_with_its_gradients(monkeypatch):

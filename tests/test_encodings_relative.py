@@ -107,6 +107,40 @@ def test_t5_buckets_match_transformers(num_buckets, max_distance):
   assert len(np.unique(ours)) == num_buckets - 1 and num_buckets // 2 not in ours
 
 
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (32, 64), (16, 64), (8, 20)])
+def test_unidirectional_t5_buckets_match_transformers(num_buckets, max_distance):
+  """T5's decoder buckets (``bidirectional=False``): every bucket for keys at or before the query."""
+  rel = np.arange(-400, 401)
+  ours = np.asarray(jax.jit(t5_bucket, static_argnums=(1, 2, 3))(jnp.asarray(rel), num_buckets, max_distance,
+                                                                 False))
+  theirs = T5Attention._relative_position_bucket(torch.from_numpy(rel), bidirectional=False,
+                                                 num_buckets=num_buckets, max_distance=max_distance).numpy()
+  np.testing.assert_array_equal(ours, theirs)
+  assert len(np.unique(ours[rel <= 0])) == num_buckets and not ours[rel > 0].any()
+
+
+def test_rel_bias_in_a_causal_model_uses_the_decoders_buckets():
+  """A causal model (``causal=True``, which the GPT passes) gets T5's decoder buckets by default; an
+  encoder keeps the bidirectional ones; ``bidirectional`` overrides either."""
+  geometry = Geometry.seq(40)
+  for kwargs, bidirectional in (({}, True), ({"causal": True}, False),
+                                ({"causal": True, "bidirectional": True}, True)):
+    enc = randomize(make("rel_bias", num_heads=H, geometry=SEQ, rngs=nnx.Rngs(0), num_buckets=16, max_distance=20,
+                         **kwargs))
+    assert enc.bidirectional is bidirectional
+    config = T5Config(d_model=16, d_kv=4, num_heads=H, relative_attention_num_buckets=16,
+                      relative_attention_max_distance=20, is_decoder=not bidirectional)
+    t5 = T5Attention(config, has_relative_attention_bias=True)
+    with torch.no_grad():
+      t5.relative_attention_bias.weight.copy_(torch.tensor(np.asarray(enc.table[...])))
+      theirs = t5.compute_bias(40, 40)[0].numpy()
+    np.testing.assert_array_equal(positions(bias_of(enc, geometry), geometry), theirs)
+  from posenc import models
+  gpt = models.create("gpt-nano", posenc="rel_bias", rngs=nnx.Rngs(0), vocab_size=16, max_len=32)
+  bert = models.create("bert-tiny", posenc="rel_bias", rngs=nnx.Rngs(0), vocab_size=16, max_len=32)
+  assert not gpt.posenc.bidirectional and bert.posenc.bidirectional
+
+
 def test_rel_bias_1d_matches_t5_compute_bias():
   enc = randomize(build("rel_bias", SEQ, num_buckets=16, max_distance=20))
   geometry = Geometry.seq(40, num_prefix=2)  # any length, longer than built

@@ -108,19 +108,32 @@ class Kerple(Encoding):
 class FIRE(Encoding):
   """FIRE: ``bias[h, i, j] = f(psi(|i - j|) / psi(max(L, i)))_h``, ``i`` the query.
 
-  ``psi(x) = log(|c| x + 1)`` and ``L = |threshold_scale| * init_threshold``,
-  with ``c`` and ``threshold_scale`` learned scalars (absolute values keep
-  them positive, as the paper's code does); the normaliser gets ``+ 1e-6``.
-  ``f`` is an MLP ``1 -> hidden_dim (ReLU) -> H``. Defaults are the paper's:
-  ``hidden_dim=32``, ``init_c=0.1``, ``init_threshold=512`` (``L`` starts
-  there; ``threshold_scale`` starts at 1), MLP initialised like torch's
-  ``nn.Linear`` (``U(+-1/sqrt(fan_in))`` for weights and biases).
-  ``per_layer=True`` (default) gives each layer its own MLP, ``c`` and ``L``;
-  ``per_layer=False`` shares one set across layers (layer-shared FIRE).
+  ``psi(x) = log(|c| x + 1)`` and ``L = |threshold_scale| * threshold_init``, with
+  ``c`` and ``threshold_scale`` learned scalars (absolute values keep them
+  positive, as the paper's code does); the normaliser gets ``+ 1e-6``. ``f`` is
+  an MLP ``1 -> hidden_dim (ReLU) -> H``. Defaults are the paper's reference
+  code's: ``hidden_dim=32``, ``init_c=0.1``, MLP initialised like torch's
+  ``nn.Linear`` (``U(+-1/sqrt(fan_in))`` for weights and biases), ``L`` starting
+  at ``init_threshold`` with ``threshold_scale`` at 1.
 
-  Parameters: ``w1 (1, W)``, ``b1 (W,)``, ``w2 (W, H)``, ``b2 (H,)``, ``c ()``,
-  ``threshold_scale ()``, each with a leading ``num_layers`` axis when
-  ``per_layer``: ``2W + W*H + H + 2`` per set.
+  ``init_threshold`` defaults to a quarter of the length the model is built at
+  (the reference code's 512 for its 2,048-token pre-training): most training
+  queries then sit past ``L``, so training exercises the progressive
+  interpolation that lets FIRE extrapolate, and the MLP's input spans [0, 1]
+  in training as at any longer length. A threshold above the training length
+  would leave the normaliser at the constant ``psi(L)`` for every training
+  query and the MLP's input on a sub-range it then leaves at longer lengths.
+  Like the reference code's ``init_L`` (a parameter without gradient), the
+  value is stored as a parameter, ``threshold_init``, under ``stop_gradient``:
+  a checkpoint carries it, so a model rebuilt at another length (evaluation,
+  ``init_from``) keeps the trained threshold.
+
+  ``per_layer=True`` (default, the paper's main setting) gives each layer its
+  own MLP, ``c`` and ``L``; ``per_layer=False`` shares one set across layers
+  (the paper's layer-shared ablation). Parameters: ``w1 (1, W)``, ``b1 (W,)``,
+  ``w2 (W, H)``, ``b2 (H,)``, ``c ()``, ``threshold_scale ()``,
+  ``threshold_init ()``, each with a leading ``num_layers`` axis when
+  ``per_layer``: ``2W + W*H + H + 3`` per set.
 
   Keys after the query (``j > i``) use the distance ``|i - j|`` with the same
   query normaliser (the paper's code takes ``|c (i - j)|``), so for a
@@ -132,14 +145,21 @@ class FIRE(Encoding):
 
   supported_ndims = (1,)
 
-  def __init__(self, *, num_heads: int, num_layers: int = 1, hidden_dim: int = 32,
-               init_c: float = 0.1, init_threshold: float = 512.0, per_layer: bool = True,
+  def __init__(self, *, num_heads: int, geometry=None, num_layers: int = 1, hidden_dim: int = 32,
+               init_c: float = 0.1, init_threshold: float | None = None, per_layer: bool = True,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
     hidden_dim = _positive_int(self.name, "hidden_dim", hidden_dim)
     init_c = _positive_float(self.name, "init_c", init_c)
-    self.init_threshold = _positive_float(self.name, "init_threshold", init_threshold)
+    if geometry is not None:
+      self.check(geometry)  # 1D only: a clear error before the default below reads its length
+    if init_threshold is None:
+      if geometry is None:
+        raise ValueError(f"position encoding '{self.name}': give init_threshold, or build it at a 1D "
+                         f"geometry (its default is a quarter of the built length).")
+      init_threshold = max(1.0, geometry.shape[0] / 4)
+    init_threshold = _positive_float(self.name, "init_threshold", init_threshold)
     self.per_layer = bool(per_layer)
     self.bias_shared_by_layers = not self.per_layer
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
@@ -155,14 +175,20 @@ class FIRE(Encoding):
     self.b2 = param((num_heads,), ("heads",), _uniform(-bound, bound))
     self.c = param((), (), nnx.initializers.constant(init_c))
     self.threshold_scale = param((), (), nnx.initializers.constant(1.0))
+    self.threshold_init = param((), (), nnx.initializers.constant(init_threshold))
+
+  def threshold(self, layer) -> jax.Array:
+    """``L = |threshold_scale| * threshold_init`` of ``layer``, float32."""
+    scale, base = (_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32)
+                   for p in (self.threshold_scale, self.threshold_init))
+    return jnp.abs(scale) * jax.lax.stop_gradient(base)
 
   def normalized_distance(self, positions, layer) -> jax.Array:
     """``psi(|i - j|) / psi(max(L, i))``, ``[B, N, N]`` float32: the MLP's input."""
-    c, scale = (jnp.abs(_layer_params(p[...], self.per_layer, self.num_layers, layer).astype(jnp.float32))
-                for p in (self.c, self.threshold_scale))
+    c = jnp.abs(_layer_params(self.c[...], self.per_layer, self.num_layers, layer).astype(jnp.float32))
     query = positions[..., 0].astype(jnp.float32)  # [B, N]
     # log1p, not log(c x + 1): a multiply-add XLA may fuse or not gives other bits per program.
-    normaliser = jnp.log1p(c * jnp.maximum(query, scale * self.init_threshold)) + FIRE_EPS
+    normaliser = jnp.log1p(c * jnp.maximum(query, self.threshold(layer))) + FIRE_EPS
     return jnp.log1p(c * _distance(positions)) / normaliser[:, :, None]
 
   def attention_bias(self, geometry, positions, layer):

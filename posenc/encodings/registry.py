@@ -7,8 +7,9 @@ from posenc.encodings.base import Encoding
 
 _REGISTRY: dict[str, type[Encoding]] = {}
 
-# What a model always offers; an encoding takes the ones its __init__ names.
-CONTEXT_KEYS = frozenset({"dim", "num_heads", "num_layers", "geometry", "param_dtype", "rngs"})
+# What a model always offers; an encoding takes the ones its __init__ names. ``causal``: the
+# model is a causal decoder (rel_bias then uses T5's decoder buckets).
+CONTEXT_KEYS = frozenset({"dim", "num_heads", "num_layers", "geometry", "causal", "param_dtype", "rngs"})
 
 
 def register(name: str):

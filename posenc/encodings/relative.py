@@ -6,7 +6,8 @@ invariant); rows and columns of prefix tokens are 0. ``rel_bias`` looks integer
 offsets up in its table; ``cpb`` and ``alibi`` take real-valued positions.
 
 - ``rel_bias``: a learned table per head. 1D uses T5's log-spaced buckets of
-  ``key - query`` (any length). 2D uses Swin's table of ``(2h-1)(2w-1)`` rows,
+  ``key - query`` (any length): bidirectional in an encoder, unidirectional (T5's
+  decoder) in a causal model. 2D uses Swin's table of ``(2h-1)(2w-1)`` rows,
   one per offset ``query - key`` on the built ``(h, w)`` grid.
 - ``cpb``: Swin-V2's continuous position bias, an MLP of log-spaced offsets.
 - ``alibi``: fixed per-head slopes times minus the distance (ALiBi).
@@ -40,23 +41,27 @@ def pair_mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array) -> jax.A
 
 
 def t5_bucket(relative_position: jax.Array, num_buckets: int = 32,
-              max_distance: int = 128) -> jax.Array:
-  """T5's bidirectional bucket of ``relative_position = key - query`` (int32).
+              max_distance: int = 128, bidirectional: bool = True) -> jax.Array:
+  """T5's bucket of ``relative_position = key - query`` (int32).
 
-  Half the buckets are for ``key > query``. Within each half, distances below
-  ``num_buckets // 4`` get their own bucket, larger ones share log-spaced
-  buckets up to ``max_distance``; everything further shares the last bucket.
-  As in T5, bucket ``num_buckets // 2`` is never used (offset 0 is in the lower half).
+  Bidirectional (T5's encoder): half the buckets are for ``key > query``; within each half,
+  distances below a quarter of the buckets get their own bucket, larger ones share log-spaced
+  buckets up to ``max_distance``; everything further shares the half's last bucket. As in T5,
+  bucket ``num_buckets // 2`` is never used (offset 0 is in the lower half). Unidirectional
+  (T5's decoder): every bucket is for ``key <= query`` (half of them exact), and keys after the
+  query share bucket 0 with offset 0 (a causal mask hides them).
   """
-  half = num_buckets // 2
-  bucket = jnp.where(relative_position > 0, half, 0)
-  distance = jnp.abs(relative_position)
-  max_exact = half // 2
+  n = num_buckets // 2 if bidirectional else num_buckets
+  if bidirectional:
+    bucket, distance = jnp.where(relative_position > 0, n, 0), jnp.abs(relative_position)
+  else:
+    bucket, distance = 0, jnp.maximum(-relative_position, 0)
+  max_exact = n // 2
   # max(distance, 1) keeps log finite where the exact branch is taken anyway.
   log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
   large = max_exact + (log_ratio / math.log(max_distance / max_exact)
-                       * (half - max_exact)).astype(jnp.int32)
-  large = jnp.minimum(large, half - 1)
+                       * (n - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, n - 1)
   return bucket + jnp.where(distance < max_exact, distance, large)
 
 
@@ -121,15 +126,19 @@ class RelativeBias(Encoding):
 
   def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
                num_layers: int = 1, num_buckets: int = 32, max_distance: int = 128,
+               bidirectional: bool | None = None, causal: bool = False,
                per_layer: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.built = _require_geometry(self.name, geometry)
     self.num_layers, self.per_layer = num_layers, per_layer
     self.bias_shared_by_layers = not per_layer
     self.num_buckets, self.max_distance = num_buckets, max_distance
+    # T5: bidirectional buckets in the encoder, unidirectional in the (causal) decoder.
+    self.bidirectional = (not causal) if bidirectional is None else bool(bidirectional)
     if self.built.ndim == 1:
-      if num_buckets < 4 or num_buckets % 2 or max_distance <= num_buckets // 4:
+      exact = num_buckets // 4 if self.bidirectional else num_buckets // 2
+      if num_buckets < 4 or num_buckets % 2 or max_distance <= exact:
         raise ValueError(f"rel_bias needs an even num_buckets >= 4 and max_distance > "
-                         f"num_buckets // 4; got num_buckets={num_buckets}, "
+                         f"{exact} (its exact buckets); got num_buckets={num_buckets}, "
                          f"max_distance={max_distance}.")
       rows = num_buckets
     else:
@@ -161,7 +170,8 @@ class RelativeBias(Encoding):
     if relative:
       bias = lookup(table, *table_index(offsets, self.built.shape))  # [B, N, N, H]
     else:
-      bias = jnp.take(table, t5_bucket(-offsets[..., 0], self.num_buckets, self.max_distance), axis=0)
+      bias = jnp.take(table, t5_bucket(-offsets[..., 0], self.num_buckets, self.max_distance, self.bidirectional),
+                      axis=0)
     return pad_prefix_bias(jnp.moveaxis(bias, -1, 1), geometry)
 
   @classmethod

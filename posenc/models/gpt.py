@@ -57,7 +57,7 @@ class GPT(nnx.Module):
 
     self.token_embed = param(init, rngs, (vocab_size, width), param_dtype, ("vocab", "embed"))
     self.posenc = encodings.make(posenc, dim=width, num_heads=num_heads, num_layers=depth,
-                                 geometry=self.geometry, param_dtype=param_dtype, rngs=rngs,
+                                 geometry=self.geometry, causal=True, param_dtype=param_dtype, rngs=rngs,
                                  **(posenc_options or {}))
     self.blocks = BlockStack(
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-5,
