@@ -138,32 +138,46 @@ def test_evaluation_is_deterministic_and_unaugmented():
   assert rope.augments
   for _ in range(2):
     np.testing.assert_array_equal(rope.coordinates(pos, g), C.normalize(pos, g.shape))
-  cape = make("sincos2d", dim=16, geometry=g, cape=True)
-  assert cape.augments and cape.coordinates(pos, g) is pos  # no key: no augmentation
+  cape = make("cape", dim=16, geometry=g)
+  assert cape.augments
+  np.testing.assert_array_equal(cape.coordinates(pos, g), C.normalize(pos, g.shape))  # no key: patch centres
   augmented = np.asarray(cape.coordinates(pos, g, jax.random.key(0)))
-  assert augmented.dtype == np.float32 and not np.allclose(augmented, pos)
+  assert augmented.dtype == np.float32 and not np.allclose(augmented, C.normalize(pos, g.shape))
 
 
-def test_sincos2d_cape_in_grid_units():
+def test_cape_trains_on_augmented_patch_centres_and_evaluates_on_plain_ones():
   g = Geometry.grid(4, 6)
   pos, key = grid_positions(g, 64), jax.random.key(5)
-  enc = make("sincos2d", dim=16, geometry=g, cape=True)
-  want = C.to_grid(C.cape_augment(C.normalize(pos, g.shape), key, g.shape, global_shift=0.5, local_shift=0.5,
-                                  global_scaling=1.4), g.shape)
-  np.testing.assert_allclose(enc.coordinates(pos, g, key), want, rtol=1e-6, atol=1e-5)
-  # Only local shifts: at most half a patch from each patch, in grid units.
-  local = make("sincos2d", dim=16, geometry=g, cape=True, cape_global_shift=0.0, cape_global_scaling=1.0)
-  d = np.asarray(local.coordinates(pos, g, key)) - np.asarray(pos)
-  assert np.all(np.abs(d) <= 0.5 + 1e-5) and np.abs(d).max() > 0.45
-  # Only global shifts: up to cape_global_shift * n / 2 patches per axis, the same for all patches.
-  shift = make("sincos2d", dim=16, geometry=g, cape=True, cape_local_shift=0.0, cape_global_scaling=1.0)
-  d = np.asarray(shift.coordinates(pos, g, key)) - np.asarray(pos)
-  np.testing.assert_allclose(d, np.broadcast_to(d[:, :1], d.shape), atol=1e-5)
-  assert np.all(np.abs(d[:, 0]) <= 0.5 * np.array([2.0, 3.0]) + 1e-5)
-  with pytest.raises(ValueError, match="apply only with cape=True"):
-    make("sincos2d", dim=16, geometry=g, cape_global_scaling=2.0)
-  with pytest.raises(ValueError, match="cape_global_scaling must be >= 1"):
-    make("sincos2d", dim=16, geometry=g, cape=True, cape_global_scaling=0.5)
+  enc = make("cape", dim=16, geometry=g)
+  want = C.cape_augment(C.normalize(pos, g.shape), key, g.shape, global_shift=0.5, local_shift=0.5,
+                        global_scaling=1.4)
+  np.testing.assert_allclose(enc.coordinates(pos, g, key), want, rtol=1e-6, atol=1e-6)
+  # Only local shifts: at most half a patch spacing (2 / n per axis) from each centre.
+  local = make("cape", dim=16, geometry=g, global_shift=0.0, global_scaling=1.0)
+  d = np.asarray(local.coordinates(pos, g, key)) - np.asarray(C.normalize(pos, g.shape))
+  spacing = 2.0 / np.array([4.0, 6.0])
+  assert np.all(np.abs(d) <= 0.5 * spacing + 1e-6) and np.all(np.abs(d).max(axis=(0, 1)) > 0.45 * spacing)
+  with pytest.raises(ValueError, match="global_scaling must be a number >= 1"):
+    make("cape", dim=16, geometry=g, global_scaling=0.5)
+  with pytest.raises(ValueError, match="needs an even dim"):
+    make("cape", dim=15, geometry=g)
+
+
+def test_cape_is_size_free_and_matches_its_closed_form():
+  """Patch centres in [-1, 1] on every grid: a 12x12 grid's patches 1, 4, 7, 10 per axis sit at the 4x4 grid's
+  centres (+-0.25, +-0.75) and get the same embedding; the table is CAPE's 2D one (numpy, float64)."""
+  dim = 12
+  embed = lambda g: np.asarray(make("cape", dim=dim, geometry=g).embed(  # noqa: E731
+      jnp.zeros((1, g.num_tokens, dim)), g, C.normalize(g.positions(), g.shape)))[0]
+  small, large = embed(Geometry.grid(4, 4)), embed(Geometry.grid(12, 12)).reshape(12, 12, dim)
+  np.testing.assert_allclose(large[1::3, 1::3].reshape(16, dim), small, rtol=1e-5, atol=1e-5)
+  u = (2 * (np.arange(4) + 0.5) / 4 - 1)
+  y, x = np.meshgrid(u, u, indexing="ij")
+  k = np.arange(dim // 2)
+  rho = 10.0 ** ((k + 1) / (dim // 2))
+  phase = np.pi * (y.reshape(-1, 1) * rho * np.cos(k) + x.reshape(-1, 1) * rho * np.sin(k))
+  np.testing.assert_allclose(small, np.concatenate([np.cos(phase), np.sin(phase)], axis=-1), rtol=1e-5,
+                             atol=1e-5)
 
 
 def _angles(enc, geometry):
@@ -218,8 +232,8 @@ def _images(batch=2):
 @pytest.mark.parametrize("posenc_name,on,off", [
     ("rope", dict(normalize_coords="separate", augment=True, shift_coords=0.2, jitter_coords=1.2),
      dict(normalize_coords="separate")),
-    ("sincos2d", dict(cape=True), {}),
-], ids=["rope-dinov3", "sincos2d-cape"])
+    ("cape", {}, dict(global_shift=0.0, local_shift=0.0, global_scaling=1.0)),
+], ids=["rope-dinov3", "cape"])
 def test_augmentation_through_a_vit(posenc_name, on, off):
   images = _images()
   model, plain = _vit_model(posenc_name, on, patch_size=2), _vit_model(posenc_name, off, patch_size=2)

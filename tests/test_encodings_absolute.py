@@ -512,16 +512,3 @@ def test_learned_resample_options_and_the_transfer_error_without_it():
 
 
 # --- sincos2d: CAPE ---
-
-def test_sincos2d_cape_is_off_at_evaluation_and_changes_the_table_when_training():
-  enc = build("sincos2d", GRID, cape=True)
-  assert enc.augments and not build("sincos2d", GRID).augments
-  x = tokens(GRID)
-  pos = jnp.broadcast_to(GRID.positions(), (2, GRID.num_positions, 2))
-  plain = embed(build("sincos2d", GRID), x, GRID)
-  np.testing.assert_array_equal(embed(enc, x, GRID, enc.coordinates(pos, GRID)), plain)  # key=None
-  augmented = enc.coordinates(pos, GRID, jax.random.key(0))
-  out = np.asarray(embed(enc, x, GRID, augmented))
-  want = np.stack([mocov3_at(c, D) for c in np.asarray(augmented)])  # the same table, augmented coordinates
-  np.testing.assert_allclose(out[:, 1:] - np.asarray(x)[:, 1:], want, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(out, plain) and not np.allclose(out[0, 1:] - x[0, 1:], out[1, 1:] - x[1, 1:])

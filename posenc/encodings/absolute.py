@@ -7,6 +7,7 @@ learned        1D/2D  trainable table row (BERT / ViT)          max_len*D (1D), 
 factorized     2D     row_table[i] + col_table[j] (NaViT)       (h+w)*D
 sinusoidal     1D     fixed sin/cos of Vaswani et al. (2017)    0
 sincos2d       2D     fixed 2D sin/cos (MoCo v3 / big_vision)   0
+cape           2D     CAPE: sin/cos of patch centres in [-1,1]  0
 none           any    nothing                                   0
 =============  =====  ========================================  ===========================
 
@@ -22,8 +23,9 @@ any real positions.
 
 Any grid size: ``learned`` (2D) with ``resample=True`` resamples its table from
 the built grid to the grid of each forward (FlexiViT-style; ``posenc.resize.resize_grid``,
-differentiable). ``sincos2d`` with ``cape=True`` augments its coordinates when
-training (CAPE: global shift, local shift, global scaling; ``SinCos2D``).
+differentiable). ``cape`` works on patch centres normalised to [-1, 1], the same
+range on every grid, and augments them when training (global shift, local shift,
+global scaling; ``CAPE``).
 """
 from __future__ import annotations
 
@@ -239,51 +241,9 @@ class SinCos2D(_SinCos):
   ``omega_k = 1 / T^(k / (D/4 - 1))`` for ``k < D/4``; with ``y`` the row and
   ``x`` the column, features are ``[sin(x*omega), cos(x*omega), sin(y*omega),
   cos(y*omega)]`` (big_vision's order: column first).
-
-  ``cape=True``: CAPE (Likhomanenko et al. 2021), train-time augmentation of the
-  coordinates, drawn per example (``posenc.encodings.coordinates.cape_augment``). As
-  in CAPE for images the augmentation acts on patch centres in ``[-1, 1]`` (``u = 2 (p + 1/2) / n - 1``
-  per axis): ``u' = lam (u + Delta + eps)`` with a global shift ``Delta ~ U[-cape_global_shift,
-  cape_global_shift]`` per axis, a local shift ``eps ~ U[-cape_local_shift, cape_local_shift]``
-  patch spacings per patch and axis, and a global scaling ``lam`` log-uniform in
-  ``[1/cape_global_scaling, cape_global_scaling]`` shared by the axes; ``u'`` is mapped back
-  to grid units (``p' = (u' + 1) n / 2 - 1/2``), the frame this table's frequencies are
-  made for. So in patch units: a global shift up to ``cape_global_shift * n / 2`` patches,
-  local shifts up to ``cape_local_shift`` patches, scaling about the grid centre. Defaults
-  are CAPE's ViT recipe: 0.5, 0.5 (half the spacing: the patch order is kept), 1.4.
-  Off at evaluation (no key): the table is unchanged.
   """
 
   supported_ndims = (2,)
-
-  def __init__(self, dim: int, *, temperature: float = 10_000., scale: float = 1.0, cape: bool = False,
-               cape_global_shift: float = 0.5, cape_local_shift: float = 0.5, cape_global_scaling: float = 1.4):
-    super().__init__(dim, temperature=temperature, scale=scale)
-    defaults = {"cape_global_shift": 0.5, "cape_local_shift": 0.5, "cape_global_scaling": 1.4}
-    given = {"cape_global_shift": cape_global_shift, "cape_local_shift": cape_local_shift,
-             "cape_global_scaling": cape_global_scaling}
-    for name, value in given.items():
-      low = 1.0 if name == "cape_global_scaling" else 0.0
-      if not float(value) >= low:
-        raise ValueError(f"position encoding 'sincos2d': {name} must be >= {low:g}; got {value}.")
-    if not cape and any(float(given[k]) != defaults[k] for k in given):
-      raise ValueError("position encoding 'sincos2d': cape_global_shift, cape_local_shift and "
-                       "cape_global_scaling apply only with cape=True.")
-    self.augments = bool(cape)
-    self.cape_global_shift = float(cape_global_shift)
-    self.cape_local_shift = float(cape_local_shift)
-    self.cape_global_scaling = float(cape_global_scaling)
-
-  def coordinates(self, positions, geometry, key=None):
-    """Unchanged, unless a ``key`` is given (training with ``cape=True``): CAPE's augmentation
-    in the ``[-1, 1]`` frame of ``geometry``'s grid, returned in grid units (float32)."""
-    if key is None or not self.augments:
-      return positions
-    self.check(geometry)
-    unit = coords_lib.normalize(positions, geometry.shape, "separate")
-    unit = coords_lib.cape_augment(unit, key, geometry.shape, global_shift=self.cape_global_shift,
-                                   local_shift=self.cape_local_shift, global_scaling=self.cape_global_scaling)
-    return coords_lib.to_grid(unit, geometry.shape)
 
   def table(self, positions):
     n = self.dim // 4
@@ -291,6 +251,57 @@ class SinCos2D(_SinCos):
     y = positions[..., 0:1] * omega
     x = positions[..., 1:2] * omega
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
+
+
+@register("cape")
+class CAPE(_SinCos):
+  """CAPE for images (Likhomanenko et al. 2021): sin/cos of patch centres normalised to [-1, 1].
+
+  Coordinates are the patch centres ``u = 2 (p + 1/2) / n - 1`` per axis
+  (``coordinates.normalize``, "separate"): every grid spans the same range, a larger one
+  more densely, which is what makes CAPE size-free; at evaluation they are exactly that.
+  In training they are augmented per example (``coordinates.cape_augment``):
+  ``u' = lam (u + Delta + eps)``, a global shift ``Delta ~ U[-global_shift, global_shift]``
+  per axis, a local shift ``eps ~ U[-local_shift, local_shift]`` patch spacings per patch
+  and axis, a global scaling ``lam`` log-uniform in ``[1/global_scaling, global_scaling]``.
+  Defaults: CAPE's ViT recipe (0.5, 0.5, 1.4). The embedding is CAPE's 2D one:
+  ``phase_k = pi (wx_k u_x + wy_k u_y)`` with directions ``w_k = rho_k (cos k, sin k)`` and
+  magnitudes ``rho_k = 10^((k + 1) / K)``, ``K = D / 2``; features ``[cos(phase), sin(phase)]``
+  times ``scale``.
+  """
+
+  supported_ndims = (2,)
+  divisor = 1  # one cos and one sin per direction, over both axes at once
+  augments = True
+
+  def __init__(self, dim: int, *, scale: float = 1.0, global_shift: float = 0.5, local_shift: float = 0.5,
+               global_scaling: float = 1.4):
+    if dim % 2 or dim < 4:
+      raise ValueError(f"position encoding 'cape' needs an even dim >= 4 (a cos and a sin per direction); "
+                       f"got dim={dim}.")
+    for name, value, low in (("global_shift", global_shift, 0.0), ("local_shift", local_shift, 0.0),
+                             ("global_scaling", global_scaling, 1.0)):
+      if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
+        raise ValueError(f"position encoding 'cape': {name} must be a number >= {low:g}; got {value!r}.")
+    self.dim, self.scale = dim, float(scale)
+    self.global_shift, self.local_shift, self.global_scaling = (float(global_shift), float(local_shift),
+                                                                float(global_scaling))
+
+  def coordinates(self, positions, geometry, key=None):
+    """Patch centres in [-1, 1] on ``geometry``'s grid; augmented when a ``key`` is given (training)."""
+    self.check(geometry)
+    unit = coords_lib.normalize(positions, geometry.shape, "separate")
+    if key is None:
+      return unit
+    return coords_lib.cape_augment(unit, key, geometry.shape, global_shift=self.global_shift,
+                                   local_shift=self.local_shift, global_scaling=self.global_scaling)
+
+  def table(self, positions):
+    half = self.dim // 2
+    k = jnp.arange(half, dtype=jnp.float32)
+    rho = 10.0 ** ((k + 1.0) / half)
+    phase = jnp.pi * (positions[..., 0:1] * rho * jnp.cos(k) + positions[..., 1:2] * rho * jnp.sin(k))
+    return jnp.concatenate([jnp.cos(phase), jnp.sin(phase)], axis=-1)
 
 
 @register("none")
