@@ -73,14 +73,33 @@ class Family:
 # The published image orderings need these (RoPE-ViT: APE / Axial / Mixed; CPVT: PEG; DINOv3;
 # CAPE; `none` as the control); the rest of the registry (factorized, rel_bias, cpb, alibi) is left
 # out of the full profile to keep the ViT half near 2 h at 3 seeds (--encodings runs any label).
-VIT_ENCODINGS = ("learned", "rope", "rope_mixed", "cpe", "sincos2d", "none", "rope+dinov3", "sincos2d+cape",
-                 "learned+multires", "rope+multires", "rope_mixed+multires")
+VIT_ENCODINGS = ("learned", "factorized", "rope", "rope_mixed", "cpe", "cpb", "sincos2d", "cape", "none",
+                 "rope+dinov3", "learned+multires", "rope+multires", "rope_mixed+multires")
 MULTIRES = "train_image_sizes=(24,32,40)"  # FlexiViT / RoPE-ViT: one size per step
 VIT_VARIANTS = (("learned+multires", f"posenc=learned,posenc_options.resample=True,{MULTIRES}"),
                 ("rope+multires", f"posenc=rope,{MULTIRES}"),
                 ("rope_mixed+multires", f"posenc=rope_mixed,{MULTIRES}"),
-                ("rope+dinov3", "posenc=rope,posenc_options.normalize_coords=separate,posenc_options.augment=True"),
-                ("sincos2d+cape", "posenc=sincos2d,posenc_options.cape=True"))
+                ("rope+dinov3", "posenc=rope,posenc_options.normalize_coords=separate,posenc_options.augment=True"))
+# Superseded image labels: cells of an earlier setting, reported apart and never ranked.
+VIT_SUPERSEDED = (("sincos2d+cape@grid", "CAPE's augmentation on the sin/cos table in grid units: evaluated at a new "
+                                         "size on that grid's integer positions, not on CAPE's [-1, 1] patch centres"),)
+# The mechanism experiment (why RoPE-ViT's zoom ordering does not replicate): APE, RoPE-Axial and
+# RoPE-Mixed with the class token, RoPE-Axial with global average pooling; trained with crops of
+# 35-100 % of the area (the main protocol) and of 8-100 % (DeiT / RoPE-ViT); every RoPE model
+# evaluated by zoom with integer positions and again with position interpolation (+pi, untrained).
+MECH_ENCODINGS = ("learned", "rope", "rope_mixed", "rope+gap", "rope+pi", "rope_mixed+pi", "rope+gap+pi")
+MECH_VARIANTS = (("rope+gap", "posenc=rope,model_options.pool=gap"),)
+MECH_EVAL_VARIANTS = tuple((f"{base}+pi", base, "transfer.interpolate_positions=True")
+                           for base in ("rope", "rope_mixed", "rope+gap"))
+VIT_OVERRIDES = ("patch_size=4,augment=True,total_steps=500,warmup_steps=50,eval_every=0,checkpoint_every=0,"
+                 "eval_batch_size=500,eval_max_batches=4")
+
+
+def mechanism_family(low: float) -> study_vit.ImageFamily:
+  """The mechanism experiment at training crops of ``low``-100 % of the area (zoom only, no fine-tune)."""
+  return study_vit.ImageFamily(f"vit_crop{round(100 * low):02d}", vit_tiny, f"{VIT_OVERRIDES},crop_scale=({low},1.0)",
+                               32, (16, 24, 32, 48, 64), ("zoom",), (), 0, 0.25, 0.1, MECH_ENCODINGS, MECH_VARIANTS,
+                               seeds=(0, 1, 2), eval_variants=MECH_EVAL_VARIANTS)
 BERT_ENCODINGS = ("learned", "sinusoidal", "sinusoidal_scaled", "rel_bias", "rope", "alibi", "none")
 # The sin/cos table at the RMS of the learned table's init (0.02): BERT's token embeddings are
 # initialised at std 0.02, so the unscaled table (amplitude 1) swamps them.
@@ -112,18 +131,28 @@ PROFILES = {
         # 128 (1.1 epochs); evaluated at 16..64 px (0.5x..2x) by zoom and canvas on 2,000 test images;
         # fine-tuned 20 steps of 64 at 16 and 64 px (a 64-px step costs ~8x a 32-px one here).
         study_vit.ImageFamily(
-            "vit", vit_tiny, "patch_size=4,augment=True,total_steps=500,warmup_steps=50,eval_every=0,"
-            "checkpoint_every=0,eval_batch_size=500,eval_max_batches=4", 32, (16, 24, 32, 48, 64),
+            "vit", vit_tiny, VIT_OVERRIDES, 32, (16, 24, 32, 48, 64),
             ("zoom", "canvas"), (16, 64), 20, 0.25, 0.1, VIT_ENCODINGS, VIT_VARIANTS, finetune_batch=64,
-            seeds=(0, 1, 2)),
+            seeds=(0, 1, 2), superseded=VIT_SUPERSEDED),
+        mechanism_family(0.35), mechanism_family(0.08),
         Family("bert", bert_small, "max_len=128,batch_size=16,total_steps=800,warmup_steps=80,lr=2e-3,"
                "model_options.pre_ln=True,eval_every=0,eval_max_batches=0", "max_len", 128, (64, 128, 256, 512),
                BERT_ENCODINGS, 20, 0.25, 0.1, SCALED_SINCOS),
         # GPT: byte-level BPE of 512 (near character level: 2.2M train tokens), L = 64, 2000 steps of
         # 32 rows; test perplexity at 64..1024 on the same 32,768 test tokens.
+        # T5 buckets as in T5's decoder (unidirectional: the GPT is causal) with max_distance = L, so
+        # that every bucket is trained; FIRE's threshold at its default, L / 4 (the reference code's
+        # 512 of 2,048). The sin/cos table at amplitude 1 fails to train (it ends near the unigram
+        # level): reported, not ranked. Superseded: the first protocol's settings, kept for the record.
         study_lm.LMFamily("gpt", gpt_tiny, "vocab_size=512,max_len=64,total_steps=2000,warmup_steps=100,"
                           "eval_every=0,checkpoint_every=0", 64, (1, 2, 4, 8, 16), 64, 32768, GPT_ENCODINGS,
-                          gpt_variants(64), SCALED_SINCOS))),
+                          gpt_variants(64), SCALED_SINCOS + (("rel_bias", "posenc=rel_bias,posenc_options."
+                                                                          "max_distance=64"),),
+                          seeds=(0, 1, 2), failed=("sinusoidal",),
+                          superseded=(("fire@512", "FIRE with init_threshold = 512 > L (the old default): the "
+                                                   "normaliser never moves in training"),
+                                      ("rel_bias@bidir128", "bidirectional T5 buckets with max_distance = 128: "
+                                                            "the buckets past L untrained"))))),
     "quick": dict(seeds=(0,), families=(
         study_vit.ImageFamily(
             "vit", vit_tiny, QUICK_TINY + ",patch_size=4,augment=True,total_steps=2,warmup_steps=1,batch_size=8,"
@@ -136,6 +165,9 @@ PROFILES = {
                           "batch_size=8,eval_batch_size=8,eval_every=0", 16, (1, 2), 8, 64, ("rope", "rope+yarn"),
                           gpt_variants(16)))),
 }
+
+
+FAMILY_NAMES = [f.name for f in PROFILES["full"]["families"]]
 
 
 class Cells:
@@ -210,11 +242,30 @@ def study_family(family: Family, seeds, cells: Cells, root: str, log) -> None:
       log(f"{name}: {len(todo)} cells in {time.time() - start:.0f}s")
 
 
+def collect(profile_name: str, cells: Cells, seconds: float = 0.0) -> dict:
+  """What the report shows: every family with recorded cells (whichever families an invocation ran),
+  its description, the LM baselines, and the cells of the profile's seeds."""
+  profile = PROFILES[profile_name]
+  all_seeds = {f.name: set(f.seeds or profile["seeds"]) for f in profile["families"]}
+  reported = [f for f in profile["families"] if any(row["family"] == f.name for row in cells.rows.values())]
+  return dict(profile=profile_name, header=timing.machine_lines(), seconds=seconds,
+              seeds={f: sorted(s) for f, s in all_seeds.items()},
+              families=[study_report.describe(f) for f in reported],
+              baselines={f.name: study_lm.baselines(f) for f in reported if isinstance(f, study_lm.LMFamily)},
+              cells=[row for row in cells.rows.values() if row["seed"] in all_seeds[row["family"]]])
+
+
+def open_cells(out: str, profile_name: str = "full") -> Cells:
+  """The profile's record of finished cells in ``out`` (rows of other settings set aside)."""
+  return Cells(os.path.join(out, f"study_cells{'_quick' if profile_name == 'quick' else ''}.jsonl"),
+               {f.name: f.budget for f in PROFILES[profile_name]["families"]})
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny budget for CI (profile 'quick')")
   parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds")
-  parser.add_argument("--families", nargs="+", choices=["vit", "bert", "gpt"], default=["vit", "bert", "gpt"])
+  parser.add_argument("--families", nargs="+", choices=FAMILY_NAMES, default=FAMILY_NAMES)
   parser.add_argument("--encodings", nargs="+", default=None,
                       help="run only these encodings (labels); the report still shows every one")
   parser.add_argument("--report-only", action="store_true",
@@ -233,8 +284,7 @@ def main(argv=None) -> int:
   log = lambda msg: print(f"[study {time.time() - start:7.0f}s] {msg}", file=sys.stderr, flush=True)
   families = [f for f in profile["families"] if f.name in args.families]
   os.makedirs(args.out, exist_ok=True)
-  cells = Cells(os.path.join(args.out, f"study_cells{'_quick' if args.quick else ''}.jsonl"),
-                {f.name: f.budget for f in profile["families"]})
+  cells = open_cells(args.out, "quick" if args.quick else "full")
   if cells.stale:
     log(f"{cells.stale} recorded cells were measured under other settings; they are set aside")
   for family in [] if args.report_only else families:
@@ -251,13 +301,7 @@ def main(argv=None) -> int:
   if args.encodings or (args.seeds and any(set(args.seeds) != all_seeds[f.name] for f in families)):
     log("a share of the study is done; run without --seeds / --encodings for the report")
     return 0
-  # The report shows every family with recorded cells, whichever families this invocation ran.
-  reported = [f for f in profile["families"] if any(row["family"] == f.name for row in cells.rows.values())]
-  results = dict(profile="quick" if args.quick else "full", header=timing.machine_lines(),
-                 seconds=time.time() - start, seeds={f: sorted(s) for f, s in all_seeds.items()},
-                 families=[study_report.describe(f) for f in reported],
-                 baselines={f.name: study_lm.baselines(f) for f in reported if isinstance(f, study_lm.LMFamily)},
-                 cells=[row for row in cells.rows.values() if row["seed"] in all_seeds[row["family"]]])
+  results = collect("quick" if args.quick else "full", cells, time.time() - start)
   markdown = study_report.markdown(results)
   print(markdown)
   study_report.write(results, markdown, args.out)

@@ -35,6 +35,8 @@ class LMFamily:
   variants: tuple = ()      # (label, trained label, overrides): evaluated from that label's run
   trained_variants: tuple = ()  # (label, overrides): trained under its own label (e.g. encoding options)
   seeds: tuple = ()         # () = the profile's
+  failed: tuple = ()        # labels whose training failed (reported, never ranked)
+  superseded: tuple = ()    # (label, why): cells of an earlier protocol's setting, reported apart
 
   @property
   def sizes(self) -> tuple:

@@ -1,11 +1,14 @@
 """Markdown tables, JSON and a plot for benchmarks/study.py's cells."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import statistics
 import time
+
+from study_stats import diff_text, ordering, paired
 
 MODES = {"transfer": "(a) no fine-tuning: the trained model, position parameters transferred",
          "finetune": "(b) after a short fine-tune at each geometry"}
@@ -13,19 +16,30 @@ LM_MODES = {"nonoverlap": "non-overlapping windows of the evaluated length",
             "sliding": "sliding windows of the evaluated length, scoring their last S tokens"}
 TITLES = {"vit": ("ViT on Fashion-MNIST", "test accuracy (%) by image side", "×"),
           "bert": ("BERT-style encoder, masked language modelling", "test MLM accuracy (%) by sequence length", ""),
-          "gpt": ("GPT-style causal LM, length extrapolation", "test perplexity by evaluated length", "")}
+          "gpt": ("GPT-style causal LM, length extrapolation", "test perplexity by evaluated length", ""),
+          "vit_crop35": ("ViT mechanism experiment, training crops of 35-100 % of the area",
+                         "test accuracy (%) by image side", "×"),
+          "vit_crop08": ("ViT mechanism experiment, training crops of 8-100 % of the area (DeiT / RoPE-ViT)",
+                         "test accuracy (%) by image side", "×")}
 CONFIGS = {"vit": "vit_tiny", "bert": "bert_small", "gpt": "gpt_tiny"}
+# Every line of a panel distinct in colour and in marker and line style (13 colours, 11 markers, 3 styles).
+STYLES = list(itertools.islice(zip(itertools.cycle([f"C{i}" for i in range(10)] + ["tab:olive", "tab:cyan", "k"]),
+                                   itertools.cycle("osD^v<>PX*h"), itertools.cycle(["-", "--", ":"])), 60))
 
 
 def describe(family) -> dict:
   """What a report needs to know of a study.Family or study_lm.LMFamily."""
   out = dict(name=family.name, overrides=family.overrides, base=family.base, sizes=list(family.sizes),
-             encodings=list(family.encodings))
+             encodings=list(family.encodings), failed=list(getattr(family, "failed", ())),
+             superseded=dict(getattr(family, "superseded", ())))
   if hasattr(family, "protocols"):  # the image family: modes are evaluation protocols
+    variants = {k: f"`{v}`" for k, v in family.variants if k in family.encodings}
+    variants.update({label: f"evaluated from the `{base}` run with `{args}`"
+                     for label, base, args in family.eval_variants})
     return dict(out, kind="image", field="image_size", protocols=list(family.protocols),
                 finetune_sizes=list(family.finetune_sizes), finetune_steps=family.finetune_steps,
                 finetune_lr_scale=family.finetune_lr_scale, posenc_lr_mult=family.posenc_lr_mult,
-                variants={k: v for k, v in family.variants if k in family.encodings})
+                variants=variants, reference="learned" if family.eval_variants else None)
   if hasattr(family, "stride"):  # a language-model family: modes are window kinds
     variants = {label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants}
     variants.update({label: f"trained with `{args}`" for label, args in family.trained_variants})
@@ -67,14 +81,42 @@ def lm_lines(results: dict, f: dict) -> list[str]:
                   f"weight {base['bigram_weight']:.2f}) {base['bigram']:.1f}."]
   lines.append("")
   for mode, caption in LM_MODES.items():
+    if mode == "sliding":
+      caption += f" (at {f['base']}, the trained length, the windows do not overlap: the same as above)"
     lines += [f"### {caption}: test perplexity", "",
               "| posenc | " + " | ".join(f"{n}" + (" (trained)" if n == f["base"] else "") for n in f["sizes"]) + " |",
               "|---|" + "---:|" * len(f["sizes"])]
-    for posenc in f["encodings"]:
+    for posenc in f["encodings"] + list(f.get("superseded", {})):
       row = [cell_text(*summary(results["cells"], f["name"], posenc, mode, n, "perplexity"), 1) for n in f["sizes"]]
-      lines.append(f"| `{posenc}` | " + " | ".join(row) + " |")
+      lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
     lines.append("")
+  lines += notes(f) + ordering_lines(results, f, list(LM_MODES), "loss")
   return lines
+
+
+def row_label(f: dict, label: str) -> str:
+  if label in f.get("failed", ()):
+    return f"`{label}` (failed to train: not ranked)"
+  if label in f.get("superseded", {}):
+    return f"`{label}` (superseded setting: not ranked)"
+  return f"`{label}`"
+
+
+def notes(f: dict) -> list[str]:
+  out = [f"`{label}`: {why}." for label, why in f.get("superseded", {}).items()]
+  return out + [""] if out else []
+
+
+def ordering_lines(results: dict, f: dict, modes, metric: str) -> list[str]:
+  """Per mode and size, the ranked labels: ``≻`` where the 95 % CI of the paired difference of the
+  neighbours (over the seeds both have) excludes zero, ``≈`` where it does not."""
+  ranked = [e for e in f["encodings"] if e not in f.get("failed", ())]
+  lines = [f"### Orderings ({metric}; `a ≻ b`: a better, the 95 % CI of the paired difference over seeds excludes "
+           f"zero; `≈`: unresolved)", "", "| mode | " + f["field"] + " | ordering, best first |", "|---|---:|---|"]
+  for mode in modes:
+    for size in f["sizes"]:
+      lines.append(f"| {mode} | {size} | {ordering(results['cells'], f['name'], ranked, mode, size, metric)} |")
+  return lines + [""]
 
 
 PROTOCOLS = {"zoom": "zoom: the image resampled to each size (the object grows with the grid)",
@@ -89,17 +131,38 @@ def image_lines(results: dict, f: dict) -> list[str]:
            f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/vit_tiny.py:{f['overrides']}`; "
            f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, position "
            f"parameters at {f['posenc_lr_mult']}× that, on the protocol's images at that size."]
-  lines += [f"`{name}` is `{args}`." for name, args in f.get("variants", {}).items()] + [""]
+  lines += [f"`{name}`: {args}." for name, args in f.get("variants", {}).items()] + [""]
   for protocol in f["protocols"]:
     for mode, sizes, caption in ((protocol, f["sizes"], "no fine-tuning"),
                                  (f"{protocol}+ft", f["finetune_sizes"], "after fine-tuning at that size")):
+      if not sizes:
+        continue
       lines += [f"### {PROTOCOLS[protocol]}; {caption}: test accuracy (%)", "",
                 "| posenc | " + " | ".join(label(s) + (" (trained)" if s == f["base"] else "") for s in sizes) + " |",
                 "|---|" + "---:|" * len(sizes)]
-      for posenc in f["encodings"]:
+      for posenc in f["encodings"] + list(f.get("superseded", {})):
         row = [cell_text(*summary(results["cells"], f["name"], posenc, mode, s), 1) for s in sizes]
-        lines.append(f"| `{posenc}` | " + " | ".join(row) + " |")
+        lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
       lines.append("")
+  lines += notes(f)
+  if f.get("reference"):
+    lines += reference_lines(results, f)
+  return lines + ordering_lines(results, f, f["protocols"], "accuracy")
+
+
+def reference_lines(results: dict, f: dict) -> list[str]:
+  """Each label minus the reference (``learned``) at each size, paired by seed: mean [95 % CI] in points."""
+  ref, cells = f["reference"], results["cells"]
+  lines = []
+  for protocol in f["protocols"]:
+    lines += [f"### {protocol}: accuracy minus `{ref}`'s, paired by seed (points, mean [95 % CI])", "",
+              "| posenc | " + " | ".join(str(s) for s in f["sizes"]) + " |", "|---|" + "---:|" * len(f["sizes"])]
+    for label in f["encodings"]:
+      if label != ref:
+        lines.append(f"| `{label}` | " + " | ".join(
+            diff_text(paired(cells, f["name"], ref, label, protocol, s, "accuracy"), "accuracy")
+            for s in f["sizes"]) + " |")
+    lines.append("")
   return lines
 
 
@@ -171,17 +234,18 @@ def plot(results: dict, path: str) -> None:
     lm, image = f.get("kind") == "lm", f.get("kind") == "image"
     variant_row = image and any("+" in n for n in names)  # variants, each beside its base drawn thin
     modes = {p: PROTOCOLS[p] for p in f["protocols"]} if image else LM_MODES if lm else MODES
-    colours = {name: f"C{i % 10}" for i, name in enumerate(f["encodings"])}
+    colours = {name: STYLES[i][0] for i, name in enumerate(f["encodings"])}
+    markers = {name: STYLES[i][1] for i, name in enumerate(f["encodings"])}
+    dashes = {name: STYLES[i][2] for i, name in enumerate(f["encodings"])}
     for ax, (mode, caption) in zip(row, modes.items()):
       for i, posenc in enumerate(names):
         reference = variant_row and "+" not in posenc
-        style = "--" if i >= 10 else "-"
-        colour = colours[posenc]
+        style, colour, marker = dashes[posenc], colours[posenc], markers[posenc]
         if image:  # a variant in its base's colour, in the variant's line style
           colour, style = colours.get(posenc.split("+")[0], colour), VARIANT_STYLES.get(posenc.partition("+")[2], style)
         stats = [summary(results["cells"], f["name"], posenc, mode, s, "loss" if lm else "accuracy")
                  for s in f["sizes"]]
-        ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker="o",
+        ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker=marker,
                     capsize=2, label=posenc, color=colour, linewidth=0.7 if reference else 1.5,
                     alpha=0.5 if reference else 1.0, linestyle=style)
         if image and not reference:  # fine-tuned points: stars of the same colour

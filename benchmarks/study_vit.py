@@ -9,7 +9,8 @@ grids from 0.5x to 2x under two protocols (``posenc.tasks.image_classification``
           cropped from a smaller one: more positions at the same object scale, the cleanest test
           of position extrapolation;
 each as trained (one evaluation run per protocol, ``init_from`` + ``total_steps=0``: parameters
-transferred to each grid) and after a short fine-tune at the smallest and largest grid.
+transferred to each grid) and after a short fine-tune at the smallest and largest grid. Evaluation
+variants (e.g. RoPE with position interpolation) are scored from another label's run, untrained.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class ImageFamily:
   variants: tuple = ()      # (label, overrides): an encoding with options / a training recipe
   finetune_batch: int = 0   # fine-tune batch size (0 = the config's)
   seeds: tuple = ()         # () = the profile's
+  eval_variants: tuple = ()  # (label, trained label, eval overrides): evaluated from that run, not trained
+  superseded: tuple = ()    # (label, why): cells of an earlier protocol's setting, reported apart
 
   @property
   def budget(self) -> str:
@@ -45,51 +48,64 @@ class ImageFamily:
             f"finetune={self.finetune_sizes}x{self.finetune_steps}x{self.finetune_batch},lr_scale={self.finetune_lr_scale},"
             f"posenc_lr_mult={self.posenc_lr_mult}")
 
+  def trained_label(self, label: str) -> str:
+    return next((base for name, base, _ in self.eval_variants if name == label), label)
+
   def args(self, label: str) -> str:
+    """The overrides a label trains with (an evaluation variant: its trained label's)."""
+    label = self.trained_label(label)
     return dict(self.variants).get(label, f"posenc={label}")
+
+  def eval_args(self, label: str) -> str:
+    extra = next((args for name, _, args in self.eval_variants if name == label), "")
+    return f"{self.args(label)},{extra}" if extra else self.args(label)
 
 
 def study(family: ImageFamily, seeds, cells, root: str, log, run) -> None:
-  """Train each label once per seed; record (protocol[+ft], size) accuracy and loss cells."""
+  """Train each label once per seed; record (protocol[+ft], size) accuracy and loss cells. An
+  evaluation variant is scored from its trained label's run (no fine-tuning)."""
   others = tuple(s for s in family.sizes if s != family.base)
   finetune_lr = family.config.get_config(family.overrides).lr * family.finetune_lr_scale
-  for label in family.encodings:
+  for trained in [e for e in family.encodings if family.trained_label(e) == e]:
+    labels = [e for e in family.encodings if family.trained_label(e) == trained]
     for seed in seeds:
-      name = f"{family.name}-{label}-s{seed}-{hashlib.sha1(family.budget.encode()).hexdigest()[:8]}"
+      name = f"{family.name}-{trained}-s{seed}-{hashlib.sha1(family.budget.encode()).hexdigest()[:8]}"
       evals = [(p, s) for p in family.protocols for s in family.sizes]
       tunes = [(f"{p}+ft", s) for p in family.protocols for s in family.finetune_sizes]
-      todo = [(mode, s) for mode, s in evals + tunes if (family.name, label, seed, mode, s) not in cells]
-      if not todo:
+      todo = {label: [(mode, s) for mode, s in evals + (tunes if label == trained else [])
+                      if (family.name, label, seed, mode, s) not in cells] for label in labels}
+      if not any(todo.values()):
         continue
       start = time.time()
       base_dir = os.path.join(root, name, f"train{family.base}")
-      common = f"{family.args(label)},seed={seed}"
-      trained = run(family, f"{common},image_size={family.base}", base_dir)
+      trained_metrics = run(family, f"{family.args(trained)},seed={seed},image_size={family.base}", base_dir)
       seconds = time.time() - start
 
-      def add(mode, size, metrics, suffix, spent):
+      def add(label, mode, size, metrics, suffix, spent):
         cells.add(dict(family=family.name, budget=family.budget, posenc=label, seed=seed, mode=mode, size=size,
                        accuracy=metrics[f"accuracy{suffix}"], loss=metrics[f"loss{suffix}"], seconds=spent))
 
-      for protocol in family.protocols:
-        if not any(mode == protocol for mode, _ in todo):
-          continue
-        began = time.time()
-        metrics = run(family, f"{common},image_size={family.base},init_from={base_dir},total_steps=0,"
-                      f"train_image_sizes=(),eval_image_sizes={others},eval_protocol={protocol},"
-                      f"object_size={family.base}", os.path.join(root, name, f"eval-{protocol}"))
-        spent = (time.time() - began) / len(family.sizes)
-        for size in family.sizes:
-          add(protocol, size, trained if size == family.base else metrics, "" if size == family.base else f"_{size}",
-              seconds if size == family.base else spent)
-      for mode, size in [(m, s) for m, s in todo if m.endswith("+ft")]:
+      for label in labels:
+        for protocol in family.protocols:
+          if not any(mode == protocol for mode, _ in todo[label]):
+            continue
+          began = time.time()
+          metrics = run(family, f"{family.eval_args(label)},seed={seed},image_size={family.base},init_from={base_dir},"
+                        f"total_steps=0,train_image_sizes=(),eval_image_sizes={others},eval_protocol={protocol},"
+                        f"object_size={family.base}", os.path.join(root, name, f"eval-{label}-{protocol}"))
+          spent = (time.time() - began) / len(family.sizes)
+          for size in family.sizes:
+            at_base = size == family.base  # the trained run's own evaluation (position scale 1)
+            add(label, protocol, size, trained_metrics if at_base else metrics, "" if at_base else f"_{size}",
+                seconds if at_base else spent)
+      for mode, size in [(m, s) for m, s in todo[trained] if m.endswith("+ft")]:
         began = time.time()
         steps = family.finetune_steps
-        metrics = run(family, f"{common},image_size={size},init_from={base_dir},train_image_sizes=(),"
-                      f"eval_protocol={mode[:-3]},object_size={family.base},total_steps={steps},"
+        metrics = run(family, f"{family.args(trained)},seed={seed},image_size={size},init_from={base_dir},"
+                      f"train_image_sizes=(),eval_protocol={mode[:-3]},object_size={family.base},total_steps={steps},"
                       f"warmup_steps={max(1, steps // 10)},lr={finetune_lr},posenc_lr_mult={family.posenc_lr_mult},"
                       f"checkpoint_every=0,keep_checkpoints=1"
                       + (f",batch_size={family.finetune_batch}" if family.finetune_batch else ""),
                       os.path.join(root, name, f"{mode}{size}"))
-        add(mode, size, metrics, "", time.time() - began)
-      log(f"{name}: {len(todo)} cells in {time.time() - start:.0f}s")
+        add(trained, mode, size, metrics, "", time.time() - began)
+      log(f"{name}: {sum(map(len, todo.values()))} cells in {time.time() - start:.0f}s")
