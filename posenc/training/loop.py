@@ -133,6 +133,7 @@ def train(run: Run | ml_collections.ConfigDict, workdir: str) -> dict[str, float
       results = evaluate(run, state, test_split)
       log.log(step, results, test_split)
     run.state = state
+    run.train_seconds = log.train_seconds
     return results
   finally:
     ckpt.close()

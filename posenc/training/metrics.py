@@ -36,6 +36,7 @@ class MetricLogger:
     self._last = (start_step, time.perf_counter())
     self._bar = None  # started by the first advance(), after compilation, so the ETA is honest
     self.items: tuple[str, int] | None = None  # (what, how many per step): logs <what>_per_sec
+    self.train_seconds = 0.0  # the clock of steps/s summed: training steps only (no compile, eval, checkpoint)
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -88,6 +89,7 @@ class MetricLogger:
       now = time.perf_counter()
       if step > last_step:
         record["train/steps_per_sec"] = (step - last_step) / (now - last_time)
+        self.train_seconds += now - last_time
         if self.items:
           record[f"train/{self.items[0]}_per_sec"] = record["train/steps_per_sec"] * self.items[1]
       self._last = (step, now)

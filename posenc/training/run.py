@@ -57,7 +57,7 @@ class EvalAt:
 @dataclasses.dataclass
 class Run:
   """A set-up run. ``state`` is the latest train state: None until ``initial_state()`` or
-  ``train()`` sets it (after ``train()``, the final state)."""
+  ``train()`` sets it (after ``train()``, the final state; ``train_seconds``, its steps' time)."""
 
   config: ml_collections.ConfigDict
   task: tasks.Task
@@ -72,6 +72,7 @@ class Run:
   source: Source | None       # init_from's checkpoint, if any
   meta: dict                  # what every checkpoint of this run records
   state: dict | None = None
+  train_seconds: float = 0.0  # after train(): seconds in its training steps (no compile, evaluation, checkpoints)
 
   def loader(self, split: str, *, train: bool, size=None):
     batch_size = self.config.batch_size if train else self.config.eval_batch_size
