@@ -1,6 +1,7 @@
 """Train a model: ``python train.py --config=configs/vit_tiny.py [--workdir=DIR] [--config.FIELD=V]``.
 
-Resumes automatically from the latest checkpoint in the workdir. Multi-host:
+Resumes automatically from the latest checkpoint in the workdir. SIGTERM or SIGINT saves the step
+in progress and exits with status 143 / 130; rerunning resumes it. Multi-host:
 runs ``jax.distributed.initialize`` when a cluster is detected (see
 posenc/training/distributed.py) or when --coordinator_address is given.
 Every input error is one message on stderr (exit status 2), never a traceback.
@@ -49,7 +50,7 @@ def main(argv) -> int:
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # resumed runs skip recompiling
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/posenc/jax"))
 
-  from posenc.training import NonFiniteLossError, default_workdir, train
+  from posenc.training import RunError, default_workdir, train
   config = FLAGS.config
   try:
     workdir = FLAGS.workdir or default_workdir(config, config_flags.get_config_filename(FLAGS["config"]))
@@ -57,11 +58,11 @@ def main(argv) -> int:
   except ConfigError as e:
     print(f"Config error: {e}", file=sys.stderr)
     return 2
-  except NonFiniteLossError as e:
+  except RunError as e:  # preempted (exit 128 + signal), busy workdir, storage, divergence
     print(str(e), file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("Interrupted; rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+    return getattr(e, "exit_code", 1)
+  except KeyboardInterrupt:  # before training started (during setup)
+    print("Interrupted before training started; nothing was written.", file=sys.stderr)
     return 130
   print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
   return 0

@@ -37,6 +37,9 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.eval_every = 500              # steps between evaluations (0 = only at the end)
   c.checkpoint_every = 500        # steps between async checkpoints (0 = only at the end)
   c.keep_checkpoints = 2          # keep the last K checkpoints (plus the best by eval accuracy)
+  c.restore_step = config_dict.placeholder(int)  # resume from this kept step, not the newest (later ones set aside)
+  c.restart = False               # start afresh in a workdir that holds a run (its checkpoints set aside, kept)
+  c.divergence_factor = 10.0      # stop when a step's loss > this x its recent median (guard.py); 0 = finite only
   c.init_from = config_dict.placeholder(str)  # start from another run's params (workdir or step dir)
   c.transfer = ml_collections.ConfigDict(dict(  # how init_from / eval sizes move position params
       method="bicubic",           # posenc.resize method: bicubic | bicubic_torch | bilinear | ...

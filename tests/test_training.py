@@ -26,7 +26,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import scipy.stats
 from flax import nnx
 
 from posenc import models, tasks
@@ -38,6 +37,7 @@ from posenc.training import ConfigError, NonFiniteLossError, setup, train, valid
 from posenc.training import checkpoint as ckpt_lib
 from posenc.training import config as config_lib
 from posenc.training import distributed, optim, sharding
+from posenc.training.metrics import read_history
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny models and runs: the subprocess start-up and compiles dominate these tests.
@@ -91,7 +91,7 @@ def test_every_config_field_is_its_tasks_and_documented():
   for field in config_lib.COMMON_FIELDS:
     line = next(l for l in common if l.strip().startswith(f"c.{field} ="))
     assert "#" in line, f"common.py: field {field} has no comment"
-  for name, task in (("vit_tiny", "image_classification"), ("bert_small", "masked_lm")):
+  for name, task in (("vit_tiny", "image_classification"), ("bert_small", "masked_lm"), ("gpt_tiny", "causal_lm")):
     config = load_config(name)
     assert config.task == task
     assert set(config) == config_lib.COMMON_FIELDS | set(tasks.get(task).FIELDS)
@@ -136,11 +136,29 @@ def test_model_options_only_override_the_named_size():
     ("vit_tiny", "posenc=learned,transfer.interpolate_positions=True", "'transfer.interpolate_positions'"),
     ("vit_tiny", "eval_image_sizes=((28, 28, 3),)", "'eval_image_sizes'"),
     ("bert_small", "max_len=0", "'max_len'"),
+    ("gpt_tiny", "posenc=cpe", "'posenc'"),                 # 2D-only encodings on GPT
+    ("gpt_tiny", "posenc=ropee", r"'posenc'.*did you mean 'rope'\?\); choose one of the 1D encodings: alibi, fire"),
+    ("gpt_tiny", "model=gpt-nan", r"'model'.*'gpt-nano'\?\); choose one of: gpt-nano, gpt-mini, gpt-small\."),
+    ("gpt_tiny", "task=causal", r"'task'.*did you mean 'causal_lm'\?"),
+    ("gpt_tiny", "max_len=0", "'max_len'"),
+    ("gpt_tiny", "vocab_size=100", "'vocab_size'"),
+    ("gpt_tiny", "batch_size=12", "'batch_size'"),
+    ("gpt_tiny", "eval_lengths=(32,),eval_stride=64", "'eval_stride'"),
+    ("gpt_tiny", "dataset=fashion_mnist", "'dataset'"),
 ])
 def test_bad_config_gives_one_clear_error(name, arg, field):
   config = load_config(name, arg)
   with pytest.raises(ConfigError, match=field):
     validate(config, num_devices=8)
+
+
+def test_unknown_presets_and_fields_suggest_the_closest():
+  with pytest.raises(ConfigError, match=r"preset 'fulll' \(did you mean 'full'\?\); choose from \['full',"):
+    load_config("vit_tiny", "fulll")
+  with pytest.raises(ConfigError, match=r"config has no field 'lrr' \(did you mean 'lr'\?\); fields: "):
+    load_config("gpt_tiny", "lrr=1")
+  with pytest.raises(ConfigError, match=r"no field 'mesh.dat' \(did you mean 'mesh.data'\?\); fields: mesh.data, "):
+    load_config("gpt_tiny", "mesh.dat=1")
 
 
 @pytest.mark.parametrize("name,arg,field", [
@@ -224,8 +242,9 @@ def test_weight_decay_hits_matrices_only():
 
 @pytest.mark.parametrize("length", [16, 64, 128, 512, 2048])
 def test_mlm_capacity_overflows_with_negligible_probability(length):
+  stats = pytest.importorskip("scipy.stats", reason="no scipy (pip install -e .[test])")
   cap = pipeline.mlm_capacity(length)
-  assert cap <= length and scipy.stats.binom.sf(cap, length, pipeline.MASK_RATE) < 1e-8
+  assert cap <= length and stats.binom.sf(cap, length, pipeline.MASK_RATE) < 1e-8
   assert length < 64 or cap < length / 2  # and the head does run on a fraction of the row
 
 
@@ -358,8 +377,8 @@ def read_params(workdir: Path, step: int) -> dict:
 
 
 def train_losses(workdir: Path) -> np.ndarray:
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return np.array([r["train/loss"] for r in records if "train/loss" in r])
+  """The run's train losses as its history reads them (a resume redoes the steps after its checkpoint)."""
+  return np.array([r["train/loss"] for r in read_history(str(workdir / "metrics.jsonl")) if "train/loss" in r])
 
 
 def free_port() -> int:
@@ -555,9 +574,9 @@ def test_cli_input_errors_are_one_message_without_traceback(uninterrupted, tmp_p
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = load_config("vit_tiny", TINY_VIT + ",lr=1e30,warmup_steps=1,checkpoint_every=1,"
                        "grad_clip_norm=0")
-  with pytest.raises(NonFiniteLossError, match="non-finite at step") as info:
+  with pytest.raises(NonFiniteLossError, match=r"the loss at step \d+ is not finite") as info:
     train(config, str(tmp_path))
-  failed = int(str(info.value).split("non-finite at step ")[1].split()[0])
+  failed = int(str(info.value).split("the loss at step ")[1].split()[0])
   ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=1, read_only=True)
   last = ck.latest_step()
   assert last is not None and last < failed and f"checkpoints/{last}" in str(info.value)

@@ -80,10 +80,23 @@ class _DroppedShardReads(py_logging.Filter):
     return not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
 
 
+class _StorageFailures(py_logging.Filter):
+  """Drop Orbax's logged tracebacks of writer threads that failed on the file system (a full disk, a
+  read-only mount): the loop stops with one message naming the path and the cause (guard.StorageError)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    from posenc.training.guard import os_error_in  # imported late: guard is a sibling
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and os_error_in(error) is not None:
+      return False
+    return "thread (save_finalize) failed" not in record.getMessage()
+
+
 @functools.cache
 def _register_array_handler() -> None:
   for logger in ("asyncio", "concurrent.futures"):
     py_logging.getLogger(logger).addFilter(_DroppedShardReads())
+  py_logging.getLogger("absl").addFilter(_StorageFailures())
   with _errors_only():
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
@@ -130,6 +143,24 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def damaged_steps(self) -> list[str]:
+    """The checkpoints ``restore_latest`` set aside as damaged (``<directory>.damaged/``)."""
+    damaged = self.directory + ".damaged"
+    return sorted(os.listdir(damaged)) if os.path.isdir(damaged) else []
+
+  def train_losses(self) -> dict[int, float | None]:
+    """The training loss each kept checkpoint recorded at its step (None: not recorded)."""
+    out = {}
+    for step in self.all_steps():
+      try:
+        out[step] = self.meta(step).get("train_loss")
+      except CheckpointError:
+        out[step] = None
+    return out
+
   def save(self, step: int, state: dict, data_iter, meta: dict, metrics: dict | None = None) -> None:
     """Start an async save of ``state`` (step/params/opt_state/model_state) at ``step``."""
     self.manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
@@ -174,17 +205,34 @@ class Checkpointer:
         moved = self._set_aside(step)
         rest = f"resuming from step {steps[i + 1]}" if i + 1 < len(steps) else "no checkpoint is left"
         warn(f"WARNING: {e} It is damaged: moved to {moved}; {rest}.")
-    if steps:
-      raise CheckpointError(f"every checkpoint in {self.directory} was damaged (now under "
-                            f"{self.directory}.damaged/); to start this run afresh, use a new workdir.")
-    return None
+    return None  # none, or every one damaged (set aside): the loop decides
 
-  def _set_aside(self, step: int) -> str:
-    target = os.path.join(self.directory + ".damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  def restore_step(self, step: int, abstract_state: dict, data_iter, warn: Callable[[str], None]
+                   ) -> tuple[dict, int]:
+    """Resume from kept checkpoint ``step``; the later ones are set aside (``<directory>.abandoned/``),
+    so that the next plain resume continues from this one."""
+    steps = self.all_steps()
+    if step not in steps:
+      raise CheckpointError(f"restore_step={step} is not a kept checkpoint of {self.directory} (kept: "
+                            f"{', '.join(map(str, steps)) or 'none'}); give one of them.")
+    later = [s for s in steps if s > step]
+    for s in later:
+      moved = self._set_aside(s, "abandoned")
+      warn(f"restore_step={step}: checkpoint {s} moved to {moved}.")
+    return self.restore(step, abstract_state, data_iter), step
+
+  def set_aside_all(self, why: str) -> str:
+    """Move every kept checkpoint to ``<directory>.<why>/`` (nothing deleted); returns that directory."""
+    for step in self.all_steps():
+      self._set_aside(step, why)
+    return self.directory + f".{why}"
+
+  def _set_aside(self, step: int, why: str = "damaged") -> str:
+    target = os.path.join(self.directory + f".{why}", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(self.path(step), target)
-    multihost_utils.sync_global_devices(f"posenc-set-aside-{step}")
+    multihost_utils.sync_global_devices(f"posenc-set-aside-{why}-{step}")
     self.manager.reload()
     return target
 

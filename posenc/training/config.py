@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from posenc import encodings, tasks, transfer
+from posenc import encodings, models, tasks, transfer
 from posenc.config import ConfigError, check_number
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -20,7 +20,8 @@ COMMON_FIELDS = frozenset({
     "task", "model", "model_options", "attention_impl", "posenc", "posenc_options", "dtype", "dataset", "batch_size",
     "eval_batch_size", "eval_max_batches", "total_steps", "warmup_steps", "lr", "weight_decay",
     "grad_clip_norm", "label_smoothing", "posenc_lr_mult", "seed", "log_every", "eval_every", "checkpoint_every",
-    "keep_checkpoints", "init_from", "transfer", "mesh", "logical_axis_rules"})
+    "keep_checkpoints", "restore_step", "restart", "divergence_factor", "init_from", "transfer", "mesh",
+    "logical_axis_rules"})
 DTYPES = ("float32", "bfloat16")
 
 
@@ -68,13 +69,12 @@ def transfer_options(config) -> transfer.TransferOptions:
 
 def _check_encoding(config, task) -> None:
   try:
-    cls = encodings.get(config.posenc)
+    cls = encodings.get(config.posenc, ndim=task.NDIM)
   except ValueError as e:
     raise ConfigError(f"config field 'posenc': {e}") from None
   if task.NDIM not in cls.supported_ndims:
-    fits = [n for n in encodings.names() if task.NDIM in encodings.get(n).supported_ndims]
     raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the {task.NDIM}D "
-                      f"inputs of task '{config.task}'; choose one of: {', '.join(fits)}.")
+                      f"inputs of task '{config.task}'; choose one of: {', '.join(encodings.names(task.NDIM))}.")
   if config.transfer.interpolate_positions and config.posenc_options.get("normalize_coords"):
     raise ConfigError("config field 'transfer.interpolate_positions': with posenc_options.normalize_coords "
                       "every grid is already mapped into the trained range; set one of them, not both.")
@@ -96,6 +96,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                       f"'{config.task}' has the fields: {', '.join(sorted(fields))} (mesh: {', '.join(MESH_AXES)}).")
   if not isinstance(config.model_options, ml_collections.ConfigDict | dict):
     raise ConfigError(f"config field 'model_options' must be a dict of overrides, got {config.model_options!r}.")
+  try:
+    models.check_name(config.model)
+  except ValueError as e:
+    raise ConfigError(f"config field 'model': {e}") from None
   _check_encoding(config, task)
   transfer_options(config)
   check_number(config, "batch_size", "eval_batch_size", "keep_checkpoints", integer=True)
@@ -121,6 +125,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
       if config[f] % n:
         raise ConfigError(f"config field '{f}': {config[f]} is not divisible by the {n} {what}; "
                           f"use a multiple of {n}.")
+  check_number(config, "divergence_factor", allow_zero=True)
+  if 0 < config.divergence_factor <= 1:
+    raise ConfigError(f"config field 'divergence_factor' is a multiple of the recent median loss: give a number "
+                      f"> 1 (e.g. 10), or 0 to check only that the loss is finite; got {config.divergence_factor!r}.")
+  if config.restore_step is not None and (isinstance(config.restore_step, bool) or not isinstance(
+      config.restore_step, int) or config.restore_step < 0):
+    raise ConfigError(f"config field 'restore_step' must be a step number >= 0 (one of the workdir's kept "
+                      f"checkpoints), got {config.restore_step!r}.")
+  if not isinstance(config.restart, bool):
+    raise ConfigError(f"config field 'restart' must be True or False, got {config.restart!r}.")
+  if config.restart and config.restore_step is not None:
+    raise ConfigError("config fields 'restart' and 'restore_step' contradict each other: restart starts afresh, "
+                      "restore_step resumes from a kept step; set one of them.")
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f"config field 'init_from': no directory '{config.init_from}'; give a run's "
                       f"workdir or one of its checkpoint step directories.")

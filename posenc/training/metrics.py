@@ -1,6 +1,10 @@
 """Metrics to the console (tqdm bar with steps/s and ETA), TensorBoard and JSONL.
 
-Only process 0 writes; other processes get a silent logger.
+Only process 0 writes; other processes get a silent logger. ``metrics.jsonl`` is only ever
+appended to: a resumed (or restarted) run first appends an event record, ``{"step": s, "event":
+"resumed"}``, and ``read_history`` reads the file as the run's history, in which an event at step
+``s`` replaces the records of the steps after ``s`` that it redoes. The files are created at the
+first write, so a run that fails before writing anything leaves none behind.
 """
 from __future__ import annotations
 
@@ -37,11 +41,7 @@ class MetricLogger:
     self._bar = None  # started by the first advance(), after compilation, so the ETA is honest
     self.items: tuple[str, int] | None = None  # (what, how many per step): logs <what>_per_sec
     self.train_seconds = 0.0  # the clock of steps/s summed: training steps only (no compile, eval, checkpoint)
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-    self._tb = _summary_writer()(self.tb_dir)
+    self._jsonl = self._tb = None  # opened at the first write
     self._total = total_steps
 
   @property
@@ -53,17 +53,19 @@ class MetricLogger:
     self._bar = tqdm(total=self._total, initial=step, unit="step", dynamic_ncols=True,
                      mininterval=0.5 if tty else 30.0, smoothing=0.1)
 
-  def drop_after(self, step: int) -> None:
-    """On resume: forget JSONL records of steps after ``step`` (they will be redone)."""
-    if not self.enabled:
-      return
-    self._jsonl.close()
-    with open(self.jsonl_path, encoding="utf-8") as f:
-      keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.jsonl_path, "w", encoding="utf-8") as f:
-      f.writelines(keep)
-    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+  def _sinks(self):
+    if self._jsonl is None:
+      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+      self._tb = _summary_writer()(self.tb_dir)
+    return self._jsonl, self._tb
+
+  def event(self, step: int, event: str) -> None:
+    """Append an event record (``resumed`` / ``restarted`` at ``step``): see ``read_history``."""
     self._last = (step, time.perf_counter())
+    if self.enabled:
+      jsonl, _ = self._sinks()
+      jsonl.write(json.dumps({"step": step, "time": time.time(), "event": event}) + "\n")
+      jsonl.flush()
 
   def print(self, message: str) -> None:
     if self.enabled:
@@ -97,14 +99,32 @@ class MetricLogger:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
     else:
       self.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+    jsonl, tb = self._sinks()
     for k, v in record.items():
-      self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
-    self._jsonl.flush()
+      tb.add_scalar(k, v, step)
+    jsonl.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+    jsonl.flush()
 
   def close(self) -> None:
     if self.enabled:
       if self._bar is not None:
         self._bar.close()
-      self._tb.close()
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._tb.close()
+        self._jsonl.close()
+
+
+def read_history(path: str) -> list[dict]:
+  """The run's metric records in order, as its last attempt saw them: an event record at step ``s``
+  (a resume from step ``s``, or a restart at 0) drops the earlier records of steps after ``s``."""
+  history = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      if "event" in record:
+        history = [r for r in history if r["step"] <= record["step"]]
+      else:
+        history.append(record)
+  return history
