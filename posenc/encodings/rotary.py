@@ -26,7 +26,7 @@ No tables: both work at any sequence length or grid size. Prefix tokens (class
 token, registers) are not rotated.
 
 Context extension (``rope`` 1D, option ``scaling``), matched to Hugging Face's
-rope utils for a sequence of ``N`` positions (the static geometry length)
+rope utils for a sequence of ``N`` tokens (below)
 trained at ``original_length`` ``L``; ``rope_frequencies`` computes both:
 
 - ``"ntk"``: NTK-aware base, HF's ``dynamic``: ``theta' = theta * a**(Dh/(Dh-2))``,
@@ -40,10 +40,19 @@ trained at ``original_length`` ``L``; ``rope_frequencies`` computes both:
   or ``max(1, N / L)`` when ``factor=None`` (dynamic). A fixed ``factor``
   applies at every ``N``, as in HF.
 
-``N`` is the length of the geometry ``rotate`` is called with: a KV-cache
-decoder that rotates one new token per call sees ``N = 1``, so the dynamic
-settings (``ntk``; ``yarn`` without ``factor``) are for full-sequence calls;
-``yarn`` with a fixed ``factor`` is the same at every ``N``.
+``N`` is the number of tokens of the sequence: the geometry's length (offsets do
+not change it), or ``rotate``'s ``length`` (bounded by the static ``max_length``) for
+tokens that continue a longer sequence; a traced ``length`` reads a table of
+``rope_frequencies`` at every length, so it is bit for bit a full forward at that
+length. ``length_dependent``: ``ntk`` (past ``L``) and ``yarn`` without ``factor``.
+
+KV-cache decoding (``posenc.models.GPT.decode``) then equals recomputation, a full
+forward of the sequence so far at each step: past ``L`` its frequencies change with
+every token, and from the second layer on every cached key and value depends on
+them (through the first layer's attention), so no rotation of cached keys is exact
+(HF's ``dynamic`` keeps them as rotated). The decoder recomputes every cached slot
+from the cached tokens whenever the frequencies change (``rescales``): exact, cached
+within ``L``, as costly as recomputation past it.
 
 Normalised coordinates (``rope`` 2D, option ``normalize_coords``; DINOv3's
 ``RopePositionEmbedding``): ``coordinates`` maps the grid positions to patch
@@ -61,6 +70,7 @@ features). Train-time augmentation (``augment=True``; DINOv3's ``shift_coords``,
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -82,11 +92,11 @@ def rotate_half_pairs(x: jax.Array, angles: jax.Array, scale: float = 1.0) -> ja
   return turn(x, *cos_sin(angles, scale))
 
 
-def cos_sin(angles: jax.Array, scale: float = 1.0, num_prefix: int = 0) -> tuple[jax.Array, jax.Array]:
-  """float32 ``(cos, sin)`` of ``angles [B, N, H, Dh/2]`` times ``scale``, with ``num_prefix``
-  leading tokens that do not turn (cos 1, sin 0: the identity)."""
+def cos_sin(angles: jax.Array, scale: float | jax.Array = 1.0, num_prefix: int = 0) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(cos, sin)`` of ``angles [B, N, H, Dh/2]`` times ``scale`` (a float or a traced
+  scalar), with ``num_prefix`` leading tokens that do not turn (cos 1, sin 0: the identity)."""
   cos, sin = jnp.cos(angles), jnp.sin(angles)
-  if scale != 1.0:
+  if isinstance(scale, jax.Array) or scale != 1.0:
     cos, sin = cos * scale, sin * scale
   if num_prefix:
     pad = ((0, 0), (num_prefix, 0)) + ((0, 0),) * (angles.ndim - 2)
@@ -154,6 +164,16 @@ def rope_frequencies(head_dim: int, theta: float, length: int, scaling: str = "n
   return freqs / s * ramp + freqs * (1.0 - ramp), (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
 
 
+@functools.lru_cache(maxsize=64)
+def rope_frequency_table(head_dim: int, theta: float, max_length: int, scaling: str, original_length: int,
+                         factor: float | None, beta_fast: float, beta_slow: float) -> tuple[np.ndarray, np.ndarray]:
+  """``rope_frequencies`` at every length ``L..max(max_length, L)`` (``L = original_length``; every shorter
+  length has the frequencies of ``L``): float32 ``[rows, Dh/2]`` and ``[rows]``; row ``max(N, L) - L``."""
+  rows = [rope_frequencies(head_dim, theta, n, scaling, original_length, factor, beta_fast, beta_slow)
+          for n in range(original_length, max(max_length, original_length) + 1)]
+  return (np.stack([f for f, _ in rows]).astype(np.float32), np.asarray([a for _, a in rows], np.float32))
+
+
 def random_mixed_frequencies(key: jax.Array, num_layers: int, num_heads: int, head_dim: int,
                              theta: float = 10.0) -> jax.Array:
   """RoPE-Mixed initialisation ``(num_layers, 2, H, Dh/2)`` float32.
@@ -173,10 +193,12 @@ def random_mixed_frequencies(key: jax.Array, num_layers: int, num_heads: int, he
 class _Rotary(Encoding):
   """Shared ``rotate``: subclasses say the frequencies ``[ndim, H or 1, Dh/2]``."""
 
-  def _frequencies(self, geometry: Geometry, layer, head_dim: int, num_heads: int) -> jax.Array:
+  length_dependent = False  # whether the frequencies depend on the sequence's length (``rotate``'s ``length``)
+
+  def _frequencies(self, geometry: Geometry, layer, head_dim: int, num_heads: int, length=None) -> jax.Array:
     raise NotImplementedError  # abstract: rope and rope_mixed say their frequencies
 
-  def _attention_factor(self, geometry: Geometry, head_dim: int) -> float:
+  def _attention_factor(self, geometry: Geometry, head_dim: int, length=None) -> float | jax.Array:
     return 1.0  # what cos and sin are multiplied by
 
   def _check_head_dim(self, head_dim: int, ndim: int) -> None:
@@ -187,7 +209,10 @@ class _Rotary(Encoding):
                        f"for {ndim}D inputs; got head_dim={head_dim}. Choose width and num_heads "
                        f"so that width / num_heads is a multiple of {step}.")
 
-  def rotate(self, q, k, geometry, positions, layer):
+  def rotate(self, q, k, geometry, positions, layer, *, length=None, max_length: int | None = None):
+    """The hook; ``length`` (an int or traced int32 scalar, at most the static ``max_length``) is the
+    number of tokens of the sequence these continue, for ``length_dependent`` frequencies (default:
+    the geometry's length)."""
     self.check(geometry)
     if q.ndim != 4 or q.shape != k.shape or q.shape[1] != geometry.num_tokens:
       raise ValueError(f"position encoding '{self.name}' expects q and k of equal shape "
@@ -195,11 +220,13 @@ class _Rotary(Encoding):
                        f"got q {q.shape}, k {k.shape}.")
     _, _, num_heads, head_dim = q.shape
     self._check_head_dim(head_dim, geometry.ndim)
-    freqs = self._frequencies(geometry, layer, head_dim, num_heads).astype(jnp.float32)
+    length = (length, geometry.num_positions if max_length is None else int(max_length)) if (
+        length is not None and self.length_dependent) else None
+    freqs = self._frequencies(geometry, layer, head_dim, num_heads, length).astype(jnp.float32)
     pos = positions[..., ::-1].astype(jnp.float32)  # (row, col) -> rope-vit's (x, y)
     angles = jnp.sum(pos[..., None, None] * freqs, axis=-3)  # [B, N, H or 1, Dh/2]
     # One cos/sin for q and k; prefix tokens turn by nothing, so q and k are never split apart.
-    cos, sin = cos_sin(angles, self._attention_factor(geometry, head_dim), geometry.num_prefix)
+    cos, sin = cos_sin(angles, self._attention_factor(geometry, head_dim, length), geometry.num_prefix)
     return turn(q, cos, sin), turn(k, cos, sin)
 
 
@@ -327,22 +354,38 @@ class RoPE(_Rotary):
                                          rescale=self.rescale_coords)
     return coords
 
-  def _scaled(self, geometry: Geometry, head_dim: int) -> tuple[np.ndarray, float]:
+  @property
+  def length_dependent(self) -> bool:
+    """Whether the frequencies depend on the sequence's length: ``ntk``, or ``yarn`` without ``factor``."""
+    return self.scaling == "ntk" or (self.scaling == "yarn" and self.factor is None)
+
+  def rescales(self, before, after):
+    """Whether a ``length_dependent`` rope's frequencies at sequence length ``after`` differ from those at
+    ``before`` (ints: a bool; traced int32: a bool array): only lengths past ``original_length`` change them."""
+    xp = np if isinstance(before, int) and isinstance(after, int) else jnp
+    return xp.maximum(before, self.original_length) != xp.maximum(after, self.original_length)
+
+  def _scaled(self, geometry: Geometry, head_dim: int, length=None) -> tuple:
+    """Frequencies ``[Dh/2]`` and attention factor at the geometry's length, or at ``length = (n, max_n)``."""
     if self.scaling == "ntk" and head_dim < 4:
       raise ValueError(f"position encoding 'rope': scaling='ntk' needs head_dim >= 4; got {head_dim}.")
-    return rope_frequencies(head_dim, self.theta or 10000.0, geometry.shape[0], self.scaling,
-                            self.original_length, self.factor, self.beta_fast, self.beta_slow)
+    options = (self.scaling, self.original_length, self.factor, self.beta_fast, self.beta_slow)
+    if length is None:
+      return rope_frequencies(head_dim, self.theta or 10000.0, geometry.shape[0], *options)
+    freqs, factors = rope_frequency_table(head_dim, self.theta or 10000.0, length[1], *options)
+    row = jnp.clip(jnp.asarray(length[0], jnp.int32) - self.original_length, 0, len(factors) - 1)
+    return jnp.asarray(freqs)[row], jnp.asarray(factors)[row]
 
-  def _frequencies(self, geometry, layer, head_dim, num_heads):
+  def _frequencies(self, geometry, layer, head_dim, num_heads, length=None):
     if self.scaling != "none":
-      return jnp.asarray(self._scaled(geometry, head_dim)[0].reshape(1, 1, -1), jnp.float32)
+      return jnp.asarray(self._scaled(geometry, head_dim, length)[0], jnp.float32).reshape(1, 1, -1)
     if self.normalize_coords is not None:
       return jnp.asarray(period_frequencies(head_dim, self.base, self.min_period, self.max_period), jnp.float32)
     theta = self.theta or (10000.0 if geometry.ndim == 1 else 100.0)
     return jnp.asarray(axial_frequencies(head_dim, geometry.ndim, theta), jnp.float32)
 
-  def _attention_factor(self, geometry, head_dim):
-    return self._scaled(geometry, head_dim)[1] if self.scaling == "yarn" else 1.0
+  def _attention_factor(self, geometry, head_dim, length=None):
+    return self._scaled(geometry, head_dim, length)[1] if self.scaling == "yarn" else 1.0
 
 
 @register("rope_mixed")
@@ -371,7 +414,7 @@ class RoPEMixed(_Rotary):
       raise ValueError(f"position encoding 'rope_mixed' learns 2D (x, y) frequencies and supports "
                        f"only 2D grids, not {geometry}; use 'rope' for 1D sequences.")
 
-  def _frequencies(self, geometry, layer, head_dim, num_heads):
+  def _frequencies(self, geometry, layer, head_dim, num_heads, length=None):
     freqs = self.freqs[...]
     num_layers, _, heads, half = freqs.shape
     if (heads, 2 * half) != (num_heads, head_dim):

@@ -75,6 +75,15 @@ def causal_cache_mask(start, num_queries: int, cache_len: int) -> jax.Array:
   return (jnp.arange(cache_len)[None, :] <= start + jnp.arange(num_queries)[:, None])[None]
 
 
+def rotate(encoding: Encoding, q: jax.Array, k: jax.Array, geometry: Geometry, positions: jax.Array, layer,
+           length=None, max_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """``encoding.rotate``, told the ``length`` of the sequence (at most the static ``max_length``) when
+  its frequencies depend on it (``length_dependent``: rope's ``ntk``, ``yarn`` without ``factor``)."""
+  if length is None or not getattr(encoding, "length_dependent", False):
+    return encoding.rotate(q, k, geometry, positions, layer)
+  return encoding.rotate(q, k, geometry, positions, layer, length=length, max_length=max_length)
+
+
 def apply_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout; the identity when ``key`` is None (evaluation) or ``rate`` is 0."""
   if key is None or rate == 0.0:
@@ -235,11 +244,13 @@ class Attention(nnx.Module):
     return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
-               mask: jax.Array | None, key: jax.Array | None = None, shared_bias: jax.Array | None = None):
+               mask: jax.Array | None, key: jax.Array | None = None, shared_bias: jax.Array | None = None,
+               length=None):
     """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``mask`` broadcastable to ``[B, T, T]``
-    (True = may attend) or None; ``shared_bias``: this layer's bias, computed once for all layers."""
+    (True = may attend) or None; ``shared_bias``: this layer's bias, computed once for all layers;
+    ``length``: the sequence's length for a length-dependent ``rotate`` (default: the geometry's)."""
     q, k, v = self._qkv(x)
-    q, k = encoding.rotate(q, k, geometry, positions, layer)
+    q, k = rotate(encoding, q, k, geometry, positions, layer, length, geometry.num_positions)
     bias = encoding.attention_bias(geometry, positions, layer) if shared_bias is None else shared_bias
     return self._attend(q, k, v, bias, mask, key)
 
@@ -248,12 +259,13 @@ class Attention(nnx.Module):
     """Causal attention of ``T`` new tokens ``x [B, T, D]`` (at ``positions``, geometry ``(T,)``)
     over a cache of ``S`` slots; returns the output and the updated ``(k, v)`` of this layer.
 
-    The new k/v are rotated with the new positions, then written at ``cache.start``.
+    The new k/v are rotated with the new positions (and, for a length-dependent ``rotate``, the
+    sequence's length ``cache.length``), then written at ``cache.start``.
     ``attention_bias`` is called with the positions of all ``S`` slots and its rows
     of the new queries are kept: O(S^2) per call and layer, for any bias hook.
     """
     q, k, v = self._qkv(x)
-    q, k = encoding.rotate(q, k, geometry, positions, layer)
+    q, k = rotate(encoding, q, k, geometry, positions, layer, cache.length, cache.k.shape[1])
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.start, axis=1)
     num_slots, num_new = k_cache.shape[1], x.shape[1]
@@ -267,13 +279,15 @@ class Attention(nnx.Module):
 
 class LayerCache(NamedTuple):
   """One layer's view of a KV cache: ``k``/``v`` ``[B, S, H, Dh]`` (k already rotated),
-  the positions of all ``S`` slots ``[B or 1, S, ndim]`` (new ones included), and
-  ``start``, the slot of the first new token (int32 scalar)."""
+  the positions of all ``S`` slots ``[B or 1, S, ndim]`` (new ones included),
+  ``start``, the slot of the first new token, and ``length``, the tokens of the sequence
+  once the new ones are in (int32 scalars)."""
 
   k: jax.Array
   v: jax.Array
   positions: jax.Array
   start: jax.Array
+  length: jax.Array
 
 
 class Mlp(nnx.Module):
@@ -313,8 +327,8 @@ class Block(nnx.Module):
     self.num_layers = num_layers
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer, mask, key,
-               shared_bias=None):
-    attend = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k, shared_bias)
+               shared_bias=None, length=None):
+    attend = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k, shared_bias, length)
     return self._residuals(x, attend, encoding, geometry, positions, layer, key)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer,

@@ -63,7 +63,8 @@ class BlockStack(nnx.Module):
     self.num_layers, self.scan_layers = num_layers, resolve_scan_layers(scan_layers)
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
-               mask: jax.Array | None, key: jax.Array | None) -> jax.Array:
+               mask: jax.Array | None, key: jax.Array | None, length=None) -> jax.Array:
+    """``length``: the sequence's length for a length-dependent ``rotate`` (default: the geometry's)."""
     keys = [None] * self.num_layers if key is None else jax.random.split(key, self.num_layers)
     shared = encoding.attention_bias(geometry, positions, 0) if encoding.bias_shared_by_layers else None
     if not self.scan_layers:
@@ -71,24 +72,27 @@ class BlockStack(nnx.Module):
       leaves, treedef = jax.tree.flatten(state)
       for layer, layer_leaves in enumerate(unstack_layers(leaves)):
         block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
-        x = block(x, encoding, geometry, positions, layer, mask, keys[layer], shared)
+        x = block(x, encoding, geometry, positions, layer, mask, keys[layer], shared, length)
       return x
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run(x, block, layer, key, encoding):
-      return block(x, encoding, geometry, positions, layer, mask, key, shared)
+      return block(x, encoding, geometry, positions, layer, mask, key, shared, length)
 
     keys = None if key is None else keys
     return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
-             cache: "KVCache") -> tuple[jax.Array, jax.Array, jax.Array]:
+             cache: "KVCache", length=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """New tokens ``x [B, T, D]`` through every block with the KV cache ``cache``: its
-    ``positions`` already hold the new tokens' at slot ``cache.length``, where their k/v go.
-    Returns ``x`` and the new ``k``, ``v`` ``[layers, B, S, H, Dh]``."""
+    ``positions`` already hold the new tokens' at slot ``cache.length``, where their k/v go;
+    ``length`` is the sequence's (default ``cache.length + T``). Returns ``x`` and the new
+    ``k``, ``v`` ``[layers, B, S, H, Dh]``."""
+    length = cache.length + x.shape[1] if length is None else length
+
     def one(block, encoding, x, layer, k, v):
-      view = LayerCache(k, v, cache.positions, cache.length)
+      view = LayerCache(k, v, cache.positions, cache.length, length)
       return block.decode(x, encoding, geometry, positions, layer, view)
 
     if not self.scan_layers:
@@ -114,11 +118,13 @@ class BlockStack(nnx.Module):
 class KVCache(NamedTuple):
   """The KV cache of a decoder: ``k``/``v`` ``[layers, B, S, H, Dh]`` in the compute dtype (k
   already rotated by the encoding), the positions of the ``S`` slots ``[B or 1, S, ndim]``
-  (data: what ``attention_bias`` sees), and ``length``, the slots filled (int32 scalar).
-  Decoding a step writes the new tokens' positions into ``positions`` at ``length``
-  and the blocks use that as ``start``."""
+  (data: what ``attention_bias`` sees), ``length``, the slots filled (int32 scalar), and the
+  token ids of the slots ``[B, S]`` int32 (to recompute k/v when a length-dependent encoding's
+  frequencies change). Decoding a step writes the new tokens' positions into ``positions``
+  at ``length`` and the blocks use that as ``start``."""
 
   k: jax.Array
   v: jax.Array
   positions: jax.Array
   length: jax.Array
+  tokens: jax.Array

@@ -6,12 +6,20 @@
     cache = gpt.init_cache(batch_size=2, length=64)           # incremental decoding
     logits, cache = gpt.decode(prompt_ids, cache)             # prefill
     logits, cache = gpt.decode(next_ids[:, None], cache)      # one step
+    logits = gpt(buffer_ids, length=n)                        # the first n tokens of a longer buffer
 
 Position information enters only through the encoding's hooks (default
 ``learned``, a table of ``max_len`` rows like GPT-2's). Attention is causal by
 token order; ``packing_ids`` additionally confine each token to its own packed
 sequence (pass ``positions`` that restart in each), ``padding_mask`` (True = real
 token) hides padded keys. ``posenc.models.generate`` decodes with the KV cache.
+
+An encoding whose frequencies depend on the sequence's length (rope's ``ntk``; ``yarn``
+without ``factor``) sees the number of tokens, or ``length``: how a fixed-size buffer
+whose later slots are not yet written is the sequence of its first ``length`` tokens
+(causal attention keeps those slots out of the earlier ones). ``decode`` gives it
+``cache.length + T`` and recomputes the cache when that changes its frequencies
+(``posenc.encodings.rotary``): cached logits equal a full forward of the tokens so far.
 """
 from __future__ import annotations
 
@@ -90,8 +98,9 @@ class GPT(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                padding_mask: jax.Array | None = None, packing_ids: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
-    """Next-token logits ``[B, L, vocab]`` in float32; position ``t`` sees tokens ``<= t``."""
+               train: bool = False, length=None) -> jax.Array:
+    """Next-token logits ``[B, L, vocab]`` in float32; position ``t`` sees tokens ``<= t``. ``length``
+    (int or traced int32, at most L): the sequence's length a length-dependent encoding sees."""
     self._check(input_ids, padding_mask, packing_ids)
     geometry = Geometry.seq(input_ids.shape[1])
     positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
@@ -100,7 +109,7 @@ class GPT(nnx.Module):
 
     x = apply_dropout(self._embed(input_ids, geometry, positions), self.dropout, embed_key)
     mask = attention_mask(padding_mask, packing_ids, causal=True, length=input_ids.shape[1])
-    x = self.blocks(x, self.posenc, geometry, positions, mask, blocks_key)
+    x = self.blocks(x, self.posenc, geometry, positions, mask, blocks_key, length)
     return self._logits(x)
 
   def init_cache(self, batch_size: int, length: int, *, positions_dtype=jnp.int32) -> KVCache:
@@ -112,7 +121,8 @@ class GPT(nnx.Module):
     attn = self.blocks.layers.attn
     shape = (self.blocks.num_layers, batch_size, length, attn.num_heads, attn.head_dim)
     zeros = jnp.zeros(shape, self.dtype)
-    return KVCache(zeros, zeros, geometry.positions().astype(positions_dtype), jnp.zeros((), jnp.int32))
+    return KVCache(zeros, zeros, geometry.positions().astype(positions_dtype), jnp.zeros((), jnp.int32),
+                   jnp.zeros((batch_size, length), jnp.int32))
 
   def decode(self, input_ids: jax.Array, cache: KVCache, *,
              positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -120,10 +130,12 @@ class GPT(nnx.Module):
     and the cache with them added. ``positions`` of the new tokens (``[B or 1, T]`` or
     ``[B or 1, T, 1]``) default to ``cache.length + 0..T-1``. Inference only (no dropout);
     the caller keeps ``cache.length + T`` within the cache (under ``jit`` it is not checked).
+    When the encoding's frequencies at ``cache.length + T`` tokens differ from those the cache
+    was built with, every cached slot is recomputed from the cached tokens (module docstring).
     """
     self._check(input_ids, None, None)
     geometry = Geometry.seq(input_ids.shape[1])
-    start = cache.length
+    start, num_slots = cache.length, cache.k.shape[2]
     if positions is None:
       positions = (start + jnp.arange(geometry.num_positions, dtype=jnp.int32))[None, :, None]
     positions = self.posenc.coordinates(check_positions(positions, geometry), geometry, None)
@@ -134,7 +146,28 @@ class GPT(nnx.Module):
     slots = jnp.broadcast_to(cache.positions, (batch, *cache.positions.shape[1:]))
     slots = jax.lax.dynamic_update_slice_in_dim(
         slots, jnp.broadcast_to(positions, (batch, *positions.shape[1:])), start, axis=1)
-    cache = cache._replace(positions=slots)
-    x = self._embed(input_ids, geometry, positions)
-    x, k, v = self.blocks.decode(x, self.posenc, geometry, positions, cache)
-    return self._logits(x), KVCache(k, v, slots, start + geometry.num_positions)
+    tokens = jax.lax.dynamic_update_slice_in_dim(cache.tokens, input_ids.astype(cache.tokens.dtype), start, axis=1)
+    cache = cache._replace(positions=slots, tokens=tokens)
+    length = start + geometry.num_positions
+
+    def new_tokens(model):  # the new tokens over the cached ones
+      x = model._embed(input_ids, geometry, positions)
+      x, k, v = model.blocks.decode(x, model.posenc, geometry, positions, cache)
+      return model._logits(x), k, v
+
+    def every_slot(model):  # every slot again, at the new length (later, unwritten slots are causally unseen)
+      everything = Geometry.seq(num_slots)
+      x = model._embed(tokens, everything, slots)
+      empty = cache._replace(length=jnp.zeros_like(start))
+      x, k, v = model.blocks.decode(x, model.posenc, everything, slots, empty, length)
+      return model._logits(jax.lax.dynamic_slice_in_dim(x, start, geometry.num_positions, axis=1)), k, v
+
+    enc = self.posenc
+    if not (getattr(enc, "length_dependent", False) and bool(enc.rescales(1, num_slots))):
+      logits, k, v = new_tokens(self)  # the cache never needs recomputing
+    else:  # NNX modules cross a lax.cond as (graphdef, state)
+      graphdef, state = nnx.split(self)
+      logits, k, v = jax.lax.cond((start > 0) & enc.rescales(start, length),
+                                  lambda state: every_slot(nnx.merge(graphdef, state)),
+                                  lambda state: new_tokens(nnx.merge(graphdef, state)), state)
+    return logits, KVCache(k, v, slots, length, tokens)
