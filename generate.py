@@ -4,10 +4,12 @@
     python generate.py --workdir=... --prompt="Call me" --max_new_tokens=80 --temperature=0.8 --seed=1
 
 The run's own config (stored in its checkpoint) rebuilds the model and its BPE
-tokenizer; decoding uses the KV cache (``posenc.models.generate``).
+tokenizer; decoding uses the KV cache (``posenc.models.generate``), with the run's positions (its
+``position_scale``) and encoding options, and gives the tokens recomputation would.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 from absl import app, flags, logging
@@ -21,8 +23,20 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flag_as_required("workdir")
 
 
+def check_flags(prompt: str, max_new_tokens: int, temperature: float) -> None:
+  """ConfigError naming the first bad flag; nothing is loaded before these checks."""
+  from posenc.config import ConfigError
+  if not prompt:
+    raise ConfigError("--prompt is empty; give some text to continue.")
+  if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+    raise ConfigError(f"--max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ConfigError(f"--temperature must be a finite number >= 0 (0 = greedy, > 0 samples), got {temperature!r}.")
+
+
 def continuation(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
   """The run's continuation of ``prompt`` (the prompt not repeated)."""
+  check_flags(prompt, max_new_tokens, temperature)
   import jax
   import ml_collections
 
@@ -50,8 +64,9 @@ def continuation(workdir: str, prompt: str, max_new_tokens: int, temperature: fl
   if not ids:
     raise ConfigError("--prompt is empty; give some text to continue.")
   try:
-    out = generate(run.model(), [ids], max_new_tokens, temperature=temperature, rng=jax.random.key(seed))
-  except ValueError as e:
+    out = generate(run.model(), [ids], max_new_tokens, temperature=temperature, rng=jax.random.key(seed),
+                   position_scale=run.position_scale)  # the run's position interpolation, as in training
+  except ValueError as e:  # the flags are checked: what is left is the length the model can serve
     raise ConfigError(f"--max_new_tokens: {e}") from None
   return tokenizer.decode([int(t) for t in out[0, len(ids):]])
 

@@ -8,6 +8,7 @@ Shared by ``configs/``, ``posenc.tasks`` (each validates its own fields) and
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.machinery
 import importlib.util
 import os
@@ -18,6 +19,12 @@ import ml_collections
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the field and the fix."""
+
+
+def did_you_mean(name, valid) -> str:
+  """`` (did you mean 'rope'?)`` for an unknown ``name`` close to one of ``valid``; else ``""``."""
+  close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def split_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
@@ -57,7 +64,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
       node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
     open_dict = bool(parents) and parents[-1].endswith("_options")  # model/posenc kwargs
     if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_dict):
-      raise ConfigError(f"config has no field '{key}'; fields: {', '.join(sorted(config))}.")
+      nested = bool(parents) and isinstance(node, ml_collections.ConfigDict)
+      fields = [".".join([*parents, f]) for f in sorted(node)] if nested else sorted(config)
+      raise ConfigError(f"config has no field '{key}'{did_you_mean(key, fields)}; fields: {', '.join(fields)}.")
     value = _parse_value(text)
     if isinstance(node.get(leaf), float) and isinstance(value, int):
       value = float(value)
@@ -75,8 +84,8 @@ def get_config_with_arg(make_base, presets: dict, arg: str | None) -> ml_collect
   config = make_base()
   for name in names:
     if name not in presets:
-      raise ConfigError(f"unknown config preset '{name}'; choose from {sorted(presets)} "
-                        f"or give field=value overrides.")
+      raise ConfigError(f"unknown config preset '{name}'{did_you_mean(name, presets)}; choose from "
+                        f"{sorted(presets)} or give field=value overrides.")
     presets[name](config)
   apply_overrides(config, overrides)
   return config

@@ -32,8 +32,12 @@ def value_and_grads(name: str, posenc_name: str, inputs: dict, **kwargs):
                                                  attention_impl=impl, **kwargs))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape).astype(np.float32),
-                          nnx.to_pure_dict(params))
+    params = jax.tree_util.tree_map_with_path(
+        # FIRE's threshold_init is a length, not a weight: 4 puts the threshold inside the 0..6
+        # positions, so both branches of max(query, threshold) run and the threshold gets a gradient.
+        lambda path, a: (np.full(a.shape, 4.0, np.float32) if "threshold_init" in jax.tree_util.keystr(path)
+                         else 0.3 * rng.standard_normal(a.shape).astype(np.float32)),
+        nnx.to_pure_dict(params))
     is_key = lambda a: jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)  # noqa: E731
     rest = jax.tree.map(lambda a: jax.random.key(0) if is_key(a) else np.zeros(a.shape, a.dtype),
                         nnx.to_pure_dict(rest))
@@ -64,7 +68,8 @@ def assert_same(results: dict, shape: tuple) -> None:
   for impl in IMPLS[1:]:
     other_value, other_grads = results[impl]
     np.testing.assert_allclose(other_value, value, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
+    assert jax.tree.structure(other_grads) == jax.tree.structure(grads), impl  # no leaf missing or extra
+    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 

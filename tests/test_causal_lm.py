@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,6 +31,14 @@ def config(arg: str = ""):
   return load_config_file(f"{REPO / 'configs' / 'gpt_tiny.py'}:{TINY}" + (f",{arg}" if arg else ""))
 
 
+def cli(script: str, *args: str) -> subprocess.CompletedProcess:
+  """``python <script> <args>`` (train.py, generate.py) from the repository, on one CPU device."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)}
+  return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
 def params_at(workdir: Path, step: int) -> dict:
   return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "params").resolve())
 
@@ -51,12 +61,14 @@ def test_run_logs_perplexity_and_tokens_per_second(trained):
   assert steps[0]["train/loss"] > math.log(512) - 1.0 and results["loss"] < steps[0]["train/loss"]
 
 
-def test_resume_from_an_earlier_checkpoint_ends_bit_identical(trained, tmp_path):
+def test_resume_from_an_earlier_checkpoint_ends_bit_identical(trained, tmp_path, capsys):
   workdir, _ = trained
   again = tmp_path / "again"
   shutil.copytree(workdir, again)
   shutil.rmtree(again / "checkpoints" / "4")  # as if the run had stopped right after step 2
   train(config(), str(again))
+  # It resumed at step 2 (a fresh start would end bit-identical too: the run is deterministic).
+  assert f"Resuming from {again / 'checkpoints' / '2'} (step 2)" in capsys.readouterr().out
   jax.tree.map(np.testing.assert_array_equal, params_at(again, 4), params_at(workdir, 4))
 
 
@@ -88,12 +100,48 @@ def test_bad_inputs_are_one_clear_error(arg, field):
 
 def test_generate_prints_a_continuation(trained):
   workdir, _ = trained
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)}
-  out = subprocess.run([sys.executable, str(REPO / "generate.py"), f"--workdir={workdir}", "--prompt=It is a",
-                        "--max_new_tokens=8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  out = cli("generate.py", f"--workdir={workdir}", "--prompt=It is a", "--max_new_tokens=8")
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.startswith("It is a") and len(out.stdout.strip()) > len("It is a")
-  too_long = subprocess.run([sys.executable, str(REPO / "generate.py"), f"--workdir={workdir}",
-                             "--max_new_tokens=50"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  too_long = cli("generate.py", f"--workdir={workdir}", "--max_new_tokens=50")
   assert too_long.returncode == 2 and "Traceback" not in too_long.stderr and "max_len=16" in too_long.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("temperature", "-1"), ("temperature", "nan"), ("temperature", "inf"),
+                                        ("max_new_tokens", "0"), ("prompt", "")])
+def test_generate_names_each_bad_flag_before_loading_anything(tmp_path, flag, value):
+  """The workdir does not exist: an error about the flag, not the workdir, shows nothing was loaded first."""
+  out = cli("generate.py", f"--workdir={tmp_path / 'no_run'}", f"--{flag}={value}")
+  assert out.returncode == 2 and out.stderr.startswith(f"Error: --{flag} "), out.stderr[-2000:]
+  assert "--workdir" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_encoding_is_one_line_suggesting_the_tasks_closest(tmp_path):
+  out = cli("train.py", "--config=configs/gpt_tiny.py:posenc=ropee", f"--workdir={tmp_path / 'run'}")
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert lines[0].startswith("Config error: config field 'posenc'") and "did you mean 'rope'?" in lines[0]
+  assert "kerple" in lines[0] and not any(n in lines[0] for n in ("rope_mixed", "sincos2d", "cpe"))  # 1D ones only
+  assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_vocabulary_says_what_works(trained, tmp_path):
+  """The error names the parameter and the field; both ways on it gives work: the run's own value resumes
+  the run (the flags exactly as printed), a fresh workdir trains the new vocabulary."""
+  workdir, _ = trained
+  again = tmp_path / "again"
+  shutil.copytree(workdir, again)
+  shutil.rmtree(again / "checkpoints" / "4")  # stopped after step 2, restarted with another vocabulary
+  command = [f"--config=configs/gpt_tiny.py:{TINY},vocab_size=4096", f"--workdir={again}"]
+  out = cli("train.py", *command)
+  error = out.stderr.strip()
+  assert out.returncode == 2 and len(error.splitlines()) == 1, out.stderr[-2000:]
+  assert "token_embed: stored (512, 16), wanted (4096, 16)" in error and "vocab_size (512 -> 4096)" in error
+  assert "init_from" not in error  # a vocabulary does not transfer: init_from would fail too
+  flags = re.search(r"to resume the run, rerun with (.+?); to train this config instead, give a fresh --workdir",
+                    error).group(1)
+  resumed = cli("train.py", *command, *shlex.split(flags))
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"Resuming from {again / 'checkpoints' / '2'} (step 2)" in resumed.stdout
+  fresh = cli("train.py", *command[:1], f"--workdir={tmp_path / 'fresh'}")
+  assert fresh.returncode == 0 and "Resuming" not in fresh.stdout, fresh.stderr[-2000:]

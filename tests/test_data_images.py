@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from posenc.data import datasets, images, make_loader, pipeline
 from test_data import FM, assert_batches_equal, idx_test, take, unnormalise  # noqa: F401 (a fixture)
@@ -15,6 +14,7 @@ from test_data import FM, assert_batches_equal, idx_test, take, unnormalise  # n
 
 @pytest.mark.parametrize("size", [(14, 40), (56, 21), (28, 28)])
 def test_resize_matches_torch_bilinear_antialias(size):
+  torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
   native = next(iter(make_loader(FM, "test", batch_size=8, train=False, seed=0)))["image"]
   resized = next(iter(make_loader(FM, "test", batch_size=8, train=False, seed=0,
                                   image_size=size)))["image"]

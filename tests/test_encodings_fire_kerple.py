@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from posenc.encodings import Geometry, make
+
+torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
 
 H, LAYERS, W = 3, 3, 32
 SEQ = Geometry.seq(7, num_prefix=1)

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import posenc  # noqa: F401  (flax config)
@@ -116,6 +115,8 @@ def test_rotation_preserves_norms_and_changes_vectors(label, build, geometry):
 @pytest.mark.parametrize("theta", [None, 500.0])
 @pytest.mark.parametrize("factor", [1.0, 2.0])
 def test_rope_1d_matches_hf_llama(theta, factor):
+  torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
+  pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
   from transformers import LlamaConfig
   from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -423,6 +424,7 @@ def test_rotation_at_real_positions_matches_closed_form(label, build, geometry):
 # ---------------------------------------------------------------- context extension: ntk, yarn
 def _hf_rope_config(kind, head_dim, theta, n, length, factor):
   """HF config for the same extension, and its (inv_freq, attention factor) at ``n`` positions."""
+  pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
   from transformers import LlamaConfig
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -472,6 +474,8 @@ def test_rope_scaling_frequencies_match_hf(kind, n, length, factor, head_dim, th
     ("ntk", 40, 16, None), ("ntk", 40, 16, 2.0), ("yarn", 40, 16, None), ("yarn", 12, 16, 2.0)], ids=str)
 def test_scaled_rope_rotation_matches_hf_llama(kind, n, length, factor):
   """The whole rotation, attention factor on cos and sin included, against HF's Llama rope."""
+  torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
+  pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
   from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
   config, _, _ = _hf_rope_config(kind, DH, 10000.0, n, length, factor)

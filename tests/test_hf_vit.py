@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -17,6 +16,10 @@ import posenc  # noqa: F401  (flax config)
 from posenc.models.hf_vit import load_hf_vit, vit_kwargs
 from posenc.models.vit import ViT
 from posenc.transfer import TransferOptions, jit_transfer
+from hf_files import DAMAGES, damaged_copy
+
+torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
+transformers = pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
             patch_size=4, num_channels=3, num_labels=10,
@@ -224,3 +227,12 @@ def test_unsupported_configs_are_refused(reference, tmp_path, field, value):
     load_hf_vit(path)
   with pytest.raises(ValueError, match="config.json and model.safetensors"):
     load_hf_vit(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_unreadable_files_are_one_error_naming_them(reference, tmp_path, damage):
+  """A truncated or non-safetensors weights file, a config.json without a key or not JSON: one ValueError
+  naming the file (and the key), not safetensors' or json's own error."""
+  message = damaged_copy(reference[1], tmp_path, damage, "vit.embeddings.cls_token", "model_type")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    load_hf_vit(tmp_path)

@@ -81,7 +81,7 @@ def test_vit_runs_at_new_sizes_from_the_same_parameters(posenc_name, stem):
 def test_conv_stem_matches_torch(extra):
   """ConvStem == torch Conv2d(3x3, stride 2, pad 1) -> LayerNorm over channels -> GELU(tanh), twice for patch 4,
   then ``extra`` times the same with stride 1, and maps H x W to the patchify grid H/4 x W/4."""
-  import torch
+  torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
 
   from posenc.models.vit import ConvStem
 

@@ -53,7 +53,11 @@ def test_bad_size_and_augmentation_fields_are_one_clear_error(arg, match):
                                  "posenc=learned,posenc_options.resample=True",  # FlexiViT's resampled table
                                  "eval_protocol=canvas,object_size=28,eval_image_sizes=(48,)"])
 def test_good_multires_configs_validate(arg):
-  validate(config(arg), num_devices=8)
+  cfg = config(arg)
+  assert validate(cfg, num_devices=8) == (8, 1, 1)  # every check passed and the mesh resolved
+  task = tasks.get(cfg.task)
+  sizes = {task.geometry(cfg, size).shape for size in (None, *task.eval_sizes(cfg))}
+  assert sizes == {(cfg.image_size // cfg.patch_size,) * 2} | {(s // cfg.patch_size,) * 2 for s in cfg.eval_image_sizes}
 
 
 def test_task_loaders_follow_the_protocol_and_sizes():

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+nbformat = pytest.importorskip("nbformat", reason="no nbformat (pip install -e .[test])")
+NotebookClient = pytest.importorskip("nbclient", reason="no nbclient (pip install -e .[test])").NotebookClient
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"

@@ -12,14 +12,36 @@ import pytest
 from flax import nnx
 
 import posenc  # noqa: F401  (flax config)
-from posenc import models
+from posenc import encodings, models
+from posenc.encodings.base import Encoding
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 BERT = dict(vocab_size=64, max_len=16, **TINY)
 VIT = dict(num_classes=5, image_size=28, patch_size=7, channels=1, num_registers=1, **TINY)
-ENCODINGS_1D = ["learned", "sinusoidal", "rel_bias", "rope", "alibi", "none"]
-RELATIVE_1D = ["rel_bias", "rope", "alibi"]
-RELATIVE_2D = ["rel_bias", "cpb", "rope", "rope_mixed", "alibi"]
+
+
+def hooks(name: str) -> set[str]:
+  """The hooks encoding ``name`` implements (overrides of ``Encoding``'s)."""
+  cls = encodings.get(name)
+  return {h for h in ("embed", "attention_bias", "rotate", "after_block")
+          if getattr(cls, h) is not getattr(Encoding, h)}
+
+
+# From the registry, so a new encoding is tested without editing this file. Relative: position enters
+# only through the attention (a bias or a rotation), never through the tokens.
+ENCODINGS_1D = encodings.names(ndim=1)
+RELATIVE_1D = [n for n in ENCODINGS_1D if hooks(n) and hooks(n) <= {"attention_bias", "rotate"}]
+RELATIVE_2D = [n for n in encodings.names(ndim=2) if hooks(n) and hooks(n) <= {"attention_bias", "rotate"}]
+ABSOLUTE_1D = [n for n in ENCODINGS_1D if "embed" in hooks(n)]
+# FIRE divides by the query position once it passes its threshold L = |threshold_scale| * threshold_init:
+# translation invariant only below L, so the offset test sets L above every position it uses.
+BELOW_THRESHOLD = {"fire": {"threshold_init": 1000.0, "threshold_scale": 1.0}}
+
+
+def test_the_lists_cover_the_registry():
+  assert {"fire", "kerple", "learned", "none"} <= set(ENCODINGS_1D)
+  assert {"fire", "kerple", "rel_bias", "rope", "alibi"} <= set(RELATIVE_1D) and "cpe" not in RELATIVE_2D
+  assert {"learned", "sinusoidal"} <= set(ABSOLUTE_1D)
 
 
 def model(name: str, posenc_name: str, **kwargs):
@@ -62,12 +84,14 @@ def test_packed_sequences_equal_sequences_run_alone(posenc_name):
 @pytest.mark.parametrize("posenc_name", RELATIVE_1D)
 def test_relative_encodings_ignore_where_a_sequence_starts(posenc_name):
   graphdef, params, rest = model("bert-mini", posenc_name, **BERT)
+  for k, v in BELOW_THRESHOLD.get(posenc_name, {}).items():
+    params["posenc"][k] = np.full_like(params["posenc"][k], v)
   ids = np.random.default_rng(2).integers(1, 64, (2, 12)).astype(np.int32)
   at0, at100 = apply(graphdef, params, rest, [((ids,), {}), ((ids,), dict(positions=np.arange(100, 112)[None]))])
   np.testing.assert_allclose(at100, at0, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("posenc_name", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("posenc_name", ABSOLUTE_1D)
 def test_absolute_encodings_do_see_the_offset(posenc_name):
   graphdef, params, rest = model("bert-mini", posenc_name, **BERT)
   ids = np.random.default_rng(2).integers(1, 64, (2, 8)).astype(np.int32)
@@ -82,7 +106,7 @@ def test_relative_2d_encodings_ignore_a_shift_of_the_grid(posenc_name):
   images = np.random.default_rng(3).standard_normal((2, 28, 28, 1)).astype(np.float32)
   grid = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(1, 16, 2)
   shifted = (grid + np.array([2, 3])).astype(np.int32)
-  if posenc_name in ("cpb", "rope", "rope_mixed", "alibi"):  # continuous: a real shift too
+  if encodings.get(posenc_name).continuous:  # real-valued positions: a real shift too
     shifted = grid + np.array([2.5, -7.25], np.float32)
   at0, moved = apply(graphdef, params, rest, [((images,), {}), ((images,), dict(positions=shifted))])
   np.testing.assert_allclose(moved, at0, rtol=1e-4, atol=1e-4)

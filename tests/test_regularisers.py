@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import scipy.ndimage
 
 from posenc.config import ConfigError
 from posenc.data import images, make_loader, pipeline
 from posenc.tasks.base import cross_entropy
+
+scipy = pytest.importorskip("scipy", reason="no scipy (pip install -e .[test])")
+import scipy.ndimage  # noqa: E402
 
 FM = "fashion_mnist"
 

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.ndimage
-import torch
-import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from posenc.resize import METHODS, resize_1d, resize_grid, resize_table
+
+scipy = pytest.importorskip("scipy", reason="no scipy (pip install -e .[test])")
+torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
+import scipy.ndimage  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 # (old_hw, new_hw): rectangular up, rectangular down, same token count, one axis fixed.
 CASES = [((7, 5), (11, 13)), ((12, 10), (5, 7)), ((2, 8), (4, 4)), ((5, 7), (5, 9))]

@@ -48,8 +48,9 @@ def vit28(tmp_path_factory):
 
 def test_eval_at_other_sizes_transfers_on_the_fly(vit28):
   _, results = vit28
-  for key in ("accuracy", "accuracy_14", "accuracy_56"):
-    assert 0.0 <= results[key] <= 1.0
+  # Each size is its own evaluation (other images, another transferred table): three different losses.
+  losses = [results[k] for k in ("loss", "loss_14", "loss_56")]
+  assert all(np.isfinite(losses)) and len(set(losses)) == 3, losses
   assert results["accuracy"] > 0.2  # 30 steps already beat chance (0.1) at the trained size
 
 
@@ -60,9 +61,11 @@ def test_restore_at_new_size_trains_with_finite_loss(vit28, tmp_path, size, caps
   results = train(config("vit_tiny", TINY_VIT + f",total_steps=5,image_size={size},init_from={source}"),
                   workdir)
   out = capsys.readouterr().out
-  assert "posenc/table (16, 32) -> " in out and "transferred (bicubic)" in out
-  assert all(np.isfinite(r["loss"]) for r in jsonl(workdir) if "loss" in r)
-  assert np.isfinite(results["loss"])
+  side = size // 7  # patch 7: the 4x4 grid becomes side x side
+  assert f"transferred (bicubic): posenc/table (16, 32) -> ({side * side}, 32)" in out
+  assert stored_params(workdir)["posenc"]["table"].shape == (side * side, 32)
+  losses = [r["train/loss"] for r in jsonl(workdir) if "train/loss" in r]
+  assert losses and all(np.isfinite(losses)) and np.isfinite(results["loss"])
 
 
 def test_same_size_restore_keeps_accuracy(vit28, tmp_path):
@@ -70,7 +73,9 @@ def test_same_size_restore_keeps_accuracy(vit28, tmp_path):
   workdir = str(tmp_path / "vit28b")
   again = train(config("vit_tiny", TINY_VIT + f",total_steps=1,lr=1e-12,warmup_steps=0,init_from={source}"),
                 workdir)
-  assert again["accuracy"] == pytest.approx(results["accuracy"], abs=0.02)
+  # A step of lr 1e-12 moves no float32 parameter by an ulp, and the test batches are the same: the
+  # restored model evaluates exactly as the run did.
+  assert again["accuracy"] == results["accuracy"] and again["loss"] == results["loss"]
 
 
 @pytest.mark.parametrize("size", [28, 56])
@@ -161,8 +166,15 @@ def test_learned_text_table_128_to_512_on_restore(tmp_path, capsys):
   workdir = str(tmp_path / "len512")
   results = train(config("bert_small", TINY_BERT + f",max_len=512,total_steps=2,init_from={source}"), workdir)
   assert "posenc/table (128, 16) -> (512, 16)" in capsys.readouterr().out
-  assert all(np.isfinite(r["train/loss"]) for r in jsonl(workdir) if "train/loss" in r)
-  assert np.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
+  losses = [r["train/loss"] for r in jsonl(workdir) if "train/loss" in r]
+  assert len(losses) == 2 and all(np.isfinite(losses)) and np.isfinite(results["loss"])
+  # What the run started from: the stored table extended (interpolated) to 512 rows, the rest as stored.
+  start = setup(config("bert_small", TINY_BERT + f",max_len=512,total_steps=0,init_from={source}"))
+  got = jax.tree.map(np.asarray, start.initial_state(log=lambda _: None)["params"])
+  want = transfer.transfer_params(stored_params(source), "learned", Geometry.seq(128), Geometry.seq(512),
+                                  transfer.TransferOptions(extend="interpolate"))
+  np.testing.assert_allclose(got["posenc"]["table"], want["posenc"]["table"], rtol=1e-6, atol=1e-7)  # jit vs eager
+  jax.tree.map(np.testing.assert_array_equal, {**got, "posenc": {}}, {**want, "posenc": {}})
 
 
 def test_unawaited_shard_reads_of_a_damaged_checkpoint_print_no_traceback(caplog):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 
+from posenc.config import did_you_mean
 from posenc.encodings.base import Encoding
 
 _REGISTRY: dict[str, type[Encoding]] = {}
@@ -25,13 +26,19 @@ def register(name: str):
   return decorator
 
 
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+def names(ndim: int | None = None) -> list[str]:
+  """The registered encodings (those whose ``supported_ndims`` include ``ndim``, if given)."""
+  return sorted(n for n, cls in _REGISTRY.items() if ndim is None or ndim in cls.supported_ndims)
 
 
-def get(name: str) -> type[Encoding]:
+def get(name: str, ndim: int | None = None) -> type[Encoding]:
+  """Encoding ``name``'s class; an unknown name is an error listing the encodings (of ``ndim``
+  dimensions, if given) and the closest one."""
   if name not in _REGISTRY:
-    raise ValueError(f"unknown position encoding '{name}'; choose one of: {', '.join(names())}.")
+    valid = names(ndim)
+    which = f" the {ndim}D encodings" if ndim else ""
+    raise ValueError(f"unknown position encoding '{name}'{did_you_mean(name, valid)}; choose one of{which}: "
+                     f"{', '.join(valid)}.")
   return _REGISTRY[name]
 
 

@@ -18,6 +18,7 @@ import inspect
 import jax.numpy as jnp
 from flax import nnx
 
+from posenc.config import did_you_mean
 from posenc.models.block_stack import KVCache
 from posenc.models.bert import BERT, BERT_SIZES
 from posenc.models.generate import generate
@@ -28,12 +29,20 @@ _FAMILIES = {"vit": (ViT, VIT_SIZES), "bert": (BERT, BERT_SIZES), "gpt": (GPT, G
 MODEL_NAMES = tuple(f"{family}-{size}" for family, (_, sizes) in _FAMILIES.items() for size in sizes)
 
 
+def check_name(name: str) -> None:
+  """ValueError unless ``name`` is a model; it lists the sizes of the family named (all models if
+  none is) and the closest name."""
+  if name not in MODEL_NAMES:
+    family = str(name).partition("-")[0]
+    valid = [n for n in MODEL_NAMES if n.startswith(f"{family}-")] or MODEL_NAMES
+    raise ValueError(f"unknown model {name!r}{did_you_mean(name, valid)}; choose one of: {', '.join(valid)}.")
+
+
 def create(name: str, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
            dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> nnx.Module:
   """Build model ``name`` (e.g. ``"vit-ti"``) with position encoding ``posenc``."""
+  check_name(name)
   family, _, size = name.partition("-")
-  if family not in _FAMILIES or size not in _FAMILIES[family][1]:
-    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}.")
   cls, sizes = _FAMILIES[family]
   options = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "posenc", "rngs")]
   unknown = sorted(set(kwargs) - set(options))
@@ -48,5 +57,5 @@ def create(name: str, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | Non
   return nnx.jit(build)(rngs)
 
 
-__all__ = ["BERT", "BERT_SIZES", "GPT", "GPT_SIZES", "KVCache", "MODEL_NAMES", "VIT_SIZES", "ViT", "create",
-           "generate"]
+__all__ = ["BERT", "BERT_SIZES", "GPT", "GPT_SIZES", "KVCache", "MODEL_NAMES", "VIT_SIZES", "ViT", "check_name",
+           "create", "generate"]

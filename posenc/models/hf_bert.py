@@ -11,6 +11,9 @@ table of ``max_position_embeddings`` rows), exact (erf) GELU and HF's
 LayerNorm eps. Every tensor must be present with the shape the config implies;
 otherwise one ValueError lists the missing, misshapen and unknown tensors.
 Nothing is silently re-initialised.
+A weights file that is truncated or not safetensors, and a config.json that is
+not JSON or lacks a key the importer reads, are one ValueError naming the file
+(and the key).
 
 The MLM head: the decoder is tied to the word embeddings (as in
 ``BertForMaskedLM``). Its transform (dense + LayerNorm) and output bias come
@@ -39,10 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from posenc.models.bert import BERT
 
+# config.json keys the importer reads without a default (HF's from_pretrained would fill in its own).
+CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "intermediate_size", "max_position_embeddings", "type_vocab_size")
 IGNORED_PREFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.", "cls.seq_relationship.")
 # MLM head per model type: (dense weight, dense bias, LayerNorm weight, LayerNorm bias, output bias),
 # then the tied decoder's tensors (checked or skipped, never loaded).
@@ -73,8 +80,41 @@ def _files(path, what: str = "BERT") -> tuple[Path, Path]:
   return weights, config
 
 
+def read_json_config(config_file: Path, what: str) -> dict:
+  """``config.json`` as a dict; one ValueError naming the file if it is not a JSON object."""
+  try:
+    cfg = json.loads(config_file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_file} is not a JSON file ({e}); it should be the config.json that "
+                     f"save_pretrained writes beside the {what} weights.") from None
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{config_file} holds a JSON {type(cfg).__name__}, not the object of a {what} "
+                     f"config.json; it should be the config.json that save_pretrained writes.")
+  return cfg
+
+
+def require_keys(cfg: dict, config_file: Path, keys: tuple[str, ...], what: str) -> None:
+  """One ValueError naming the file and the keys of ``keys`` that ``cfg`` lacks."""
+  missing = [k for k in keys if k not in cfg]
+  if missing:
+    raise ValueError(f"{config_file} lacks the key {missing[0]!r}"
+                     + (f" (and {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
+                     + f", which a {what} config.json must have; add it with the checkpoint's value.")
+
+
+def load_tensors(weights_file: Path, what: str) -> dict[str, np.ndarray]:
+  """The tensors of a safetensors file; one ValueError naming the file if it cannot be read."""
+  try:
+    return load_file(str(weights_file))
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{weights_file} is not a readable safetensors file ({e}): it is truncated or in "
+                     f"another format; download it again, or write it with save_pretrained(..., "
+                     f"safe_serialization=True).") from None
+
+
 def _read_config(config_file: Path) -> dict:
-  cfg = json.loads(config_file.read_text())
+  cfg = read_json_config(config_file, "BERT")
+  require_keys(cfg, config_file, ("model_type",), "BERT")
   wrong = {k: cfg.get(k) for k, want in (("hidden_act", "gelu"), ("position_embedding_type", "absolute"))
            if cfg.get(k, want) != want}
   if cfg.get("model_type") not in _HEADS:
@@ -82,6 +122,7 @@ def _read_config(config_file: Path) -> dict:
   if wrong:
     raise ValueError(f"{config_file} is not a BERT config this importer supports (needs model_type='bert' "
                      f"or 'roberta', hidden_act='gelu', position_embedding_type='absolute'); got {wrong}.")
+  require_keys(cfg, config_file, CONFIG_KEYS, "BERT")
   return cfg
 
 
@@ -166,7 +207,7 @@ def load_hf_bert(path, *, allow_missing_mlm_head: bool = False, dtype=jnp.float3
   cfg = _read_config(config_file)
   head, decoder_names = _HEADS[cfg["model_type"]]
   prefix = cfg["model_type"] + "."
-  tensors = {k.removeprefix(prefix): v for k, v in load_file(str(weights_file)).items()}
+  tensors = {k.removeprefix(prefix): v for k, v in load_tensors(weights_file, "BERT").items()}
   has_head = any(k in tensors for k in head[:4])
   want = expected_shapes(cfg) | (_head_shapes(cfg, head) if has_head else {})
   _check(tensors, want, weights_file, known=IGNORED_PREFIXES + decoder_names)

@@ -8,6 +8,9 @@ table of ``n_positions`` rows), GELU tanh approximation and LayerNorm eps 1e-5.
 Every tensor must be present with the shape the config implies; otherwise one
 ValueError lists the missing, misshapen and unknown tensors. Nothing is
 silently re-initialised.
+A weights file that is truncated or not safetensors, and a config.json that is
+not JSON or lacks a key the importer reads, are one ValueError naming the file
+(and the key).
 
 Layout: GPT-2's ``Conv1D`` stores weights as ``[in, out]`` (no transpose, unlike
 ``nn.Linear``); ``c_attn`` is q|k|v fused along ``out``, each ``heads x head_dim``,
@@ -18,17 +21,17 @@ skipped; an ``lm_head.weight`` must equal ``wte`` (the head is tied).
 """
 from __future__ import annotations
 
-import json
 import re
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
 from posenc.models.gpt import GPT
-from posenc.models.hf_bert import _check, _files, _stack, build_loaded
+from posenc.models.hf_bert import (_check, _files, _stack, build_loaded, load_tensors, read_json_config,
+                                   require_keys)
 
+CONFIG_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")  # read without a default
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 _SUPPORTED = (("activation_function", ("gelu_new", "gelu_pytorch_tanh")), ("layer_norm_epsilon", (1e-5,)),
               ("scale_attn_weights", (True,)), ("scale_attn_by_inverse_layer_idx", (False,)),
@@ -36,12 +39,13 @@ _SUPPORTED = (("activation_function", ("gelu_new", "gelu_pytorch_tanh")), ("laye
 
 
 def _read_config(config_file) -> dict:
-  cfg = json.loads(config_file.read_text())
+  cfg = read_json_config(config_file, "GPT-2")
   wrong = {k: cfg.get(k) for k, ok in (("model_type", ("gpt2",)),) + _SUPPORTED if cfg.get(k, ok[0]) not in ok}
   if wrong:
     raise ValueError(f"{config_file} is not a GPT-2 config this importer supports (needs model_type='gpt2', "
                      f"activation_function='gelu_new', layer_norm_epsilon=1e-5, standard attention "
                      f"scaling, no cross-attention); got {wrong}.")
+  require_keys(cfg, config_file, CONFIG_KEYS, "GPT-2")
   return cfg
 
 
@@ -87,7 +91,7 @@ def load_hf_gpt2(path, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.
   """A ``GPT`` holding the weights of the HF GPT-2 checkpoint at ``path`` (see the module docstring)."""
   weights_file, config_file = _files(path, what="GPT-2")
   cfg = _read_config(config_file)
-  loaded = load_file(str(weights_file))
+  loaded = load_tensors(weights_file, "GPT-2")
   tensors = {k.removeprefix("transformer."): v for k, v in loaded.items() if not _BUFFERS.search(k)}
   _check(tensors, expected_shapes(cfg), weights_file, known=("lm_head.weight",), what="GPT-2")
   head = tensors.get("lm_head.weight")

@@ -10,6 +10,9 @@ default) and its GELU (``hidden_act="gelu"`` is exact erf; ``"gelu_new"`` /
 ``"gelu_pytorch_tanh"`` the tanh approximation). Every tensor must be present
 with the shape the config implies; otherwise one ValueError lists the missing,
 misshapen and unknown tensors. Nothing is silently re-initialised.
+A weights file that is truncated or not safetensors, and a config.json that is
+not JSON or lacks a key the importer reads, are one ValueError naming the file
+(and the key).
 
 Layout: HF keeps the class token's position inside its table
 (``embeddings.position_embeddings [1, 1 + h*w, D]``, added to ``[cls, patches]``
@@ -41,7 +44,6 @@ to exactly the new patch grid; tests/test_hf_vit.py):
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -49,9 +51,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
-from posenc.models.hf_bert import _check, _files, _stack, build_loaded
+from posenc.models.hf_bert import (_check, _files, _stack, build_loaded, load_tensors, read_json_config,
+                                   require_keys)
 from posenc.models.vit import ViT
 
 IGNORED_PREFIXES = ("pooler.", "embeddings.mask_token")
@@ -73,7 +75,8 @@ def _hw(value, name: str) -> tuple[int, int]:
 
 
 def _read_config(config_file: Path) -> dict:
-  cfg = json.loads(config_file.read_text())
+  cfg = read_json_config(config_file, "ViT")
+  require_keys(cfg, config_file, ("model_type",), "ViT")  # every other key has HF's default
   d, heads = cfg.get("hidden_size", 768), cfg.get("num_attention_heads", 12)
   checks = [("model_type", cfg.get("model_type"), cfg.get("model_type") == "vit"),
             ("hidden_act", cfg.get("hidden_act", "gelu"), cfg.get("hidden_act", "gelu") in GELU_APPROXIMATE),
@@ -177,7 +180,7 @@ def load_hf_vit(path, *, allow_missing_head: bool = False, dtype=jnp.float32, pa
   """A ``ViT`` holding the weights of the HF ViT checkpoint at ``path`` (see the module docstring)."""
   weights_file, config_file = _files(path, what="ViT")
   cfg = _read_config(config_file)
-  tensors = {_hub_name(k.removeprefix("vit.")): v for k, v in load_file(str(weights_file)).items()}
+  tensors = {_hub_name(k.removeprefix("vit.")): v for k, v in load_tensors(weights_file, "ViT").items()}
   has_head = any(k in tensors for k in HEAD_TENSORS)
   want = expected_shapes(cfg) | (_head_shapes(cfg) if has_head else {})
   _check(tensors, want, weights_file, known=IGNORED_PREFIXES, what="ViT")

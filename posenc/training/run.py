@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
 from typing import Any, Callable
 
 import jax
@@ -23,6 +25,7 @@ from flax import nnx
 from posenc import tasks, transfer
 from posenc.config import ConfigError
 from posenc.encodings import Geometry
+from posenc.encodings.base import POSENC_KEY
 from posenc.training import checkpoint, sharding
 from posenc.training.config import task_of, transfer_options, validate
 from posenc.training.optim import make_optimizer
@@ -130,6 +133,57 @@ def restore_source(run: Run, source: Source) -> tuple[dict, list[str]]:
     return checkpoint.Checkpointer(source.root, read_only=True).restore_params(source.step, wanted, move)
   except (checkpoint.CheckpointError, transfer.TransferError) as e:
     raise ConfigError(f"config field 'init_from': {e}") from None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _flag(field: str, value) -> str:
+  text = f"({', '.join(map(str, value))}{',' if len(value) == 1 else ''})" if isinstance(value, list) else str(value)
+  return f"--config.{field}={shlex.quote(text)}"
+
+
+def check_resume(run: Run, workdir: str) -> None:
+  """ConfigError, before anything is written, when ``workdir`` holds a run whose newest checkpoint
+  (``restore_step``'s, if set) is of another model than ``run``'s, not only at another geometry
+  (which ``init_from`` transfers): it names the parameters and the config fields that differ, and
+  the two ways on (the run's own values resume it; a fresh --workdir trains this config)."""
+  config = run.config
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if config.get("restart") or not os.path.isdir(directory):
+    return
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
+  step = ckpt.latest_step() if config.get("restore_step") is None else config.restore_step
+  if step is None:
+    return
+  try:
+    stored, meta = ckpt.stored_shapes(step), ckpt.meta(step)
+  except checkpoint.CheckpointError:
+    return  # damaged, or not a kept step: the loop says so
+  wanted = transfer.flat_shapes(run.spec.abstract["params"])
+  differ = (stored.keys() ^ wanted.keys()) | {k for k in stored.keys() & wanted.keys() if stored[k] != wanted[k]}
+  stored_posenc = meta.get("posenc", meta.get("config", {}).get("posenc"))  # older checkpoints: in the config
+  geometry_only = all(k.startswith(POSENC_KEY + "/") for k in differ) and stored_posenc == config.posenc
+  if not differ or geometry_only:
+    return  # the same model, or another geometry of it: the loop resumes, or says how to transfer
+  fields = {"model", "model_options", "posenc", "posenc_options", *run.task.FIELDS}
+  was, now = _flat(meta.get("config", {})), _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(was.keys() | now.keys()) if k.split(".")[0] in fields and was.get(k) != now.get(k)]
+  if changed:
+    what = ", ".join(f"{k} ({was.get(k, 'unset')} -> {now.get(k, 'unset')})" for k in changed)
+    back = " ".join(_flag(k, was[k]) if k in was else f"(without {k})" for k in changed)
+    fix = f"This config differs from the run's in {what}: to resume the run, rerun with {back}"
+  else:
+    fix = "To resume the run, rerun with the config stored in its checkpoint's meta"
+  problems = transfer.shape_diff(stored, wanted)
+  raise ConfigError(f"cannot resume from workdir {os.path.abspath(workdir)}: its checkpoint {ckpt.path(step)} "
+                    f"holds another model than this config builds ({'; '.join(problems[:4])}"
+                    f"{'; ...' if len(problems) > 4 else ''}). {fix}; to train this config instead, give a "
+                    f"fresh --workdir.")
 
 
 def _eval_at(config, task, spec, mesh, batch_sharding, geometry, size, scale) -> EvalAt:
