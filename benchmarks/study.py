@@ -1,4 +1,4 @@
-"""Which position encoding generalises to resolutions (ViT) and lengths (BERT) it was not trained at?
+"""Which position encoding generalises to resolutions (ViT) and lengths (BERT, GPT, algorithms) it was not trained at?
 
     python benchmarks/study.py                  # the full study; writes benchmarks/results/study.*
     python benchmarks/study.py --seeds 0 &      # or share it out: one process per seed ...
@@ -6,6 +6,7 @@
     python benchmarks/study.py                  #     finds every cell done and writes the report
     python benchmarks/study.py --quick          # CI only (tests/test_benchmarks.py): tiny, meaningless
     python benchmarks/study.py --families bert --encodings alibi   # a share: only these runs
+    python benchmarks/study.py --families algo  # the algorithmic tasks only (benchmarks/study_algo.py)
 
 For every encoding and seed, one model is trained at the base geometry (ViT on
 Fashion-MNIST at 28x28; BERT MLM at length 128) with posenc's own loop
@@ -17,6 +18,9 @@ evaluated on the test split at every geometry
   (b) after a short fine-tune there (``init_from``, a lower learning rate, and
       ``posenc_lr_mult`` on the position parameters; at the base geometry this is
       the control: the same extra steps without any change of geometry).
+The GPT (benchmarks/study_lm.py) and algorithmic (benchmarks/study_algo.py: copy, reverse and
+lookup, exact match at up to 4x the trained problem size) families train once per encoding and
+seed and evaluate the trained model at every length.
 Each run lives in its own workdir under --workdir (named by the family's settings) and
 every finished number is appended to ``cells.jsonl`` there, so an interrupted study picks
 up where it stopped; numbers recorded under other settings are set aside, never mixed in.
@@ -38,11 +42,12 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
+import study_algo  # noqa: E402
 import study_lm  # noqa: E402
 import study_vit  # noqa: E402
 import study_report  # noqa: E402
 import timing  # noqa: E402
-from configs import bert_small, gpt_tiny, vit_tiny  # noqa: E402
+from configs import algo_tiny, bert_small, gpt_tiny, vit_tiny  # noqa: E402
 from posenc.training import train  # noqa: E402
 
 
@@ -107,7 +112,8 @@ SCALED_SINCOS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0
 # The quick profile is for CI only (tests/test_benchmarks.py): one-layer, 16-wide models, two steps,
 # one seed and one encoding per family (ViT at two sizes: its learned grid is transferred; BERT at
 # its trained length only, with the variant), so both halves' tables, the transfer and the
-# resumable record are exercised with the fewest runs (six). Its numbers mean nothing.
+# resumable record are exercised with the fewest runs (six; the algo family adds two: lookup with rope,
+# trained at N = 4 and evaluated at 4 and 8). Its numbers mean nothing.
 QUICK_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
 GPT_ENCODINGS = ("learned", "learned+copy", "sinusoidal", "sinusoidal_scaled", "rope", "rope+pi", "rope+ntk",
                  "rope+yarn", "alibi", "rel_bias", "fire", "kerple", "none")
@@ -152,7 +158,10 @@ PROFILES = {
                           superseded=(("fire@512", "FIRE with init_threshold = 512 > L (the old default): the "
                                                    "normaliser never moves in training"),
                                       ("rel_bias@bidir128", "bidirectional T5 buckets with max_distance = 128: "
-                                                            "the buckets past L untrained"))))),
+                                                            "the buckets past L untrained"))),
+        # Algorithmic: copy, reverse and lookup trained at n <= 16, exact match at n = 8..64 (seeds 0-2;
+        # benchmarks/study_algo.py states the budget and its timing).
+        study_algo.family(algo_tiny))),
     "quick": dict(seeds=(0,), families=(
         study_vit.ImageFamily(
             "vit", vit_tiny, QUICK_TINY + ",patch_size=4,augment=True,total_steps=2,warmup_steps=1,batch_size=8,"
@@ -163,7 +172,8 @@ PROFILES = {
                SCALED_SINCOS),
         study_lm.LMFamily("gpt", gpt_tiny, QUICK_TINY + ",max_len=16,vocab_size=512,total_steps=2,warmup_steps=1,"
                           "batch_size=8,eval_batch_size=8,eval_every=0", 16, (1, 2), 8, 64, ("rope", "rope+yarn"),
-                          gpt_variants(16)))),
+                          gpt_variants(16)),
+        study_algo.family(algo_tiny, quick=True))),  # lookup, rope, N = 4 at 4 and 8: two runs
 }
 
 
@@ -293,6 +303,8 @@ def main(argv=None) -> int:
     seeds = tuple(args.seeds or family.seeds or profile["seeds"])
     if isinstance(family, study_lm.LMFamily):
       study_lm.study(family, seeds, cells, root, log, run)
+    elif isinstance(family, study_algo.AlgoFamily):
+      study_algo.study(family, seeds, cells, root, log, run)
     elif isinstance(family, study_vit.ImageFamily):
       study_vit.study(family, seeds, cells, root, log, run)
     else:

@@ -20,15 +20,23 @@ TITLES = {"vit": ("ViT on Fashion-MNIST", "test accuracy (%) by image side", "×
           "vit_crop35": ("ViT mechanism experiment, training crops of 35-100 % of the area",
                          "test accuracy (%) by image side", "×"),
           "vit_crop08": ("ViT mechanism experiment, training crops of 8-100 % of the area (DeiT / RoPE-ViT)",
-                         "test accuracy (%) by image side", "×")}
-CONFIGS = {"vit": "vit_tiny", "bert": "bert_small", "gpt": "gpt_tiny"}
+                         "test accuracy (%) by image side", "×"),
+          "algo": ("GPT-style decoder, algorithmic length generalisation", "test exact match (%) by problem size n",
+                   "")}
+CONFIGS = {"vit": "vit_tiny", "bert": "bert_small", "gpt": "gpt_tiny", "algo": "algo_tiny"}
+ALGO_TASKS = {"copy": "copy: [BOS] x_1..x_n [SEP] x_1..x_n [EOS]",
+              "reverse": "reverse: [BOS] x_1..x_n [SEP] x_n..x_1 [EOS]",
+              "add": "add: [BOS] a [PLUS] b [SEP] a + b [EOS], n digits each, least-significant first",
+              "lookup": "lookup: [BOS] k_1 v_1..k_n v_n [SEP] q v_q [EOS], n distinct keys, q one of them"}
+PERCENT = ("accuracy", "exact_match")  # fractions, shown in percent
 # Every line of a panel distinct in colour and in marker and line style (13 colours, 11 markers, 3 styles).
 STYLES = list(itertools.islice(zip(itertools.cycle([f"C{i}" for i in range(10)] + ["tab:olive", "tab:cyan", "k"]),
                                    itertools.cycle("osD^v<>PX*h"), itertools.cycle(["-", "--", ":"])), 60))
 
 
 def describe(family) -> dict:
-  """What a report needs to know of a study.Family or study_lm.LMFamily."""
+  """What a report needs to know of a study.Family, study_lm.LMFamily, study_vit.ImageFamily or
+  study_algo.AlgoFamily."""
   out = dict(name=family.name, overrides=family.overrides, base=family.base, sizes=list(family.sizes),
              encodings=list(family.encodings), failed=list(getattr(family, "failed", ())),
              superseded=dict(getattr(family, "superseded", ())))
@@ -40,6 +48,11 @@ def describe(family) -> dict:
                 finetune_sizes=list(family.finetune_sizes), finetune_steps=family.finetune_steps,
                 finetune_lr_scale=family.finetune_lr_scale, posenc_lr_mult=family.posenc_lr_mult,
                 variants=variants, reference="learned" if family.eval_variants else None)
+  if hasattr(family, "tasks"):  # the algorithmic family: modes are tasks, sizes problem sizes n
+    variants = {label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants}
+    variants.update({label: f"trained with `{args}`" for label, args in family.trained_variants})
+    return dict(out, kind="algo", field="n", tasks=list(family.tasks), lengths=family.lengths(),
+                variants={k: v for k, v in variants.items() if k in family.encodings})
   if hasattr(family, "stride"):  # a language-model family: modes are window kinds
     variants = {label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in family.variants}
     variants.update({label: f"trained with `{args}`" for label, args in family.trained_variants})
@@ -52,8 +65,8 @@ def describe(family) -> dict:
 
 def summary(cells: list[dict], family: str, posenc: str, mode: str, size: int,
             metric: str = "accuracy") -> tuple[float, float, int]:
-  """(mean, sample std, count) over seeds of the accuracy in percent, or of the loss / perplexity."""
-  scale = 100 if metric == "accuracy" else 1
+  """(mean, sample std, count) over seeds of the accuracy or exact match in percent, or of the loss / perplexity."""
+  scale = 100 if metric in PERCENT else 1
   values = [scale * c[metric] for c in cells
             if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
   if not values:
@@ -94,6 +107,30 @@ def lm_lines(results: dict, f: dict) -> list[str]:
   return lines
 
 
+def algo_lines(results: dict, f: dict) -> list[str]:
+  """Per task, exact match (%) by n (mean ± sd over seeds), then the orderings by exact match."""
+  title, what, _ = TITLES[f["name"]]
+  seeds = sorted({c["seed"] for c in results["cells"] if c["family"] == f["name"]})
+  lengths = ", ".join(f"{task} {n}" for task, n in f["lengths"].items())
+  lines = [f"## {title}: trained at n ≤ {f['base']}, {what}", "",
+           f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/algo_tiny.py:{f['overrides']}`; "
+           f"trained on n uniform in 1..{f['base']}, evaluated at exactly n on the same test examples for every "
+           f"model. A row counts only if every answer token and EOS is the argmax under teacher forcing (what "
+           f"greedy decoding reproduces)."
+           + (f" `{{length}}`: the trained sequence length ({lengths} tokens)."
+              if any("{length}" in text for text in f.get("variants", {}).values()) else "")]
+  lines += [f"`{label}`: {text}." for label, text in f.get("variants", {}).items()] + [""]
+  for task in f["tasks"]:
+    lines += [f"### {ALGO_TASKS.get(task, task)}: test exact match (%)", "",
+              "| posenc | " + " | ".join(f"{n}" + (" (trained)" if n <= f["base"] else "") for n in f["sizes"]) + " |",
+              "|---|" + "---:|" * len(f["sizes"])]
+    for posenc in f["encodings"] + list(f.get("superseded", {})):
+      row = [cell_text(*summary(results["cells"], f["name"], posenc, task, n, "exact_match"), 1) for n in f["sizes"]]
+      lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
+    lines.append("")
+  return lines + notes(f) + ordering_lines(results, f, f["tasks"], "exact_match")
+
+
 def row_label(f: dict, label: str) -> str:
   if label in f.get("failed", ()):
     return f"`{label}` (failed to train: not ranked)"
@@ -129,8 +166,9 @@ def image_lines(results: dict, f: dict) -> list[str]:
   label = lambda s: f"{s}{cross}{s} ({s // 4}×{s // 4} grid)"  # noqa: E731
   lines = [f"## {title}: trained at {f['base']}{cross}{f['base']}, {what}", "",
            f"Seeds recorded: {', '.join(map(str, seeds)) or 'none'}. Config `configs/vit_tiny.py:{f['overrides']}`; "
-           f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, position "
-           f"parameters at {f['posenc_lr_mult']}× that, on the protocol's images at that size."]
+           + (f"fine-tune: {f['finetune_steps']} steps at {f['finetune_lr_scale']}× the config's peak lr, position "
+              f"parameters at {f['posenc_lr_mult']}× that, on the protocol's images at that size."
+              if f["finetune_steps"] else "no fine-tuning.")]
   lines += [f"`{name}`: {args}." for name, args in f.get("variants", {}).items()] + [""]
   for protocol in f["protocols"]:
     for mode, sizes, caption in ((protocol, f["sizes"], "no fine-tuning"),
@@ -171,6 +209,8 @@ def family_lines(results: dict, f: dict) -> list[str]:
     return lm_lines(results, f)
   if f.get("kind") == "image":
     return image_lines(results, f)
+  if f.get("kind") == "algo":
+    return algo_lines(results, f)
   title, what, cross = TITLES[f["name"]]
   sizes = f["sizes"]
   label = lambda s: f"{s}{cross}{s}" if cross else str(s)
@@ -222,6 +262,15 @@ def plot_rows(f: dict) -> list[list[str]]:
   return [bases, [e for e in bases if any(v.split("+")[0] == e for v in variants)] + variants]
 
 
+def plot_modes(f: dict) -> dict[str, str]:
+  """A row's panels, one per mode: {mode: caption} (the caption's text before a colon titles the panel)."""
+  if f.get("kind") == "image":
+    return {p: PROTOCOLS[p] for p in f["protocols"]}
+  if f.get("kind") == "algo":
+    return {task: ALGO_TASKS.get(task, task) for task in f["tasks"]}
+  return LM_MODES if f.get("kind") == "lm" else MODES
+
+
 def plot(results: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -229,11 +278,15 @@ def plot(results: dict, path: str) -> None:
   rows = [(f, names) for f in results["families"] for names in plot_rows(f)]
   if not rows:  # nothing recorded yet
     return
-  fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False, sharey="row")
+  columns = max(2, *(len(plot_modes(f)) for f, _ in rows))
+  fig, axes = plt.subplots(len(rows), columns, figsize=(5.5 * columns, 4 * len(rows)), squeeze=False, sharey="row")
   for row, (f, names) in zip(axes, rows):
-    lm, image = f.get("kind") == "lm", f.get("kind") == "image"
+    lm, image, algo = f.get("kind") == "lm", f.get("kind") == "image", f.get("kind") == "algo"
     variant_row = image and any("+" in n for n in names)  # variants, each beside its base drawn thin
-    modes = {p: PROTOCOLS[p] for p in f["protocols"]} if image else LM_MODES if lm else MODES
+    modes = plot_modes(f)
+    metric = "loss" if lm else "exact_match" if algo else "accuracy"
+    for ax in row[len(modes):]:
+      ax.set_visible(False)
     colours = {name: STYLES[i][0] for i, name in enumerate(f["encodings"])}
     markers = {name: STYLES[i][1] for i, name in enumerate(f["encodings"])}
     dashes = {name: STYLES[i][2] for i, name in enumerate(f["encodings"])}
@@ -243,8 +296,7 @@ def plot(results: dict, path: str) -> None:
         style, colour, marker = dashes[posenc], colours[posenc], markers[posenc]
         if image:  # a variant in its base's colour, in the variant's line style
           colour, style = colours.get(posenc.split("+")[0], colour), VARIANT_STYLES.get(posenc.partition("+")[2], style)
-        stats = [summary(results["cells"], f["name"], posenc, mode, s, "loss" if lm else "accuracy")
-                 for s in f["sizes"]]
+        stats = [summary(results["cells"], f["name"], posenc, mode, s, metric) for s in f["sizes"]]
         ax.errorbar(f["sizes"], [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], marker=marker,
                     capsize=2, label=posenc, color=colour, linewidth=0.7 if reference else 1.5,
                     alpha=0.5 if reference else 1.0, linestyle=style)
@@ -258,12 +310,12 @@ def plot(results: dict, path: str) -> None:
                    + ("\nvariants; thin: their base encoding" if variant_row else ""),
                    fontsize=10)
       ax.set_xlabel(f["field"])
-      ax.set_ylabel("test log-perplexity (nats per token)" if lm else "accuracy (%)")
+      ax.set_ylabel("test log-perplexity (nats per token)" if lm else "exact match (%)" if algo else "accuracy (%)")
       if lm and results.get("baselines", {}).get(f["name"]):
         for name, style in (("unigram", ":"), ("bigram", "-.")):
           ax.axhline(math.log(results["baselines"][f["name"]][name]), color="black", linestyle=style,
                      linewidth=0.8, label=f"{name} baseline")
-    row[1].legend(fontsize=7, ncol=2)
+    row[len(modes) - 1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)

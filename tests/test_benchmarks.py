@@ -141,15 +141,11 @@ def test_speed_quick_writes_well_formed_tables(quick_run):
     assert all(cell for row in table for cell in row), table
   contenders, ratios, compiles, vit, bert, gpt, evaluation, restore = found
   assert timm_importable(), "run install.sh: it installs benchmarks/requirements.txt"
-  timm = ["timm"]
-  assert [row[1].split()[0] for row in contenders[1:]] == ["posenc", "posenc,", "Flax"] + timm
+  assert [row[1].split()[0] for row in contenders[1:]] == ["posenc", "posenc,", "Flax", "timm"]
   assert contenders[2][1] == "posenc, scanned layers"  # the CPU default unrolls; the other mode is scanned
   assert [row[0] for row in ratios[1:]] == [contenders[1][0]]  # one headline group in the quick profile
-  if timm:
-    assert "timm: torch " in markdown and "torch threads (= the host's" in markdown
-    assert contenders[-1][4] == "— (eager)"
-  else:
-    assert "**timm skipped**: timm is not installed" in markdown and ratios[1][1] == "—"
+  assert "timm: torch " in markdown and "torch threads (= the host's" in markdown
+  assert contenders[-1][4] == "— (eager)"
   assert [row[0] for row in compiles[1:]][:2] == ["posenc, unrolled layers (this backend's default)",
                                                   "posenc, scanned layers"]
   assert [row[2] for row in vit[1:]] == ["`learned`", "`none`"]
@@ -316,11 +312,11 @@ def test_study_quick_tables_follow_from_its_cells(study_run):
   assert again.stdout.strip() == markdown.strip()
   results = json.loads((root / "out" / "study.json").read_text())
   found = [t for t in tables(markdown) if t[0][0] != "mode"]
-  orderings = [t for t in tables(markdown) if t[0][0] == "mode"]  # image and LM families: one table each
-  assert len(orderings) == 2 and all(len(row) == 3 for t in orderings for row in t)
+  orderings = [t for t in tables(markdown) if t[0][0] == "mode"]  # image, LM and algo families: one table each
+  assert len(orderings) == 3 and all(len(row) == 3 for t in orderings for row in t)
   assert "`sinusoidal_scaled` is `posenc=sinusoidal,posenc_options.scale=0.028`." in markdown
   spec = {f["name"]: f for f in results["families"]}
-  assert list(spec) == ["vit", "bert", "gpt"]
+  assert list(spec) == ["vit", "bert", "gpt", "algo"]
   # Each family's tables in order: (family, metric, mode, sizes, percent?, tolerance of the printed digits)
   expected = [("vit", "accuracy", mode, sizes, 100, 0.051) for p in spec["vit"]["protocols"]
               for mode, sizes in ((p, spec["vit"]["sizes"]), (f"{p}+ft", spec["vit"]["finetune_sizes"]))]
@@ -328,7 +324,8 @@ def test_study_quick_tables_follow_from_its_cells(study_run):
                ("bert", "accuracy", "finetune", spec["bert"]["sizes"], 100, 0.051),
                ("bert", "loss", "transfer", spec["bert"]["sizes"], 1, 5e-4)]
   expected += [("gpt", "perplexity", mode, spec["gpt"]["sizes"], 1, 0.051) for mode in ("nonoverlap", "sliding")]
-  assert len(found) == len(expected) == 9
+  expected += [("algo", "exact_match", task, spec["algo"]["sizes"], 100, 0.051) for task in spec["algo"]["tasks"]]
+  assert len(found) == len(expected) == 10
   for table, (family, metric, mode, sizes, scale, tol) in zip(found, expected):
     assert len(table[0]) == 1 + len(sizes)
     assert [row[0] for row in table[1:]] == [f"`{e}`" for e in spec[family]["encodings"]]
@@ -336,7 +333,7 @@ def test_study_quick_tables_follow_from_its_cells(study_run):
       for cell, size in zip(row[1:], sizes):
         values = [c[metric] for c in results["cells"]
                   if (c["family"], c["posenc"], c["mode"], c["size"]) == (family, posenc, mode, size)]
-        assert len(values) == 1 and 0.0 <= values[0] <= (1.0 if metric == "accuracy" else 1e4)  # one seed
+        assert len(values) == 1 and 0.0 <= values[0] <= (1.0 if scale == 100 else 1e4)  # one seed
         assert number(cell) == pytest.approx(scale * values[0], abs=tol)
   assert "Baselines on the same tokens" in markdown and results["baselines"]["gpt"]["unigram"] > 1
   with open(root / "out" / "study.png", "rb") as f:

@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from scipy import stats
+
+stats = pytest.importorskip("scipy.stats", reason="no scipy (pip install -e .[test])")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import study_stats  # noqa: E402

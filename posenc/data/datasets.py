@@ -157,6 +157,9 @@ def info(dataset: str, directory: str | None = None) -> DatasetInfo:
   if dataset == "synthetic":  # random batches of any task's shapes (posenc.data.synthetic)
     from posenc.data import synthetic
     return synthetic.INFO
+  if dataset == "algorithmic":  # generated copy / reverse / addition / lookup sequences
+    from posenc.data import algorithmic
+    return algorithmic.INFO
   b = builder(dataset, directory)
   names = SPLITS.get(dataset) or {s: s for s in b.info.splits}
   splits = {name: b.info.splits[tfds_split].num_examples for name, tfds_split in names.items()}

@@ -5,19 +5,21 @@ A task owns its config fields and their validation, ``geometry(config, size)``
 forward / loss / metrics, and which other geometries it evaluates at.
 ``posenc.training`` calls these and never asks which task it runs; a new family
 is one module here plus one config. Tasks: image_classification (ViT),
-masked_lm (BERT), causal_lm (GPT).
+masked_lm (BERT), causal_lm (GPT), algorithmic (GPT on copy / reverse / addition / lookup).
 
     task = posenc.tasks.get(config.task)
     geometry = task.geometry(config)            # Geometry.grid(4, 4, num_prefix=1), ...
 """
 from __future__ import annotations
 
+from posenc.config import did_you_mean
+from posenc.tasks.algorithmic import Algorithmic
 from posenc.tasks.base import Task
 from posenc.tasks.causal_lm import CausalLM
 from posenc.tasks.image_classification import ImageClassification
 from posenc.tasks.masked_lm import MaskedLM
 
-TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), MaskedLM(), CausalLM())}
+TASKS: dict[str, Task] = {t.name: t for t in (ImageClassification(), MaskedLM(), CausalLM(), Algorithmic())}
 
 
 def names() -> list[str]:
@@ -26,7 +28,7 @@ def names() -> list[str]:
 
 def get(name) -> Task:
   if name not in TASKS:
-    raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(names())}.")
+    raise ValueError(f"unknown task {name!r}{did_you_mean(name, names())}; choose one of: {', '.join(names())}.")
   return TASKS[name]
 
 
