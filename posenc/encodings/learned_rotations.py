@@ -1,0 +1,122 @@
+"""The maths of learned-generator rotations: LieRE, ComRoPE-AP and Cayley-STRING.
+
+All three turn a head's features ``x [..., Dh]`` at a position ``p in R^ndim`` by an orthogonal
+matrix ``R(p)``, generalising RoPE's ``R(p) = exp(sum_a p_a G_a)`` with fixed 2x2 generators:
+
+- LieRE (Ostmeier et al. 2024): ``R(p) = expm(sum_a p_a S_a)`` with learned skew-symmetric ``S_a``,
+  block-diagonal in blocks of ``block`` features (the paper's efficient form). The ``S_a`` need not
+  commute, so in 2D and 3D ``q.k`` is not a function of the offset alone (in 1D it is).
+- ComRoPE-AP (Yu et al. 2025, "axis partition"): as LieRE, but inside each block the generator of
+  axis ``a`` touches only the features assigned to ``a``; generators on disjoint features commute,
+  so ``R(p)^T R(p') = R(p' - p)`` and ``q.k`` depends on the offset only.
+- Cayley-STRING (Schenck et al. 2025): ``R(p) = P RoPE(p) P^T`` with ``P = (I - S)(I + S)^-1``
+  (Cayley) for a learned skew-symmetric ``S``: every family of commuting generators has this form.
+  In ``q.k`` the outer ``P`` cancels, so the encoding applies ``RoPE(p) P^T`` (and ``P^T`` could be
+  folded into ``W_q`` and ``W_k``).
+
+Feature layout. posenc's RoPE pairs feature ``i`` with ``i + Dh/2`` (rotate-half); the 2D axial
+layout gives the first ``Dh/4`` pairs to x and the rest to y (``rotary.axial_frequencies``). Blocks
+are taken in *pair order*: features ``(i, i + Dh/2)`` become neighbours ``(2j, 2j + 1)``, and the
+pairs of the ``ndim`` axes are interleaved (x0, y0, x1, y1, ...), so every block holds whole pairs
+of every axis. With ``rope_generators`` as the initial ``S_a``, each form equals RoPE-Axial (RoFormer
+in 1D) up to rounding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def pair_order(head_dim: int, ndim: int) -> np.ndarray:
+  """The permutation ``perm`` with ``x[..., perm]`` in pair order (see the module docstring)."""
+  half = head_dim // 2
+  per_axis = half // ndim
+  pairs = np.arange(half).reshape(ndim, per_axis).T.reshape(-1)  # interleave the axes' pairs
+  return np.stack([pairs, pairs + half], axis=-1).reshape(-1)
+
+
+def pair_axes(head_dim: int, ndim: int) -> np.ndarray:
+  """The axis each feature turns with in pair order, ``[Dh]``."""
+  return np.repeat(np.tile(np.arange(ndim), head_dim // 2 // ndim), 2)
+
+
+def rope_generators(frequencies: np.ndarray, block: int) -> np.ndarray:
+  """RoPE's generators in pair order, ``[ndim, H, Dh/block, block, block]``, from frequencies
+  ``[ndim, H, Dh/2]`` in rotary's layout (``rotary.axial_frequencies``: pair ``i`` of axis ``a``
+  turns by ``p_a * freq[a, h, i]``)."""
+  ndim, heads, half = frequencies.shape
+  head_dim = 2 * half
+  gens = np.zeros((ndim, heads, head_dim, head_dim), np.float64)
+  order = pair_order(head_dim, ndim)[0::2]  # the rotary pair index at each pair-order slot
+  for slot, i in enumerate(order):
+    gens[:, :, 2 * slot + 1, 2 * slot] = frequencies[:, :, i]   # d(x2)/dt = +w x1
+    gens[:, :, 2 * slot, 2 * slot + 1] = -frequencies[:, :, i]  # d(x1)/dt = -w x2
+  return blocks(gens, block)
+
+
+def blocks(matrix: np.ndarray | jax.Array, block: int):
+  """The diagonal blocks ``[..., D/block, block, block]`` of ``[..., D, D]``."""
+  d = matrix.shape[-1]
+  idx = np.arange(d).reshape(d // block, block)
+  return matrix[..., idx[:, :, None], idx[:, None, :]]
+
+
+def skew(raw: jax.Array) -> jax.Array:
+  """The skew-symmetric matrix of ``raw``'s strict upper triangle (LieRE's parametrisation)."""
+  upper = jnp.triu(raw, k=1)
+  return upper - jnp.swapaxes(upper, -1, -2)
+
+
+def axis_partition_mask(head_dim: int, ndim: int, block: int) -> np.ndarray:
+  """ComRoPE-AP: ``[ndim, 1, Dh/block, block, block]``, 1 where both features turn with that axis."""
+  axes = blocks(np.broadcast_to(pair_axes(head_dim, ndim), (head_dim, head_dim)), block)[..., 0, :]
+  same = (axes[:, :, None] == axes[:, None, :])
+  return np.stack([same & (axes[:, :, None] == a) for a in range(ndim)])[:, None].astype(np.float32)
+
+
+def generator_rotations(generators: jax.Array, positions: jax.Array) -> jax.Array:
+  """``expm(sum_a p_a S_a)``: generators ``[ndim, H, nb, b, b]`` (skew-symmetric), positions
+  ``[B, N, ndim]`` -> rotations ``[B, N, H, nb, b, b]`` in float32."""
+  gen = jnp.einsum("bna,ahkij->bnhkij", positions.astype(jnp.float32), generators.astype(jnp.float32))
+  return expm(gen)
+
+
+MAX_SQUARINGS = 24  # scaling and squaring reaches generator norms up to 0.5 * 2**24
+
+
+def expm(a: jax.Array, order: int = 10) -> jax.Array:
+  """``exp(a)`` of ``[..., b, b]`` matrices: scaled by 2**-s to a 1-norm <= 1/2 (s per matrix),
+  Taylor to ``order``, squared s times. A fixed loop (where s is exceeded, the matrix stays), so
+  reverse-mode differentiates it. Unlike ``jax.scipy.linalg.expm``'s float32 Pade choice, its error
+  stays near float32 rounding of the angle for rotations by tens to thousands of radians (RoPE's
+  angles at long positions); tests/test_learned_rotations.py checks both."""
+  norm = jnp.max(jnp.sum(jnp.abs(a), axis=-1), axis=-1)
+  squarings = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / 0.5)), 0, MAX_SQUARINGS)
+  a = a * (2.0 ** -squarings)[..., None, None]
+  eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+  out, term = eye, eye
+  for i in range(1, order + 1):
+    term = term @ a / i
+    out = out + term
+
+  def square(i, r):
+    return jnp.where((i < squarings)[..., None, None], r @ r, r)
+
+  return jax.lax.fori_loop(0, MAX_SQUARINGS, square, out)
+
+
+def apply_block_rotations(x: jax.Array, rotations: jax.Array, order: np.ndarray) -> jax.Array:
+  """``x [B, N, H, Dh]`` turned by block rotations ``[B or 1, N, H, nb, b, b]`` that act in pair
+  order ``order``; returned in ``x``'s layout and dtype."""
+  *lead, head_dim = x.shape
+  nb, b = rotations.shape[-3], rotations.shape[-1]
+  y = x.astype(jnp.float32)[..., order].reshape(*lead, nb, b)
+  y = jnp.einsum("...kij,...kj->...ki", rotations, y).reshape(*lead, head_dim)
+  return y[..., np.argsort(order)].astype(x.dtype)
+
+
+def cayley(s: jax.Array) -> jax.Array:
+  """``(I - S)(I + S)^-1`` for skew-symmetric ``S [..., D, D]``: orthogonal, the identity at 0."""
+  eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+  return jnp.linalg.solve(eye + s, eye - s)  # (I - S) and (I + S)^-1 commute
