@@ -12,7 +12,7 @@ import posenc  # noqa: F401  (flax config)
 from posenc import encodings, models
 from posenc.encodings import Geometry, make
 from posenc.encodings import coordinates as C
-from posenc.encodings.rotary import period_frequencies
+from posenc.encodings.rope_normalized import period_frequencies
 
 GRID = Geometry.grid(3, 5)  # rectangular: the normalisation modes differ
 DH = 8

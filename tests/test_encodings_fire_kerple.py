@@ -259,11 +259,11 @@ def test_clear_errors():
       make(name, num_heads=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"out of range for 3 per-layer"):
       build(name, per_layer=True).attention_bias(SEQ, SEQ.positions(), 3)
-  with pytest.raises(ValueError, match=r"hidden_dim must be a positive int, got 0"):
+  with pytest.raises(ValueError, match=r"'fire': hidden_dim must be an int >= 1, got 0"):
     build("fire", hidden_dim=0)
   with pytest.raises(ValueError, match=r"init_c must be a number > 0"):
     build("fire", init_c=0.0)
-  with pytest.raises(ValueError, match=r"init_threshold must be a number > 0"):
+  with pytest.raises(ValueError, match=r"init_threshold must be None \(a quarter of the built length\) or a number > 0"):
     build("fire", init_threshold=-1)
   with pytest.raises(ValueError, match=r"give init_threshold, or build it at a 1D geometry"):
     make("fire", num_heads=H, rngs=nnx.Rngs(0))

@@ -1,68 +1,26 @@
-"""Tests for posenc/encodings/rotary.py: rope (1D, 2D axial) and rope_mixed."""
+"""Tests for posenc/encodings/rotary.py: rope (1D, 2D axial) and rope_mixed, their shared rotation
+(posenc/encodings/rotation.py). rope's other variants: test_encodings_rope_variants.py."""
 from __future__ import annotations
 
 import collections
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from rotary_helpers import (DH, H, L, logits, make_mixed, make_rope, qk, real_positions, rotate, to_interleaved,
+                            xy_positions)
 
-import posenc  # noqa: F401  (flax config)
 from posenc.encodings import Geometry, make
-from posenc.encodings.rotary import rope_frequencies
 from posenc.transfer import interpolation_scale
-
-H, DH, L = 2, 16, 3  # heads, head dim, layers
-
-
-def _rope(**kw):
-  return make("rope", dim=H * DH, num_heads=H, **kw)
-
-
-def _mixed(seed=0, **kw):
-  return make("rope_mixed", dim=H * DH, num_heads=H, num_layers=L, rngs=nnx.Rngs(seed), **kw)
-
-
-def _qk(geometry, seed=0, dtype=jnp.float32, batch=2, dh=DH):
-  rng = np.random.default_rng(seed)
-  shape = (batch, geometry.num_tokens, H, dh)
-  return (jnp.asarray(rng.standard_normal(shape), dtype),
-          jnp.asarray(rng.standard_normal(shape), dtype))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _jit_rotate(graphdef, state, q, k, geometry, layer, positions):
-  return nnx.merge(graphdef, state).rotate(q, k, geometry, positions, layer)
-
-
-def rotate(enc, q, k, geometry, layer, positions=None):
-  """``enc.rotate`` compiled once per shape (eager JAX compiles every op separately);
-  ``positions`` (default: the geometry's grid) are traced data, as in a model."""
-  positions = geometry.positions() if positions is None else jnp.asarray(positions)
-  return _jit_rotate(*nnx.split(enc), q, k, geometry, layer, positions)
-
-
-def _positions(geometry):
-  """Integer positions [N, ndim] in the (x, y) = (column, row) order, numpy."""
-  return np.asarray(geometry.coords())[:, ::-1]
-
-
-def _to_interleaved(x):
-  """Our rotate-half layout [.., Dh] -> complex pairs [.., Dh/2] (real, imag)."""
-  half = x.shape[-1] // 2
-  x = np.asarray(x, np.float64)
-  return x[..., :half] + 1j * x[..., half:]
 
 
 # ---------------------------------------------------------------- relative offsets
 CASES = [
-    ("rope 1D", lambda: _rope(), Geometry.seq(12)),
-    ("rope 2D", lambda: _rope(), Geometry.grid(4, 5)),
-    ("rope_mixed 2D", lambda: _mixed(), Geometry.grid(4, 5)),
+    ("rope 1D", lambda: make_rope(), Geometry.seq(12)),
+    ("rope 2D", lambda: make_rope(), Geometry.grid(4, 5)),
+    ("rope_mixed 2D", lambda: make_mixed(), Geometry.grid(4, 5)),
 ]
 
 
@@ -70,13 +28,13 @@ CASES = [
 def test_logits_depend_only_on_relative_offset(label, build, geometry):
   enc = build()
   # The same q and k content at every position: logits then differ only through positions.
-  q0, k0 = _qk(Geometry.seq(1), seed=1, batch=1)
+  q0, k0 = qk(Geometry.seq(1), seed=1, batch=1)
   t = geometry.num_tokens
   q, k = jnp.tile(q0, (1, t, 1, 1)), jnp.tile(k0, (1, t, 1, 1))
   for layer in (0, L - 1):
     qr, kr = rotate(enc, q, k, geometry, layer)
     logits = np.asarray(jnp.einsum("bnhd,bmhd->hnm", qr, kr, precision="highest"))
-    pos = _positions(geometry)
+    pos = xy_positions(geometry)
     groups = collections.defaultdict(list)
     for n in range(t):
       for m in range(t):
@@ -101,7 +59,7 @@ def test_logits_depend_only_on_relative_offset(label, build, geometry):
 @pytest.mark.parametrize("label,build,geometry", CASES, ids=[c[0] for c in CASES])
 def test_rotation_preserves_norms_and_changes_vectors(label, build, geometry):
   enc = build()
-  q, k = _qk(geometry)
+  q, k = qk(geometry)
   qr, kr = rotate(enc, q, k, geometry, 1)
   for x, xr in ((q, qr), (k, kr)):
     np.testing.assert_allclose(jnp.linalg.norm(xr, axis=-1), jnp.linalg.norm(x, axis=-1),
@@ -127,8 +85,8 @@ def test_rope_1d_matches_hf_llama(theta, factor):
   config = LlamaConfig(hidden_size=H * DH, num_attention_heads=H, head_dim=DH,
                        rope_parameters=rope_params)
   geometry = Geometry.seq(37, num_prefix=1)
-  q, k = _qk(geometry)
-  enc = _rope(**({} if theta is None else {"theta": theta}))
+  q, k = qk(geometry)
+  enc = make_rope(**({} if theta is None else {"theta": theta}))
   # Position interpolation is data: positions times 1/factor (the old ``scale=1/factor``).
   positions = geometry.positions() * jnp.float32(1.0 / factor)
   qr, kr = rotate(enc, q, k, geometry, 0, positions)
@@ -144,42 +102,42 @@ def test_rope_2d_matches_rope_vit_axial_closed_form():
   # rope-vit: x = column, y = row; Dh/4 frequencies 100**(-4k/Dh) for x then the same for y;
   # rotation = complex multiplication of feature pairs.
   geometry = Geometry.grid(3, 5, num_prefix=1)
-  q, k = _qk(geometry)
-  qr, _ = rotate(_rope(), q, k, geometry, 0)
+  q, k = qk(geometry)
+  qr, _ = rotate(make_rope(), q, k, geometry, 0)
   mag = 100.0 ** (-np.arange(0, DH, 4) / DH)
-  pos = _positions(geometry).astype(np.float64)
+  pos = xy_positions(geometry).astype(np.float64)
   angles = np.concatenate([np.outer(pos[:, 0], mag), np.outer(pos[:, 1], mag)], axis=-1)
-  expected = _to_interleaved(q[:, 1:]) * np.exp(1j * angles)[None, :, None, :]
-  np.testing.assert_allclose(_to_interleaved(qr[:, 1:]), expected, atol=2e-5)
+  expected = to_interleaved(q[:, 1:]) * np.exp(1j * angles)[None, :, None, :]
+  np.testing.assert_allclose(to_interleaved(qr[:, 1:]), expected, atol=2e-5)
 
 
 def test_rope_mixed_matches_closed_form_per_layer_and_head():
   geometry = Geometry.grid(4, 3)
-  enc = _mixed(seed=3)
+  enc = make_mixed(seed=3)
   freqs = np.asarray(enc.freqs[...], np.float64)
-  q, k = _qk(geometry)
-  pos = _positions(geometry).astype(np.float64)
+  q, k = qk(geometry)
+  pos = xy_positions(geometry).astype(np.float64)
   for layer in range(L):
     _, kr = rotate(enc, q, k, geometry, layer)
     angles = (pos[:, 0, None, None] * freqs[layer, 0][None] +
               pos[:, 1, None, None] * freqs[layer, 1][None])  # [N, H, Dh/2]
-    expected = _to_interleaved(k) * np.exp(1j * angles)[None]
-    np.testing.assert_allclose(_to_interleaved(kr), expected, atol=2e-5)
+    expected = to_interleaved(k) * np.exp(1j * angles)[None]
+    np.testing.assert_allclose(to_interleaved(kr), expected, atol=2e-5)
 
 
 def test_rope_mixed_with_axial_frequencies_equals_axial_rope():
   geometry = Geometry.grid(5, 4, num_prefix=2)
-  enc = _mixed()
+  enc = make_mixed()
   mag = 100.0 ** (-np.arange(0, DH, 4) / DH)
   zeros = np.zeros_like(mag)
   axial = np.stack([np.concatenate([mag, zeros]), np.concatenate([zeros, mag])])  # [2, Dh/2]
   enc.freqs[...] = jnp.asarray(np.broadcast_to(axial[None, :, None], (L, 2, H, DH // 2)),
                                jnp.float32)
-  q, k = _qk(geometry)
-  for a, b in zip(rotate(enc, q, k, geometry, 1), rotate(_rope(), q, k, geometry, 0)):
+  q, k = qk(geometry)
+  for a, b in zip(rotate(enc, q, k, geometry, 1), rotate(make_rope(), q, k, geometry, 0)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # Sanity: random (paper) init is not axial.
-  a, b = rotate(_mixed(), q, k, geometry, 1)[0], rotate(_rope(), q, k, geometry, 0)[0]
+  a, b = rotate(make_mixed(), q, k, geometry, 1)[0], rotate(make_rope(), q, k, geometry, 0)[0]
   assert np.abs(np.asarray(a - b)).max() > 1e-2
 
 
@@ -203,13 +161,13 @@ def test_rope_mixed_init_follows_rope_vit():
 
 # ---------------------------------------------------------------- prefix, layers, params
 @pytest.mark.parametrize("build,shape", [
-    (_rope, (3, 4)), (_mixed, (3, 4)), (lambda: _rope(scaling="yarn", original_length=8), (40,)),
+    (make_rope, (3, 4)), (make_mixed, (3, 4)), (lambda: make_rope(scaling="yarn", original_length=8), (40,)),
 ], ids=["rope", "rope_mixed", "rope-yarn"])
 def test_prefix_tokens_unchanged_and_ignored(build, shape):
   enc = build()
   geom = Geometry.grid if len(shape) == 2 else Geometry.seq
   with_prefix = geom(*shape, num_prefix=3)
-  q, k = _qk(with_prefix)
+  q, k = qk(with_prefix)
   qr, kr = rotate(enc, q, k, with_prefix, 2)
   np.testing.assert_array_equal(qr[:, :3], q[:, :3])  # not turned, and not scaled by YaRN's factor
   np.testing.assert_array_equal(kr[:, :3], k[:, :3])
@@ -220,9 +178,9 @@ def test_prefix_tokens_unchanged_and_ignored(build, shape):
 
 
 def test_traced_layer_index_under_jit_and_scan_picks_that_layers_frequencies():
-  enc = _mixed(seed=5)
+  enc = make_mixed(seed=5)
   geometry = Geometry.grid(3, 3, num_prefix=1)
-  q, k = _qk(geometry)
+  q, k = qk(geometry)
   graphdef, state = nnx.split(enc)
 
   @jax.jit
@@ -243,12 +201,12 @@ def test_traced_layer_index_under_jit_and_scan_picks_that_layers_frequencies():
 
 
 def test_param_counts_and_logical_names():
-  assert not jax.tree.leaves(nnx.state(_rope(), nnx.Param))
-  enc = _mixed()
+  assert not jax.tree.leaves(nnx.state(make_rope(), nnx.Param))
+  enc = make_mixed()
   params = jax.tree.leaves(nnx.state(enc, nnx.Param))
   assert sum(p.size for p in params) == L * 2 * H * (DH // 2)
   assert enc.freqs.get_metadata()["out_sharding"] == ("layers", None, "heads", "kv")
-  bf16 = _mixed(param_dtype=jnp.bfloat16)
+  bf16 = make_mixed(param_dtype=jnp.bfloat16)
   assert bf16.freqs[...].dtype == jnp.bfloat16
 
 
@@ -258,40 +216,40 @@ def test_clear_errors():
     make("rope", dim=14, num_heads=2, geometry=Geometry.seq(8))
   with pytest.raises(ValueError, match=r"divisible by 4.*head_dim=6"):
     make("rope", dim=12, num_heads=2, geometry=Geometry.grid(2, 2))
-  q, k = _qk(Geometry.seq(5), dh=7)
+  q, k = qk(Geometry.seq(5), dh=7)
   with pytest.raises(ValueError, match="head_dim=7"):
     make("rope").rotate(q, k, Geometry.seq(5), Geometry.seq(5).positions(), 0)
-  q, k = _qk(Geometry.grid(2, 2), dh=6)
+  q, k = qk(Geometry.grid(2, 2), dh=6)
   with pytest.raises(ValueError, match="head_dim=6"):
     make("rope").rotate(q, k, Geometry.grid(2, 2), Geometry.grid(2, 2).positions(), 0)
   with pytest.raises(ValueError, match=r"'rope_mixed'.*1D 8.*use 'rope'"):
-    _mixed(geometry=Geometry.seq(8))
-  q, k = _qk(Geometry.seq(8))
+    make_mixed(geometry=Geometry.seq(8))
+  q, k = qk(Geometry.seq(8))
   with pytest.raises(ValueError, match=r"'rope_mixed'.*1D 8.*use 'rope'"):
-    _mixed().rotate(q, k, Geometry.seq(8), Geometry.seq(8).positions(), 0)
+    make_mixed().rotate(q, k, Geometry.seq(8), Geometry.seq(8).positions(), 0)
   with pytest.raises(ValueError, match="head_dim=6"):
     make("rope_mixed", dim=12, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
-  q, k = _qk(Geometry.grid(2, 3))
+  q, k = qk(Geometry.grid(2, 3))
   with pytest.raises(ValueError, match=r"7 tokens"):
-    _rope().rotate(q, k, Geometry.grid(2, 3, num_prefix=1), Geometry.grid(2, 3, num_prefix=1).positions(), 0)
+    make_rope().rotate(q, k, Geometry.grid(2, 3, num_prefix=1), Geometry.grid(2, 3, num_prefix=1).positions(), 0)
   # ``scale`` is gone (position interpolation scales the positions): a clear error naming it.
-  with pytest.raises(ValueError, match=r"'rope' has no option\(s\) \['scale'\]; its options are .*theta"):
-    _rope(scale=0.5)
+  with pytest.raises(ValueError, match=r"'rope' has no option\(s\) \['scale'\] \(did you mean 'scaling'\?\); its options are .*theta"):
+    make_rope(scale=0.5)
   with pytest.raises(ValueError, match=r"'rope_mixed' has no option\(s\) \['scale'\]"):
-    _mixed(scale=0.5)
-  with pytest.raises(ValueError, match=r"theta must be > 1"):
-    _rope(theta=1.0)
+    make_mixed(scale=0.5)
+  with pytest.raises(ValueError, match=r"'rope': theta must be None \(10000 in 1D, 100 in 2D\) or a number > 1"):
+    make_rope(theta=1.0)
   with pytest.raises(ValueError, match="has 3 layers"):
-    _mixed().rotate(q, k, Geometry.grid(2, 3), Geometry.grid(2, 3).positions(), 3)
+    make_mixed().rotate(q, k, Geometry.grid(2, 3), Geometry.grid(2, 3).positions(), 3)
 
 
 # ---------------------------------------------------------------- jit, grads, dtypes, scale
 @pytest.mark.parametrize("build,geometries", [
-    (_rope, [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
-    (_rope, [Geometry.grid(2, 3, 1), Geometry.grid(7, 5, 1)]),
-    (_mixed, [Geometry.grid(2, 3, 1), Geometry.grid(7, 5, 1)]),
-    (lambda: _rope(scaling="yarn", original_length=8), [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
-    (lambda: _rope(scaling="ntk", original_length=8), [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
+    (make_rope, [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
+    (make_rope, [Geometry.grid(2, 3, 1), Geometry.grid(7, 5, 1)]),
+    (make_mixed, [Geometry.grid(2, 3, 1), Geometry.grid(7, 5, 1)]),
+    (lambda: make_rope(scaling="yarn", original_length=8), [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
+    (lambda: make_rope(scaling="ntk", original_length=8), [Geometry.seq(6), Geometry.seq(40, num_prefix=1)]),
 ], ids=["rope-1d", "rope-2d", "rope_mixed", "rope-yarn", "rope-ntk"])
 def test_jit_at_two_geometries_finite_values_and_grads(build, geometries):
   enc = build()
@@ -304,7 +262,7 @@ def test_jit_at_two_geometries_finite_values_and_grads(build, geometries):
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
   for geometry in geometries:
-    q, k = _qk(geometry)
+    q, k = qk(geometry)
     value, (g_state, g_q, g_k) = step(state, q, k, geometry)
     assert np.isfinite(value)
     for g in [g_q, g_k] + jax.tree.leaves(g_state):
@@ -312,11 +270,11 @@ def test_jit_at_two_geometries_finite_values_and_grads(build, geometries):
 
 
 @pytest.mark.parametrize("build,geometry", [
-    (_rope, Geometry.seq(50, num_prefix=1)), (_mixed, Geometry.grid(6, 6, num_prefix=1))
+    (make_rope, Geometry.seq(50, num_prefix=1)), (make_mixed, Geometry.grid(6, 6, num_prefix=1))
 ], ids=["rope", "rope_mixed"])
 def test_bf16_in_bf16_out(build, geometry):
   enc = build()
-  q, k = _qk(geometry, dtype=jnp.bfloat16)
+  q, k = qk(geometry, dtype=jnp.bfloat16)
   qr, kr = rotate(enc, q, k, geometry, 0)
   assert qr.dtype == kr.dtype == jnp.bfloat16
   ref, _ = rotate(enc, q.astype(jnp.float32), k.astype(jnp.float32), geometry, 0)
@@ -324,19 +282,19 @@ def test_bf16_in_bf16_out(build, geometry):
 
 
 @pytest.mark.parametrize("build,small,large", [
-    (_rope, Geometry.seq(7), Geometry.seq(14)),
-    (_rope, Geometry.grid(3, 4), Geometry.grid(6, 8)),
-    (_mixed, Geometry.grid(3, 4), Geometry.grid(6, 8)),
+    (make_rope, Geometry.seq(7), Geometry.seq(14)),
+    (make_rope, Geometry.grid(3, 4), Geometry.grid(6, 8)),
+    (make_mixed, Geometry.grid(3, 4), Geometry.grid(6, 8)),
 ], ids=["rope-1d", "rope-2d", "rope_mixed"])
 def test_scaled_positions_halve_effective_positions(build, small, large):
   """Position interpolation as data: positions * 0.5 (the old ``scale=0.5``)."""
   enc = build()
   scale = interpolation_scale(small, large)
   assert scale == 0.5
-  q, k = _qk(small)
+  q, k = qk(small)
   big_q = jnp.zeros((q.shape[0], large.num_tokens) + q.shape[2:])
   # Put the small geometry's tokens at the even positions of the large one.
-  pos_large = _positions(large)
+  pos_large = xy_positions(large)
   even = np.all(pos_large % 2 == 0, axis=1)
   big_q = big_q.at[:, even].set(q)
   rotated_half, _ = rotate(enc, big_q, big_q, large, 1, large.positions() * jnp.float32(scale))
@@ -348,20 +306,10 @@ def test_scaled_positions_halve_effective_positions(build, small, large):
 
 
 # ---------------------------------------------------------------- positions as data
-def _real_positions(geometry, batch=2, low=-20.0, high=20.0, seed=0):
-  """``[batch, N, ndim]`` float32 (row, col) coordinates, uniform in ``[low, high)``."""
-  rng = np.random.default_rng(seed)
-  return rng.uniform(low, high, size=(batch, geometry.num_positions, geometry.ndim)).astype(np.float32)
-
-
-def _logits(qr, kr):
-  return np.asarray(jnp.einsum("bnhd,bmhd->bhnm", qr, kr, precision="highest"))
-
-
 REAL = [
-    ("rope 1D", lambda: _rope(), Geometry.seq(9, num_prefix=1)),
-    ("rope 2D", lambda: _rope(), Geometry.grid(3, 4, num_prefix=1)),
-    ("rope_mixed 2D", lambda: _mixed(seed=2), Geometry.grid(3, 4, num_prefix=1)),
+    ("rope 1D", lambda: make_rope(), Geometry.seq(9, num_prefix=1)),
+    ("rope 2D", lambda: make_rope(), Geometry.grid(3, 4, num_prefix=1)),
+    ("rope_mixed 2D", lambda: make_mixed(seed=2), Geometry.grid(3, 4, num_prefix=1)),
 ]
 
 
@@ -369,14 +317,14 @@ REAL = [
 def test_logits_at_real_positions_depend_only_on_their_difference(label, build, geometry):
   enc = build()
   assert enc.continuous is True
-  q, k = _qk(geometry, seed=4)
+  q, k = qk(geometry, seed=4)
   n = geometry.num_prefix
-  p = _real_positions(geometry)  # one set per example
+  p = real_positions(geometry)  # one set per example
   c = np.random.default_rng(1).uniform(-20, 20, size=(1, 1, geometry.ndim)).astype(np.float32)
   wobble = np.random.default_rng(2).uniform(-1, 1, size=p.shape).astype(np.float32)
   for layer in (0, L - 1):
-    base = _logits(*rotate(enc, q, k, geometry, layer, p))
-    shifted = _logits(*rotate(enc, q, k, geometry, layer, p + c))  # the same real shift for all
+    base = logits(*rotate(enc, q, k, geometry, layer, p))
+    shifted = logits(*rotate(enc, q, k, geometry, layer, p + c))  # the same real shift for all
     scale = np.abs(base).max()
     # Between position tokens: only the difference counts. (A prefix token is not turned, so
     # its logits with position tokens see their absolute positions.)
@@ -384,10 +332,10 @@ def test_logits_at_real_positions_depend_only_on_their_difference(label, build, 
                                err_msg=label)
     np.testing.assert_array_equal(shifted[..., :n, :n], base[..., :n, :n])
     # A non-uniform change of the positions changes the position-position logits.
-    moved = _logits(*rotate(enc, q, k, geometry, layer, p + wobble))
+    moved = logits(*rotate(enc, q, k, geometry, layer, p + wobble))
     assert np.abs(moved[..., n:, n:] - base[..., n:, n:]).max() > 1e-2 * scale, label
     # And the examples' own positions matter: swapping them changes each example's logits.
-    swapped = _logits(*rotate(enc, q, k, geometry, layer, p[::-1]))
+    swapped = logits(*rotate(enc, q, k, geometry, layer, p[::-1]))
     assert np.abs(swapped[..., n:, n:] - base[..., n:, n:]).max() > 1e-2 * scale, label
 
 
@@ -395,8 +343,8 @@ def test_logits_at_real_positions_depend_only_on_their_difference(label, build, 
 def test_rotation_at_real_positions_matches_closed_form(label, build, geometry):
   """Angles = sum over axes of (x, y) = (col, row) coordinate times frequency, no rounding."""
   enc = build()
-  q, k = _qk(geometry, seed=5)
-  p = _real_positions(geometry, seed=3).astype(np.float64)
+  q, k = qk(geometry, seed=5)
+  p = real_positions(geometry, seed=3).astype(np.float64)
   xy = p[..., ::-1]  # (row, col) -> (x, y)
   layer = L - 1
   if label == "rope 1D":
@@ -412,193 +360,10 @@ def test_rotation_at_real_positions_matches_closed_form(label, build, geometry):
   n = geometry.num_prefix
   for x, xr in ((q, qr), (k, kr)):
     np.testing.assert_array_equal(xr[:, :n], x[:, :n])
-    expected = _to_interleaved(x[:, n:]) * np.exp(1j * angles)
-    np.testing.assert_allclose(_to_interleaved(xr[:, n:]), expected, atol=5e-5, err_msg=label)
+    expected = to_interleaved(x[:, n:]) * np.exp(1j * angles)
+    np.testing.assert_allclose(to_interleaved(xr[:, n:]), expected, atol=5e-5, err_msg=label)
   # Integer-valued float positions give exactly the int32 result.
   ints = np.round(p).astype(np.int32)
   for a, b in zip(rotate(enc, q, k, geometry, layer, ints.astype(np.float32)),
                   rotate(enc, q, k, geometry, layer, ints)):
     np.testing.assert_array_equal(a, b)
-
-
-# ---------------------------------------------------------------- context extension: ntk, yarn
-def _hf_rope_config(kind, head_dim, theta, n, length, factor):
-  """HF config for the same extension, and its (inv_freq, attention factor) at ``n`` positions."""
-  pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
-  from transformers import LlamaConfig
-  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-  if kind == "ntk":  # HF's dynamic NTK; our factor=None is its factor 1
-    params = {"rope_type": "dynamic", "rope_theta": theta, "factor": 1.0 if factor is None else factor}
-    max_len = length
-  else:
-    s = max(1.0, n / length) if factor is None else factor
-    params = {"rope_type": "yarn", "rope_theta": theta, "factor": s,
-              "original_max_position_embeddings": length}
-    max_len = round(length * s)
-  config = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim,
-                       max_position_embeddings=max_len, rope_parameters=params)
-  init = ROPE_INIT_FUNCTIONS["dynamic" if kind == "ntk" else "yarn"]
-  inv_freq, attention_factor = init(config, None, seq_len=n) if kind == "ntk" else init(config, None)
-  return config, inv_freq.numpy(), attention_factor
-
-
-EXTEND = [(8, 16, None), (16, 16, None), (16, 16, 4.0), (40, 16, None), (300, 64, 3.5),
-          (8192, 2048, None), (1000, 2048, 2.0)]
-
-
-@pytest.mark.parametrize("head_dim,theta", [(16, 10000.0), (64, 500000.0), (64, 10000.0)])
-@pytest.mark.parametrize("n,length,factor", EXTEND, ids=str)
-@pytest.mark.parametrize("kind", ["ntk", "yarn"])
-def test_rope_scaling_frequencies_match_hf(kind, n, length, factor, head_dim, theta):
-  ours, attention = rope_frequencies(head_dim, theta, n, kind, length, factor)
-  _, theirs, hf_attention = _hf_rope_config(kind, head_dim, theta, n, length, factor)
-  np.testing.assert_allclose(ours, theirs, rtol=1e-6)
-  assert attention == pytest.approx(hf_attention, rel=1e-12)
-  plain = theta ** -(np.arange(0, head_dim, 2) / head_dim)
-  if n <= length and (factor is None or kind == "ntk"):  # within the trained length: no change
-    np.testing.assert_allclose(ours, plain, rtol=1e-12)
-    assert attention == 1.0
-  else:
-    assert not np.allclose(ours, plain, rtol=1e-3)
-    s = max(1.0, n / length) if factor is None else factor
-    assert attention == (pytest.approx(0.1 * math.log(s) + 1) if kind == "yarn" else 1.0)
-  if kind == "yarn" and (n, length, head_dim, theta) == (8192, 2048, 64, 10000.0):
-    ratio = ours / plain  # fast pairs kept, slow pairs divided by s = 4, a ramp between
-    np.testing.assert_allclose(ratio[:8], 1.0, rtol=1e-12)
-    np.testing.assert_allclose(ratio[21:], 0.25, rtol=1e-12)
-    assert np.all((ratio[9:20] < 1) & (ratio[9:20] > 0.25))
-
-
-@pytest.mark.parametrize("kind,n,length,factor", [
-    ("ntk", 40, 16, None), ("ntk", 40, 16, 2.0), ("yarn", 40, 16, None), ("yarn", 12, 16, 2.0)], ids=str)
-def test_scaled_rope_rotation_matches_hf_llama(kind, n, length, factor):
-  """The whole rotation, attention factor on cos and sin included, against HF's Llama rope."""
-  torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
-  pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
-  from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
-
-  config, _, _ = _hf_rope_config(kind, DH, 10000.0, n, length, factor)
-  geometry = Geometry.seq(n, num_prefix=1)
-  enc = _rope(scaling=kind, original_length=length, **({} if factor is None else {"factor": factor}))
-  q, k = _qk(geometry)
-  qr, kr = rotate(enc, q, k, geometry, 0)
-  tq, tk = (torch.from_numpy(np.array(x[:, 1:])) for x in (q, k))
-  cos, sin = LlamaRotaryEmbedding(config)(tq, torch.arange(n)[None])
-  hq, hk = apply_rotary_pos_emb(tq, tk, cos, sin, unsqueeze_dim=2)
-  np.testing.assert_allclose(qr[:, 1:], hq.numpy(), atol=3e-5)
-  np.testing.assert_allclose(kr[:, 1:], hk.numpy(), atol=3e-5)
-  np.testing.assert_array_equal(qr[:, :1], q[:, :1])  # the prefix token is not turned (nor scaled)
-
-
-@pytest.mark.parametrize("kind", ["ntk", "yarn"])
-def test_scaled_rope_logits_depend_only_on_offsets(kind):
-  geometry = Geometry.seq(24)
-  enc, plain = _rope(scaling=kind, original_length=8), _rope()
-  q0, k0 = _qk(Geometry.seq(1), seed=1, batch=1)  # the same content at every position
-  q, k = jnp.tile(q0, (2, 24, 1, 1)), jnp.tile(k0, (2, 24, 1, 1))
-  base = _logits(*rotate(enc, q, k, geometry, 0))
-  scale = np.abs(base).max()
-  at100 = _logits(*rotate(enc, q, k, geometry, 0, geometry.positions() + 100))
-  np.testing.assert_allclose(at100, base, atol=1e-4 * scale)
-  i, j = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
-  for offset in (-5, 0, 3, 23):
-    values = base[0][:, i - j == offset]
-    np.testing.assert_allclose(values, np.broadcast_to(values[:, :1], values.shape), atol=1e-4 * scale)
-  p = _real_positions(geometry, low=0.0, high=24.0)
-  real = _logits(*rotate(enc, q, k, geometry, 0, p))
-  np.testing.assert_allclose(_logits(*rotate(enc, q, k, geometry, 0, p + np.float32(37.25))), real,
-                             atol=2e-4 * scale)
-  unscaled = _logits(*rotate(plain, q, k, geometry, 0))
-  assert np.abs(base - unscaled).max() > 1e-2 * scale  # N = 24 > L = 8: the extension acts
-  # q.k at offset 0 is the unrotated q.k times the attention factor squared (1 for ntk).
-  mscale = 0.1 * math.log(3.0) + 1 if kind == "yarn" else 1.0
-  diagonal = functools.partial(np.diagonal, axis1=-2, axis2=-1)
-  np.testing.assert_allclose(diagonal(base), mscale ** 2 * diagonal(unscaled), rtol=1e-5)
-  # Within the trained length nothing changes.
-  short = Geometry.seq(8)
-  np.testing.assert_array_equal(rotate(enc, q[:, :8], k[:, :8], short, 0)[0],
-                                rotate(plain, q[:, :8], k[:, :8], short, 0)[0])
-
-
-def test_scaling_clear_errors():
-  with pytest.raises(ValueError, match=r"scaling must be one of \('none', 'ntk', 'yarn'\), got 'linear'"):
-    _rope(scaling="linear")
-  with pytest.raises(ValueError, match=r"scaling='yarn' needs original_length"):
-    _rope(scaling="yarn")
-  with pytest.raises(ValueError, match=r"original_length and factor apply only with scaling"):
-    _rope(original_length=8)
-  with pytest.raises(ValueError, match=r"factor must be >= 1"):
-    _rope(scaling="ntk", original_length=8, factor=0.5)
-  with pytest.raises(ValueError, match=r"beta_fast > beta_slow > 0"):
-    _rope(scaling="yarn", original_length=8, beta_fast=1, beta_slow=2)
-  with pytest.raises(ValueError, match=r"scaling='yarn' extends 1D sequences only, not 2D 2x2"):
-    _rope(scaling="yarn", original_length=8, geometry=Geometry.grid(2, 2))
-  q, k = _qk(Geometry.grid(2, 2))
-  with pytest.raises(ValueError, match=r"1D sequences only"):
-    make("rope", scaling="ntk", original_length=8).rotate(q, k, Geometry.grid(2, 2),
-                                                          Geometry.grid(2, 2).positions(), 0)
-  q, k = _qk(Geometry.seq(5), dh=2)
-  with pytest.raises(ValueError, match=r"scaling='ntk' needs head_dim >= 4"):
-    make("rope", scaling="ntk", original_length=4).rotate(q, k, Geometry.seq(5),
-                                                          Geometry.seq(5).positions(), 0)
-
-
-# ---------------------------------------------------------------- DINOv3: normalised coordinates, periods
-def _dinov3_angles(geometry, mode="separate", base=100.0, min_period=None, max_period=None):
-  """DINOv3's RopePositionEmbedding angles, written from its formulas: coords = arange(0.5, n) / d,
-  2 * coords - 1; periods base**(2k / (Dh/2)) (or min..max_period, geometric); angle = 2 pi u / period.
-  Returned in this module's layout [N, Dh/2]: x (column) pairs first, then y (row)."""
-  h, w = geometry.shape
-  d = {"separate": (h, w), "max": (max(h, w),) * 2, "min": (min(h, w),) * 2}[mode]
-  rows = 2 * np.arange(0.5, h) / d[0] - 1
-  cols = 2 * np.arange(0.5, w) / d[1] - 1
-  u = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
-  if min_period is None:
-    periods = base ** (2 * np.arange(DH // 4) / (DH // 2))
-  else:
-    periods = min_period * (max_period / min_period) ** np.linspace(0, 1, DH // 4)
-  return np.concatenate([2 * np.pi * u[:, 1:] / periods, 2 * np.pi * u[:, :1] / periods], axis=-1)
-
-
-@pytest.mark.parametrize("options", [
-    dict(normalize_coords="separate"), dict(normalize_coords="max"), dict(normalize_coords="min", base=50.0),
-    dict(normalize_coords="separate", min_period=0.5, max_period=20.0)], ids=str)
-def test_normalized_rope_matches_dinov3_closed_form(options):
-  geometry = Geometry.grid(3, 5, num_prefix=1)
-  enc = _rope(**options)
-  q, k = _qk(geometry)
-  coords = enc.coordinates(geometry.positions(), geometry)  # as a model does, once per forward
-  qr, kr = rotate(enc, q, k, geometry, 0, coords)
-  opts = {key: v for key, v in options.items() if key != "normalize_coords"}
-  angles = _dinov3_angles(geometry, options["normalize_coords"], **opts)
-  for x, xr in ((q, qr), (k, kr)):
-    np.testing.assert_array_equal(xr[:, :1], x[:, :1])  # the class token is not rotated
-    expected = _to_interleaved(x[:, 1:]) * np.exp(1j * angles)[None, :, None, :]
-    np.testing.assert_allclose(_to_interleaved(xr[:, 1:]), expected, atol=3e-5)
-
-
-def test_normalized_rope_options_and_errors():
-  enc = _rope(normalize_coords="separate", augment=True)
-  assert (enc.base, enc.shift_coords, enc.jitter_coords, enc.rescale_coords) == (100.0, None, None, 2.0)
-  assert enc.augments and not _rope(normalize_coords="separate").augments and not _rope().augments
-  with pytest.raises(ValueError, match=r"base, min_period and max_period .*set normalize_coords"):
-    _rope(base=100.0)
-  with pytest.raises(ValueError, match=r"theta and scaling apply to the integer grid"):
-    _rope(normalize_coords="separate", theta=100.0)
-  with pytest.raises(ValueError, match=r"normalize_coords must be None or one of"):
-    _rope(normalize_coords="both")
-  with pytest.raises(ValueError, match=r"min_period and max_period go together"):
-    _rope(normalize_coords="separate", min_period=1.0)
-  with pytest.raises(ValueError, match=r"either base or min_period"):
-    _rope(normalize_coords="separate", base=10.0, min_period=1.0, max_period=4.0)
-  with pytest.raises(ValueError, match=r"0 < min_period < max_period"):
-    _rope(normalize_coords="separate", min_period=4.0, max_period=1.0)
-  with pytest.raises(ValueError, match=r"augment=True augments normalised coordinates"):
-    _rope(augment=True)
-  with pytest.raises(ValueError, match=r"apply only with augment=True"):
-    _rope(normalize_coords="separate", shift_coords=0.1)
-  with pytest.raises(ValueError, match=r"jitter_coords must be None \(off\) or >= 1"):
-    _rope(normalize_coords="separate", augment=True, jitter_coords=0.5)
-  with pytest.raises(ValueError, match=r"normalises 2D grids, not 1D 8"):
-    _rope(normalize_coords="separate", geometry=Geometry.seq(8))

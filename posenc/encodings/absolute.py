@@ -29,12 +29,15 @@ global scaling; ``CAPE``).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from posenc.encodings import coordinates as coords_lib
 from posenc.encodings.base import Encoding, Geometry, lookup, split_prefix, table_positions
+from posenc.encodings.options import Options, at_least, greater, one_of, option
 from posenc.encodings.registry import register
 from posenc.resize import METHODS, resize_1d, resize_grid
 
@@ -72,6 +75,17 @@ def _in_range(positions: jax.Array, extent) -> jax.Array:
   return jnp.all((positions >= 0) & (positions < jnp.asarray(extent)), axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class TableOptions(Options):
+  init_std: float = option(0.02, "std of the tables' N(0, std^2) initialisation", at_least(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedOptions(TableOptions):
+  resample: bool = option(False, "2D: resample the table to each forward's grid (FlexiViT)")
+  resample_method: str = option("bicubic", "resample's kernel (posenc.resize)", one_of(*METHODS))
+
+
 @register("learned")
 class Learned(Encoding):
   """A trainable vector per position, initialised N(0, init_std^2) (plain normal).
@@ -91,19 +105,18 @@ class Learned(Encoding):
   gradients reach the one stored table; at the built grid nothing changes.
   """
 
+  Options = LearnedOptions
   continuous = False
 
-  def __init__(self, dim: int, geometry: Geometry, *, init_std: float = 0.02, resample: bool = False,
-               resample_method: str = "bicubic", param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if resample and geometry.ndim != 2:
+  def __init__(self, options: LearnedOptions, *, dim: int, geometry: Geometry, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    super().__init__(options)
+    if options.resample and geometry.ndim != 2:
       raise ValueError(f"position encoding 'learned': resample=True resamples a 2D grid table; built at "
                        f"{geometry} it has a 1D table (extend it with posenc.transfer instead).")
-    if resample_method not in METHODS:
-      raise ValueError(f"position encoding 'learned': resample_method must be one of {METHODS}; "
-                       f"got {resample_method!r}.")
     self.built = geometry
-    self.resample, self.resample_method = bool(resample), resample_method
-    self.table = _normal_table(rngs, (geometry.num_positions, dim), init_std, param_dtype)
+    self.resample, self.resample_method = options.resample, options.resample_method
+    self.table = _normal_table(rngs, (geometry.num_positions, dim), options.init_std, param_dtype)
 
   def check(self, geometry: Geometry) -> None:
     built = self.built
@@ -159,17 +172,19 @@ class Factorized(Encoding):
   ``posenc.transfer``.
   """
 
+  Options = TableOptions
   supported_ndims = (2,)
   continuous = False
 
-  def __init__(self, dim: int, geometry: Geometry, *, init_std: float = 0.02,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, options: TableOptions, *, dim: int, geometry: Geometry, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    super().__init__(options)
     self.built = None
     self.check(geometry)
     self.built = geometry
     h, w = geometry.shape
-    self.row_table = _normal_table(rngs, (h, dim), init_std, param_dtype)
-    self.col_table = _normal_table(rngs, (w, dim), init_std, param_dtype)
+    self.row_table = _normal_table(rngs, (h, dim), options.init_std, param_dtype)
+    self.col_table = _normal_table(rngs, (w, dim), options.init_std, param_dtype)
 
   def check(self, geometry: Geometry) -> None:
     super().check(geometry)
@@ -192,6 +207,12 @@ class Factorized(Encoding):
             "col_table": resize_1d(params["col_table"], target.shape[1], **kw)}
 
 
+@dataclasses.dataclass(frozen=True)
+class SinCosOptions(Options):
+  temperature: float = option(10_000., "the longest wavelength over 2 pi (Vaswani et al.'s 10000)", greater(0))
+  scale: float = option(1.0, "multiplies the table (amplitude)")
+
+
 class _SinCos(Encoding):
   """Fixed sin/cos of the positions times geometric frequencies; no parameters, any size.
 
@@ -200,16 +221,18 @@ class _SinCos(Encoding):
   and an unscaled table then drowns the token identity after the embedding LayerNorm.
   """
 
+  Options = SinCosOptions
   divisor = 2  # features per frequency and axis: a sin and a cos
 
-  def __init__(self, dim: int, *, temperature: float = 10_000., scale: float = 1.0):
+  def __init__(self, options: SinCosOptions, *, dim: int):
+    super().__init__(options)
     ndim = self.supported_ndims[0]
     if dim % (self.divisor * ndim) or dim < 4 * ndim:
       raise ValueError(f"position encoding '{self.name}' needs dim divisible by {self.divisor * ndim} (a sin "
                        f"and a cos per frequency{' and axis' if ndim > 1 else ''}) and at least {4 * ndim}; "
                        f"got dim={dim}.")
     self.dim = dim
-    self.temperature, self.scale = float(temperature), float(scale)
+    self.temperature, self.scale = options.temperature, options.scale
 
   def table(self, positions: jax.Array) -> jax.Array:
     """``[B, N, D]`` float32 for float32 ``positions [B, N, ndim]``."""
@@ -253,6 +276,14 @@ class SinCos2D(_SinCos):
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class CAPEOptions(Options):
+  scale: float = option(1.0, "multiplies the table (amplitude)")
+  global_shift: float = option(0.5, "training: a shift U[-g, g] per axis", at_least(0))
+  local_shift: float = option(0.5, "training: a shift U[-l, l] patch spacings per patch and axis", at_least(0))
+  global_scaling: float = option(1.4, "training: a scaling [1/s, s] (log-uniform)", at_least(1))
+
+
 @register("cape")
 class CAPE(_SinCos):
   """CAPE for images (Likhomanenko et al. 2021): sin/cos of patch centres normalised to [-1, 1].
@@ -270,22 +301,19 @@ class CAPE(_SinCos):
   times ``scale``.
   """
 
+  Options = CAPEOptions
   supported_ndims = (2,)
   divisor = 1  # one cos and one sin per direction, over both axes at once
   augments = True
 
-  def __init__(self, dim: int, *, scale: float = 1.0, global_shift: float = 0.5, local_shift: float = 0.5,
-               global_scaling: float = 1.4):
+  def __init__(self, options: CAPEOptions, *, dim: int):
+    Encoding.__init__(self, options)
     if dim % 2 or dim < 4:
       raise ValueError(f"position encoding 'cape' needs an even dim >= 4 (a cos and a sin per direction); "
                        f"got dim={dim}.")
-    for name, value, low in (("global_shift", global_shift, 0.0), ("local_shift", local_shift, 0.0),
-                             ("global_scaling", global_scaling, 1.0)):
-      if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
-        raise ValueError(f"position encoding 'cape': {name} must be a number >= {low:g}; got {value!r}.")
-    self.dim, self.scale = dim, float(scale)
-    self.global_shift, self.local_shift, self.global_scaling = (float(global_shift), float(local_shift),
-                                                                float(global_scaling))
+    self.dim, self.scale = dim, options.scale
+    self.global_shift, self.local_shift = options.global_shift, options.local_shift
+    self.global_scaling = options.global_scaling
 
   def coordinates(self, positions, geometry, key=None):
     """Patch centres in [-1, 1] on ``geometry``'s grid; augmented when a ``key`` is given (training)."""

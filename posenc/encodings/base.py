@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from posenc.encodings.options import Options
+
 POSENC_KEY = "posenc"  # every model keeps its encoding at this attribute (parameter path root)
 
 
@@ -128,14 +130,19 @@ class Encoding(nnx.Module):
   ``__init__`` names them) are
   ``dim``, ``num_heads``, ``num_layers``, ``geometry`` (the geometry the model
   is built at; encodings that depend on it keep it as ``self.built``),
-  ``param_dtype`` and ``rngs``.
+  ``param_dtype`` and ``rngs``. The first argument is the encoding's declared options, an
+  instance of its ``Options`` (``posenc.encodings.options``), which ``make`` builds and checks.
   """
 
+  Options = Options  # none by default; an encoding with options declares its own subclass
   name: str = "?"
   supported_ndims: tuple[int, ...] = (1, 2)
   continuous: bool = True
   augments: bool = False  # whether ``coordinates`` wants a PRNG key when training
   bias_shared_by_layers: bool = False  # attention_bias ignores ``layer``: models compute it once per forward
+
+  def __init__(self, options: Options | None = None):
+    self.options = self.Options() if options is None else options
 
   def coordinates(self, positions: jax.Array, geometry: Geometry, key: jax.Array | None = None) -> jax.Array:
     """The positions every hook of this forward sees: ``positions [B or 1, N, ndim]`` in, the

@@ -9,7 +9,7 @@ reads positions from the token layout, so the ``positions`` data is unused.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from posenc.encodings.base import Encoding, Geometry, split_prefix
+from posenc.encodings.options import Options, Rule, option
 from posenc.encodings.registry import register
 
 
@@ -57,6 +58,12 @@ def _depthwise_bwd(residuals, g):
 depthwise_conv3x3.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConditionalPositionEncodingOptions(Options):
+  layers: tuple[int, ...] = option((0,), "the blocks a PEG follows (CPVT: the first)",
+                                   Rule(lambda v: bool(v) and min(v) >= 0, "of at least one block index >= 0"))
+
+
 @register("cpe")
 class ConditionalPositionEncoding(Encoding):
   """PEG: ``x + depthwise_conv3x3(x)`` after each block in ``layers``; 2D only, any grid.
@@ -66,14 +73,15 @@ class ConditionalPositionEncoding(Encoding):
   Prefix tokens pass through. The conv runs in the dtype of ``x``.
   """
 
+  Options = ConditionalPositionEncodingOptions
   supported_ndims = (2,)
 
-  def __init__(self, *, dim: int, num_layers: int | None = None,
-               layers: Sequence[int] = (0,), param_dtype=jnp.float32, rngs: nnx.Rngs):
-    layers = tuple(int(l) for l in layers)
-    limit = num_layers if num_layers is not None else float("inf")
-    if not layers or any(not 0 <= l < limit for l in layers):
-      raise ValueError(f"cpe option layers={layers} must name at least one block in "
+  def __init__(self, options: ConditionalPositionEncodingOptions, *, dim: int, num_layers: int | None = None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(options)
+    layers = options.layers
+    if num_layers is not None and max(layers) >= num_layers:
+      raise ValueError(f"cpe option layers={layers} must name blocks in "
                        f"[0, num_layers={num_layers}).")
     self.layers = layers
     kernel_init = nnx.initializers.lecun_normal()

@@ -17,6 +17,7 @@ hides the keys after the query anyway).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc.encodings.base import Encoding, pad_prefix_bias, pair_offsets
+from posenc.encodings.options import Options, at_least, greater, option
 from posenc.encodings.registry import register
 from posenc.encodings.relative import _layer_params, pair_mlp
 
@@ -38,12 +40,6 @@ def _positive_int(name: str, option: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"position encoding '{name}': {option} must be a positive int, got {value!r}.")
   return value
-
-
-def _positive_float(name: str, option: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-    raise ValueError(f"position encoding '{name}': {option} must be a number > 0, got {value!r}.")
-  return float(value)
 
 
 def _distance(positions: jax.Array) -> jax.Array:
@@ -62,6 +58,11 @@ def inverse_softplus(y: jax.Array) -> jax.Array:
   return y + jnp.log(-jnp.expm1(-y))
 
 
+@dataclasses.dataclass(frozen=True)
+class KerpleOptions(Options):
+  per_layer: bool = option(False, "an r1, r2 per layer (else one set shared by the layers)")
+
+
 @register("kerple")
 class Kerple(Encoding):
   """KERPLE-log: ``bias[h, i, j] = -r1_h * log(1 + r2_h * |pos_i - pos_j|)``.
@@ -76,13 +77,15 @@ class Kerple(Encoding):
   paper's causal bias uses ``i - j >= 0``; here ``|i - j|`` on both sides.
   """
 
+  Options = KerpleOptions
   supported_ndims = (1,)
 
-  def __init__(self, *, num_heads: int, num_layers: int = 1, per_layer: bool = False,
+  def __init__(self, options: KerpleOptions, *, num_heads: int, num_layers: int = 1,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(options)
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
-    self.per_layer = bool(per_layer)
+    per_layer = self.per_layer = options.per_layer
     self.bias_shared_by_layers = not self.per_layer
     shape, names = ((num_layers, num_heads), ("layers", "heads")) if per_layer else ((num_heads,), ("heads",))
 
@@ -102,6 +105,15 @@ class Kerple(Encoding):
     r1, r2 = (r[:, None, None] for r in self.coefficients(layer))
     bias = -r1 * jnp.log1p(r2 * _distance(positions)[:, None])  # [B, H, N, N]
     return pad_prefix_bias(bias, geometry)
+
+
+@dataclasses.dataclass(frozen=True)
+class FIREOptions(Options):
+  hidden_dim: int = option(32, "width of the MLP", at_least(1))
+  init_c: float = option(0.1, "initial c of psi(x) = log(c x + 1)", greater(0))
+  init_threshold: float | None = option(None, "initial threshold L", greater(0),
+                                        none="a quarter of the built length")
+  per_layer: bool = option(True, "an MLP, c and L per layer (else one set shared by the layers)")
 
 
 @register("fire")
@@ -143,15 +155,15 @@ class FIRE(Encoding):
   stays below ``L``.
   """
 
+  Options = FIREOptions
   supported_ndims = (1,)
 
-  def __init__(self, *, num_heads: int, geometry=None, num_layers: int = 1, hidden_dim: int = 32,
-               init_c: float = 0.1, init_threshold: float | None = None, per_layer: bool = True,
+  def __init__(self, options: FIREOptions, *, num_heads: int, geometry=None, num_layers: int = 1,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(options)
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
-    hidden_dim = _positive_int(self.name, "hidden_dim", hidden_dim)
-    init_c = _positive_float(self.name, "init_c", init_c)
+    hidden_dim, init_c, init_threshold = options.hidden_dim, options.init_c, options.init_threshold
     if geometry is not None:
       self.check(geometry)  # 1D only: a clear error before the default below reads its length
     if init_threshold is None:
@@ -159,8 +171,7 @@ class FIRE(Encoding):
         raise ValueError(f"position encoding '{self.name}': give init_threshold, or build it at a 1D "
                          f"geometry (its default is a quarter of the built length).")
       init_threshold = max(1.0, geometry.shape[0] / 4)
-    init_threshold = _positive_float(self.name, "init_threshold", init_threshold)
-    self.per_layer = bool(per_layer)
+    per_layer = self.per_layer = options.per_layer
     self.bias_shared_by_layers = not self.per_layer
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 

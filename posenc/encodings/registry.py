@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import inspect
 
-from posenc.config import did_you_mean
+from posenc.config import ConfigError, did_you_mean
 from posenc.encodings.base import Encoding
+from posenc.encodings.options import Options
 
 _REGISTRY: dict[str, type[Encoding]] = {}
 
@@ -42,21 +43,40 @@ def get(name: str, ndim: int | None = None) -> type[Encoding]:
   return _REGISTRY[name]
 
 
+def options(name: str, **kwargs) -> Options:
+  """Encoding ``name``'s declared options (its class's ``Options``) from ``kwargs``: one ConfigError
+  naming an unknown option (and the closest one) or a bad value."""
+  cls = get(name)
+  declared = [f for f, _, _ in cls.Options.describe()]
+  unknown = sorted(k for k in kwargs if k not in declared)
+  if unknown:
+    raise ConfigError(f"position encoding '{name}' has no option(s) {unknown}{did_you_mean(unknown[0], declared)}; "
+                      f"its options are {declared or 'none'}.")
+  try:
+    return cls.Options(**kwargs)
+  except ConfigError as e:
+    raise ConfigError(f"position encoding '{name}': {e}") from None
+
+
 def make(name: str, **kwargs) -> Encoding:
   """Build encoding ``name``.
 
-  Context keys (``CONTEXT_KEYS``) the encoding does not use are dropped; any
-  other key must be an argument of the encoding, else a clear error.
+  Keys in ``CONTEXT_KEYS`` are what the model offers: the encoding takes those its ``__init__``
+  names. Every other key is one of its declared options (``options``).
   """
   cls = get(name)
-  params = inspect.signature(cls.__init__).parameters
-  accepted = {p for p in params if p != "self"}
-  unknown = sorted(k for k in kwargs if k not in accepted and k not in CONTEXT_KEYS)
-  if unknown:
-    options = sorted(accepted - CONTEXT_KEYS)
-    raise ValueError(f"position encoding '{name}' has no option(s) {unknown}; "
-                     f"its options are {options or 'none'}.")
-  enc = cls(**{k: v for k, v in kwargs.items() if k in accepted})
+  opts = options(name, **{k: v for k, v in kwargs.items() if k not in CONTEXT_KEYS})
+  accepted = inspect.signature(cls.__init__).parameters
+  enc = cls(opts, **{k: v for k, v in kwargs.items() if k in CONTEXT_KEYS and k in accepted})
   if "geometry" in kwargs:
     enc.check(kwargs["geometry"])
   return enc
+
+
+def options_table() -> str:
+  """The README's table of every encoding's options, from their declarations."""
+  rows = ["| encoding | option | default | what |", "|---|---|---|---|"]
+  for name in names():
+    for option, default, doc in get(name).Options.describe():
+      rows.append(f"| `{name}` | `{option}` | `{default}` | {doc} |")
+  return "\n".join(rows)

@@ -14,6 +14,7 @@ offsets up in its table; ``cpb`` and ``alibi`` take real-valued positions.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -23,6 +24,7 @@ from flax import nnx
 
 from posenc.encodings.base import (Encoding, Geometry, lookup, pad_prefix_bias, pair_offsets,
                                    table_positions)
+from posenc.encodings.options import Options, at_least, option
 from posenc.encodings.registry import register
 from posenc.resize import resize_table
 
@@ -106,6 +108,14 @@ def _require_geometry(name: str, geometry: Geometry | None) -> Geometry:
   return geometry
 
 
+@dataclasses.dataclass(frozen=True)
+class RelativeBiasOptions(Options):
+  num_buckets: int = option(32, "1D: T5's buckets (even, >= 4)", at_least(1))
+  max_distance: int = option(128, "1D: T5's largest distinguished offset", at_least(1))
+  bidirectional: bool | None = option(None, "1D: buckets on both sides of the query", none="not causal")
+  per_layer: bool = option(False, "a table per layer (else one shared by the layers)")
+
+
 @register("rel_bias")
 class RelativeBias(Encoding):
   """Learned relative position bias per head (T5 buckets in 1D, Swin table in 2D).
@@ -122,12 +132,14 @@ class RelativeBias(Encoding):
   offsets it has, so it stays translation invariant.
   """
 
+  Options = RelativeBiasOptions
   continuous = False
 
-  def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
-               num_layers: int = 1, num_buckets: int = 32, max_distance: int = 128,
-               bidirectional: bool | None = None, causal: bool = False,
-               per_layer: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, options: RelativeBiasOptions, *, num_heads: int, geometry: Geometry | None = None,
+               num_layers: int = 1, causal: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(options)
+    num_buckets, max_distance, per_layer = options.num_buckets, options.max_distance, options.per_layer
+    bidirectional = options.bidirectional
     self.built = _require_geometry(self.name, geometry)
     self.num_layers, self.per_layer = num_layers, per_layer
     self.bias_shared_by_layers = not per_layer
@@ -183,6 +195,12 @@ class RelativeBias(Encoding):
                                   method=options.method, antialias=options.antialias)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ContinuousPositionBiasOptions(Options):
+  hidden_dim: int = option(512, "width of the MLP (Swin-V2's 512)", at_least(1))
+  per_layer: bool = option(False, "an MLP per layer (else one shared by the layers)")
+
+
 @register("cpb")
 class ContinuousPositionBias(Encoding):
   """Swin-V2's log-spaced continuous position bias (2D only, any grid).
@@ -197,11 +215,13 @@ class ContinuousPositionBias(Encoding):
   (as Swin-V2). ``per_layer=True`` gives each layer its own MLP.
   """
 
+  Options = ContinuousPositionBiasOptions
   supported_ndims = (2,)
 
-  def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
-               num_layers: int = 1, hidden_dim: int = 512, per_layer: bool = False,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, options: ContinuousPositionBiasOptions, *, num_heads: int,
+               geometry: Geometry | None = None, num_layers: int = 1, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(options)
+    hidden_dim, per_layer = options.hidden_dim, options.per_layer
     self.built = _require_geometry(self.name, geometry)
     self.check(self.built)
     self.num_layers, self.per_layer = num_layers, per_layer
@@ -258,7 +278,8 @@ class ALiBi(Encoding):
 
   bias_shared_by_layers = True
 
-  def __init__(self, *, num_heads: int):
+  def __init__(self, options: Options, *, num_heads: int):
+    super().__init__(options)
     if num_heads < 1:
       raise ValueError(f"alibi needs num_heads >= 1; got {num_heads}.")
     self.num_heads = num_heads

@@ -75,9 +75,13 @@ def _check_encoding(config, task) -> None:
   if task.NDIM not in cls.supported_ndims:
     raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the {task.NDIM}D "
                       f"inputs of task '{config.task}'; choose one of: {', '.join(encodings.names(task.NDIM))}.")
-  if config.transfer.interpolate_positions and config.posenc_options.get("normalize_coords"):
-    raise ConfigError("config field 'transfer.interpolate_positions': with posenc_options.normalize_coords "
-                      "every grid is already mapped into the trained range; set one of them, not both.")
+  if not isinstance(config.posenc_options, ml_collections.ConfigDict | dict):
+    raise ConfigError(f"config field 'posenc_options' must be a dict of options, got {config.posenc_options!r}.")
+  try:
+    options = encodings.options(config.posenc, **dict(config.posenc_options))
+  except ConfigError as e:
+    raise ConfigError(f"config field 'posenc_options': {e}") from None
+  options.check_run(config)  # the rules that join the encoding to the run live with it
   if config.transfer.interpolate_positions and not cls.continuous:
     raise ConfigError(f"config field 'transfer.interpolate_positions': '{config.posenc}' looks positions up "
                       f"in a table and cannot take interpolated (real-valued) positions; set it False "
