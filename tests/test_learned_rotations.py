@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 from posenc.encodings import learned_rotations as lr
-from posenc.encodings import rotary
+from posenc.encodings import rotation as rotary
 
 HEAD_DIM = 16
 

@@ -15,7 +15,7 @@ matrix ``R(p)``, generalising RoPE's ``R(p) = exp(sum_a p_a G_a)`` with fixed 2x
   folded into ``W_q`` and ``W_k``).
 
 Feature layout. posenc's RoPE pairs feature ``i`` with ``i + Dh/2`` (rotate-half); the 2D axial
-layout gives the first ``Dh/4`` pairs to x and the rest to y (``rotary.axial_frequencies``). Blocks
+layout gives the first ``Dh/4`` pairs to x and the rest to y (``rotation.axial_frequencies``). Blocks
 are taken in *pair order*: features ``(i, i + Dh/2)`` become neighbours ``(2j, 2j + 1)``, and the
 pairs of the ``ndim`` axes are interleaved (x0, y0, x1, y1, ...), so every block holds whole pairs
 of every axis. With ``rope_generators`` as the initial ``S_a``, each form equals RoPE-Axial (RoFormer
@@ -43,7 +43,7 @@ def pair_axes(head_dim: int, ndim: int) -> np.ndarray:
 
 def rope_generators(frequencies: np.ndarray, block: int) -> np.ndarray:
   """RoPE's generators in pair order, ``[ndim, H, Dh/block, block, block]``, from frequencies
-  ``[ndim, H, Dh/2]`` in rotary's layout (``rotary.axial_frequencies``: pair ``i`` of axis ``a``
+  ``[ndim, H, Dh/2]`` in rotary's layout (``rotation.axial_frequencies``: pair ``i`` of axis ``a``
   turns by ``p_a * freq[a, h, i]``)."""
   ndim, heads, half = frequencies.shape
   head_dim = 2 * half
