@@ -35,9 +35,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from posenc.config import ConfigError, load_config_file, split_arg  # noqa: E402
+from posenc.config import ConfigError, load_config_file, split_arg
 
 LEDGER = os.path.join(ROOT, "benchmarks", "results", "presets.jsonl")
 README = os.path.join(ROOT, "README.md")
@@ -92,7 +91,7 @@ def machine() -> dict:
   import flax
   import jax
   import jaxlib
-  import timing
+  from benchmarks import timing
   return {"cpu": timing.cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
           "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -220,7 +219,7 @@ def stem_share(file: str, preset: str) -> tuple[int, int, float, float] | None:
     return None
   import jax
   import jax.numpy as jnp
-  import timing
+  from benchmarks import timing
   from flax import nnx
   from posenc.encodings.base import as_hw
   from posenc.training.config import task_of

@@ -17,12 +17,11 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-import speed_report  # noqa: E402
-import study  # noqa: E402
-import study_report  # noqa: E402
-import study_stats  # noqa: E402
+from benchmarks import speed_report
+from benchmarks import study
+from benchmarks import study_report
+from benchmarks import study_stats
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TEMPLATE = os.path.join(ROOT, "benchmarks", "RESULTS.template.md")

@@ -37,18 +37,17 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-import jax  # noqa: E402
-from absl import logging  # noqa: E402
+import jax
+from absl import logging
 
-import study_algo  # noqa: E402
-import study_lm  # noqa: E402
-import study_vit  # noqa: E402
-import study_report  # noqa: E402
-import timing  # noqa: E402
-from configs import algo_tiny, bert_small, gpt_tiny, vit_tiny  # noqa: E402
-from posenc.training import train  # noqa: E402
+from benchmarks import study_algo
+from benchmarks import study_lm
+from benchmarks import study_vit
+from benchmarks import study_report
+from benchmarks import timing
+from configs import algo_tiny, bert_small, gpt_tiny, vit_tiny
+from posenc.training import train
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 
-from study_stats import diff_text, ordering, paired
+from benchmarks.study_stats import diff_text, ordering, paired
 
 MODES = {"transfer": "(a) no fine-tuning: the trained model, position parameters transferred",
          "finetune": "(b) after a short fine-tune at each geometry"}

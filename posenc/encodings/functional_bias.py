@@ -74,16 +74,19 @@ class Kerple(Encoding):
   per head shared by all layers, as in the paper's GPT-NeoX code (one module
   passed to every layer); ``per_layer=True`` gives each layer its own. The
   paper's causal bias uses ``i - j >= 0``; here ``|i - j|`` on both sides.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
   supported_ndims = (1,)
 
   def __init__(self, *, num_heads: int, num_layers: int = 1, per_layer: bool = False,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               bias_once_per_forward: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs):
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
     self.per_layer = bool(per_layer)
-    self.bias_shared_by_layers = not self.per_layer
+    self.bias_shared_by_layers = not self.per_layer and bool(bias_once_per_forward)
     shape, names = ((num_layers, num_heads), ("layers", "heads")) if per_layer else ((num_heads,), ("heads",))
 
     def param(high):
@@ -134,6 +137,9 @@ class FIRE(Encoding):
   ``w2 (W, H)``, ``b2 (H,)``, ``c ()``, ``threshold_scale ()``,
   ``threshold_init ()``, each with a leading ``num_layers`` axis when
   ``per_layer``: ``2W + W*H + H + 3`` per set.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
 
   Keys after the query (``j > i``) use the distance ``|i - j|`` with the same
   query normaliser (the paper's code takes ``|c (i - j)|``), so for a
@@ -147,7 +153,7 @@ class FIRE(Encoding):
 
   def __init__(self, *, num_heads: int, geometry=None, num_layers: int = 1, hidden_dim: int = 32,
                init_c: float = 0.1, init_threshold: float | None = None, per_layer: bool = True,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               bias_once_per_forward: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs):
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
     hidden_dim = _positive_int(self.name, "hidden_dim", hidden_dim)
@@ -161,7 +167,7 @@ class FIRE(Encoding):
       init_threshold = max(1.0, geometry.shape[0] / 4)
     init_threshold = _positive_float(self.name, "init_threshold", init_threshold)
     self.per_layer = bool(per_layer)
-    self.bias_shared_by_layers = not self.per_layer
+    self.bias_shared_by_layers = not self.per_layer and bool(bias_once_per_forward)
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 
     def param(shape, names, init):

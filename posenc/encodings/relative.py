@@ -120,6 +120,9 @@ class RelativeBias(Encoding):
   the parameters (``posenc.transfer`` resamples the table). A smaller grid uses
   the central part of the table, which is exactly the same bias for the
   offsets it has, so it stays translation invariant.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
   continuous = False
@@ -127,10 +130,11 @@ class RelativeBias(Encoding):
   def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
                num_layers: int = 1, num_buckets: int = 32, max_distance: int = 128,
                bidirectional: bool | None = None, causal: bool = False,
-               per_layer: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               per_layer: bool = False, bias_once_per_forward: bool = True, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.built = _require_geometry(self.name, geometry)
     self.num_layers, self.per_layer = num_layers, per_layer
-    self.bias_shared_by_layers = not per_layer
+    self.bias_shared_by_layers = not per_layer and bool(bias_once_per_forward)
     self.num_buckets, self.max_distance = num_buckets, max_distance
     # T5: bidirectional buckets in the encoder, unidirectional in the (causal) decoder.
     self.bidirectional = (not causal) if bidirectional is None else bool(bidirectional)
@@ -195,17 +199,20 @@ class ContinuousPositionBias(Encoding):
   does with ``pretrained_window_size`` when it transfers, so a larger grid
   extrapolates the MLP in log space. Init: truncated normal 0.02, zero bias
   (as Swin-V2). ``per_layer=True`` gives each layer its own MLP.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
   supported_ndims = (2,)
 
   def __init__(self, *, num_heads: int, geometry: Geometry | None = None,
                num_layers: int = 1, hidden_dim: int = 512, per_layer: bool = False,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               bias_once_per_forward: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.built = _require_geometry(self.name, geometry)
     self.check(self.built)
     self.num_layers, self.per_layer = num_layers, per_layer
-    self.bias_shared_by_layers = not per_layer
+    self.bias_shared_by_layers = not per_layer and bool(bias_once_per_forward)
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 
     def param(shape, names, init):
@@ -254,14 +261,16 @@ class ALiBi(Encoding):
 
   Distance is ``|i - j|`` in 1D (symmetric, for a bidirectional encoder) and
   the Euclidean distance between patch coordinates in 2D.
+  The bias is the same in every layer: with ``bias_once_per_forward`` (default) the model computes
+  it once per forward and gives it to every layer; ``False`` recomputes it in every layer (the same
+  numbers; ``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
-  bias_shared_by_layers = True
-
-  def __init__(self, *, num_heads: int):
+  def __init__(self, *, num_heads: int, bias_once_per_forward: bool = True):
     if num_heads < 1:
       raise ValueError(f"alibi needs num_heads >= 1; got {num_heads}.")
     self.num_heads = num_heads
+    self.bias_shared_by_layers = bool(bias_once_per_forward)
 
   def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
