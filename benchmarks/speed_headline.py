@@ -45,7 +45,7 @@ def ratio_text(r) -> str:
   return "—" if r is None else f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f})"
 
 
-def verdict(met: bool) -> str:
+def verdict_text(met: bool) -> str:
   return "met" if met else "**not met**"
 
 
@@ -137,9 +137,9 @@ def goal_lines(groups: list[dict], goals: dict) -> list[str]:
       if r is None:
         parts.append(f"vs {name}: not measured")
       elif i == 0:
-        parts.append(f"≥ {goal:.2f}× {name}: {verdict(r[0] >= goal)} ({r[0]:.2f}×)")
+        parts.append(f"≥ {goal:.2f}× {name}: {verdict_text(r[0] >= goal)} ({r[0]:.2f}×)")
       else:
-        parts.append(f"ahead of {name}: {verdict(r[0] > 1.0)} ({r[0]:.2f}×)")
+        parts.append(f"ahead of {name}: {verdict_text(r[0] > 1.0)} ({r[0]:.2f}×)")
     which = "the issue's goal" if i == 0 else "the same order (posenc first)"
     out.append(f"- {group_name(g)}, {which}: " + "; ".join(parts) + ".")
   return ["Goals of the issue (2 CPU cores):", ""] + out
@@ -170,7 +170,7 @@ def compile_lines(group: dict, goals: dict | None) -> list[str]:
             f"{scanned.seconds / unrolled.seconds:.2f}× the scanned step's images/s.")
     if goals:
       text += (f" Goal ≤ {goals['compile_scanned_s']:.0f} s scanned: "
-               f"{verdict(scanned.compile_s <= goals['compile_scanned_s'])}.")
+               f"{verdict_text(scanned.compile_s <= goals['compile_scanned_s'])}.")
     lines += [text, ""]
   return lines
 

@@ -63,7 +63,8 @@ def vit_config(p: Profile, posenc: str, size: int, batch: int, model: str | None
   return c
 
 
-def bert_config(p: Profile, posenc: str, length: int, batch: int, model: str | None = None) -> ml_collections.ConfigDict:
+def bert_config(p: Profile, posenc: str, length: int, batch: int,
+                model: str | None = None) -> ml_collections.ConfigDict:
   """configs/bert_small.py:full with this profile's model (or ``model``), length and batch."""
   c = bert_small.get_config("full")
   c.model = model or p.models["bert"].model

@@ -6,7 +6,7 @@ import os
 import statistics
 
 from benchmarks.speed_headline import (LINEN, POSENC, TIMM, find_entry, headline, mb_text, number_text, pct_text,
-                                       ratio_text, verdict)
+                                       ratio_text, verdict_text)
 from benchmarks.speed_profiles import FAMILIES
 from benchmarks.timing import Timed
 
@@ -35,11 +35,11 @@ def device_goal_lines(results: dict) -> list[str]:
     if peak and e.flops:
       frac = e.flops / e.seconds / peak
       out.append(f"- `{g['model']}` {g['size']} px (`{e.name}`) at ≥ {DEVICE_GOALS['vit_mfu']:.0%} MFU of peak: "
-                 f"{verdict(frac >= DEVICE_GOALS['vit_mfu'])} ({frac:.1%}).")
+                 f"{verdict_text(frac >= DEVICE_GOALS['vit_mfu'])} ({frac:.1%}).")
   for g in results.get("gpt", [])[:1]:
     e = find_entry(g, "learned") or g["entries"][0]
     out.append(f"- `{g['model']}` at {g['size']} tokens (`{e.name}`) ≥ {DEVICE_GOALS['gpt_tokens'] / 1e3:,.0f}k tok/s: "
-               f"{verdict(e.rate >= DEVICE_GOALS['gpt_tokens'])} ({e.rate / 1e3:,.0f}k).")
+               f"{verdict_text(e.rate >= DEVICE_GOALS['gpt_tokens'])} ({e.rate / 1e3:,.0f}k).")
   for family in ("vit", "gpt"):
     for g in results.get(family, []):
       none = find_entry(g, "none")
@@ -48,7 +48,7 @@ def device_goal_lines(results: dict) -> list[str]:
       worst = max(g["entries"], key=lambda e: e.seconds)
       over = worst.seconds / none.seconds - 1
       out.append(f"- {family} {g['size']}: every encoding within {DEVICE_GOALS['overhead']:.0%} of `none`: "
-                 f"{verdict(over <= DEVICE_GOALS['overhead'])} (slowest `{worst.name}`, {over:+.0%}).")
+                 f"{verdict_text(over <= DEVICE_GOALS['overhead'])} (slowest `{worst.name}`, {over:+.0%}).")
   return ["Goals of the issue (H100/H200-class GPU, bfloat16):", ""] + out + [""] if out else []
 
 
@@ -169,7 +169,7 @@ def restore_lines(rows: list[dict], goals: dict | None) -> list[str]:
     text = "; ".join(f"`{r['posenc']}` {x[0]:.2f}×" for r, x in measured)
     goal = goals and goals.get("restore_ratio")
     verdict = "" if not goal else (f" Goal ≤ {goal:.1f}×: "
-                                   f"{verdict(all(x[0] <= goal for _, x in measured))}.")
+                                   f"{verdict_text(all(x[0] <= goal for _, x in measured))}.")
     lines += [f"**Restore with transfer / plain restore: {text}** (medians over {len(measured[0][0]['plain_times'])} "
               f"repeats each).{verdict}", ""]
   return lines

@@ -132,7 +132,8 @@ PROFILES = {
         # 512 of 2,048). The sin/cos table at amplitude 1 fails to train (it ends near the unigram
         # level): reported, not ranked. Superseded: the first protocol's settings, kept for the record.
         LMFamily(name="gpt", config=gpt_tiny,
-                 overrides="vocab_size=512,max_len=64,total_steps=2000,warmup_steps=100,eval_every=0,checkpoint_every=0",
+                 overrides="vocab_size=512,max_len=64,total_steps=2000,warmup_steps=100,eval_every=0,"
+                           "checkpoint_every=0",
                  base=64, factors=(1, 2, 4, 8, 16), stride=64, eval_tokens=32768, encodings=GPT_ENCODINGS,
                  variants=gpt_variants(64),
                  trained_variants=SCALED_SINCOS + (("rel_bias", "posenc=rel_bias,posenc_options.max_distance=64"),),
