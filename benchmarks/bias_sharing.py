@@ -1,49 +1,33 @@
 """What computing a layer-shared attention bias once per forward saves: posenc's real train step with the
 bias computed once and given to every layer (the default when ``bias_shared_by_layers``) against the same
-step with the bias recomputed in every layer, timed in interleaved rounds.
+step with the bias recomputed in every layer (the bias encodings' option
+``bias_once_per_forward=False``), timed in interleaved rounds.
 
-    python benchmarks/bias_sharing.py                       # cpb, rel_bias at ViT-Ti/4 64 px; kerple at BERT 512
-    python benchmarks/bias_sharing.py --cases cpb:vit:64 --rounds 8
-    python benchmarks/bias_sharing.py --quick               # CI only: tiny models, meaningless numbers
+    python -m benchmarks.bias_sharing                       # cpb, rel_bias at ViT-Ti/4 64 px; kerple at BERT 512
+    python -m benchmarks.bias_sharing --cases cpb:vit:64 --rounds 8
+    python -m benchmarks.bias_sharing --quick               # CI only: tiny models, meaningless numbers
 """
 from __future__ import annotations
 
 import argparse
-import functools
-import os
-import statistics
 import sys
 
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
-
-import timing  # noqa: E402
-from speed import PROFILES  # noqa: E402
-from speed_entries import bert_config, first_batch, train_entry, vit_config  # noqa: E402
-from posenc import encodings  # noqa: E402
-from posenc.training import setup  # noqa: E402
+from benchmarks import timing
+from benchmarks.speed_entries import first_batch, train_entry
+from benchmarks.speed_profiles import FAMILIES, PROFILES
+from posenc.training import setup
 
 CASES = ("cpb:vit:64", "rel_bias:vit:64", "kerple:bert:512")
 QUICK_CASES = ("cpb:vit:8", "kerple:bert:16")
 
 
 def run_with_sharing(profile, name: str, family: str, size: int, shared: bool):
-  """``setup`` of the profile's config for ``name`` at ``size``, its encoding's ``bias_shared_by_layers``
-  forced to ``shared`` (the models read it when they trace)."""
-  cls = encodings.get(name)
-  original = cls.__init__
-
-  @functools.wraps(original)  # make() reads the constructor's keywords from its signature
-  def init(self, *args, **kwargs):
-    original(self, *args, **kwargs)
-    self.bias_shared_by_layers = shared
-
-  batch = dict(profile.vit_sizes + profile.bert_sizes).get(size, 8)
-  config = (vit_config if family == "vit" else bert_config)(profile, name, size, batch)
-  cls.__init__ = init
-  try:
-    return setup(config)
-  finally:
-    cls.__init__ = original
+  """``setup`` of the profile's config for ``name`` at ``size``, with the encoding's option
+  ``bias_once_per_forward`` set to ``shared``."""
+  batch = dict(profile.models[family].sizes).get(size, 8)
+  config = FAMILIES[family].config(profile, name, size, batch)
+  config.posenc_options.bias_once_per_forward = shared
+  return setup(config)
 
 
 def measure(profile, case: str, rounds: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Input pipeline speed vs the CPU train step: does the data ever starve training?
 
-    python benchmarks/data_speed.py            # prints a markdown table
-    python benchmarks/data_speed.py --batches 30 --train-steps 5 --workers 0 2
+    python -m benchmarks.data_speed            # prints a markdown table
+    python -m benchmarks.data_speed --batches 30 --train-steps 5 --workers 0 2
 
 Columns: `data b/s` = batches/s of the loader alone; `step b/s` = train steps/s of
 the model on a fixed batch (no input pipeline); `loop b/s` = steps/s when the
@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from configs import bert_small, vit_tiny  # noqa: E402
-from posenc.data import make_loader  # noqa: E402
-from posenc.training import setup, sharding  # noqa: E402
+from benchmarks.timing import rate
+from configs import bert_small, vit_tiny
+from posenc.data import make_loader
+from posenc.training import setup, sharding
 
 # (dataset, split, train, batch size, image size / max_len, model)
 CASES = [
@@ -66,13 +64,6 @@ def make_step(model_name, size, batch):
   state, metrics = train_step(run.spec.init(), batch)  # compile
   jax.block_until_ready(metrics)
   return train_step, state
-
-
-def rate(fn, n):
-  start = time.perf_counter()
-  for _ in range(n):
-    fn()
-  return n / (time.perf_counter() - start)
 
 
 def run(case, workers, n, train_steps):

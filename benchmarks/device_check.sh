@@ -10,7 +10,7 @@
 #   1. pytest -m accelerator: the attention implementations against each other in float32 and
 #      bfloat16 (cuDNN's fused kernel where it applies), one train step per task, KV-cache decoding,
 #      a sharded restore with transfer (tests/test_accelerator.py);
-#   2. benchmarks/speed.py --profile gpu, one section at a time: ViT-B/16 at 224 and 384 px and
+#   2. python -m benchmarks.speed --profile gpu, one section at a time: ViT-B/16 at 224 and 384 px and
 #      GPT-2 small at 1,024 tokens for none, learned, rope, rope_mixed, alibi and rel_bias (items/s,
 #      MFU of the datasheet peak, compile time, memory, which attention kernel ran), the timm / linen
 #      headline, restore with transfer, evaluation at other sizes.
@@ -76,8 +76,8 @@ step() {  # step NAME LIMIT LOG COMMAND...: run it under its time limit, add a r
 step "pytest -m accelerator" "$(limit tests)" "$OUT/pytest.log" \
   python3 -m pytest -q -m accelerator -p no:cacheprovider tests/test_accelerator.py "${PYTEST_ARGS[@]}"
 for section in vit gpt headline restore eval; do
-  step "speed.py ${SPEED[*]} --sections $section" "$(limit "$section")" "$OUT/speed.log" \
-    python3 benchmarks/speed.py "${SPEED[@]}" --sections "$section" --out "$OUT"
+  step "benchmarks.speed ${SPEED[*]} --sections $section" "$(limit "$section")" "$OUT/speed.log" \
+    python3 -m benchmarks.speed "${SPEED[@]}" --sections "$section" --out "$OUT"
 done
 
 {

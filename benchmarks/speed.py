@@ -1,14 +1,14 @@
 """How fast posenc trains, evaluates and transfers, on whatever devices are present.
 
-    python benchmarks/speed.py            # full run; writes benchmarks/results/speed.{md,json} + plots
-    python benchmarks/speed.py --quick    # CI only (tests/test_benchmarks.py): tiny models, meaningless numbers
-    python benchmarks/speed.py --sections bert   # re-measure one section, keep the others
-    python benchmarks/speed.py --profile gpu     # on a GPU (benchmarks/device_check.sh): speed_gpu.{md,json}
+    python -m benchmarks.speed            # full run; writes benchmarks/results/speed.{md,json} + plots
+    python -m benchmarks.speed --quick    # CI only (tests/test_benchmarks.py): tiny models, meaningless numbers
+    python -m benchmarks.speed --sections bert   # re-measure one section, keep the others
+    python -m benchmarks.speed --profile gpu     # on a GPU (benchmarks/device_check.sh): speed_gpu.{md,json}
 
 Sections (each a markdown table):
   1. The headline: posenc's ViT train step vs timm's VisionTransformer in a PyTorch eager loop
-     (benchmarks/timm_vit.py; torch's threads = the host's cores) and vs a straightforward Flax
-     linen one (benchmarks/linen_vit.py), same model, same batch, timed in interleaved rounds, at
+     (``benchmarks.timm_vit``; torch's threads = the host's cores) and vs a straightforward Flax
+     linen one (``benchmarks.linen_vit``), same model, same batch, timed in interleaved rounds, at
      each of the profile's ``headline`` (model, size, batch); their ratios; the shape-limited
      ceiling (the model's projection matmuls at its shapes, timed in the same rounds) and the
      fraction of it posenc's step reaches; compile time of the first model's step with its
@@ -38,7 +38,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 # On a GPU, timm (PyTorch) runs beside posenc in this process: JAX allocates on demand instead of
 # taking most of the device's memory up front. (No effect on CPU.)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -48,78 +47,19 @@ from absl import logging  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-import speed_report  # noqa: E402
-from speed_entries import (POSENC, bert_config, family_encodings, first_batch, gpt_config,  # noqa: E402
-                           linen_entry, loader_rate, num_classes, timm_device, timm_entry, timm_note, train_entry,
-                           unrolled_flops, vit_config, vit_sizes)
-import timing  # noqa: E402
-import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
+from benchmarks import speed_report, timing  # noqa: E402
+from benchmarks import timm_vit  # noqa: E402  (imports torch and timm only when the headline section runs)
+from benchmarks.speed_entries import (  # noqa: E402
+    first_batch, linen_entry, loader_rate, num_classes, timm_device, timm_entry, timm_note, train_entry,
+    unrolled_flops, vit_sizes)
+from benchmarks.speed_headline import POSENC  # noqa: E402
+from benchmarks.speed_profiles import FAMILIES, PROFILES, SECTIONS, Profile, vit_config  # noqa: E402
 from posenc import transfer  # noqa: E402
 from posenc.encodings import Geometry  # noqa: E402
 from posenc.models.block_stack import resolve_scan_layers  # noqa: E402
 from posenc.training import setup, sharding  # noqa: E402
 from posenc.training.checkpoint import Checkpointer  # noqa: E402
 from posenc.training.config import transfer_options  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class Profile:
-  """What to measure: models, (size, global batch) pairs, encodings, repeats."""
-
-  vit_model: str
-  vit_options: dict           # model options over the config's (the model name says the size)
-  patch: int
-  vit_sizes: tuple            # ((image side, batch), ...)
-  bert_model: str
-  bert_options: dict
-  bert_sizes: tuple           # ((max_len, batch), ...)
-  dtype: str
-  rounds: int                 # interleaved timing rounds (one call per entry per round)
-  matmul_n: int
-  eval_sizes: tuple           # image sides for evaluation (ViT built at vit_sizes[0]); restores to the last
-  eval_batch: int
-  gpt_model: str = "gpt-nano"
-  gpt_options: dict = dataclasses.field(default_factory=dict)
-  gpt_sizes: tuple = ()       # ((max_len, batch), ...)
-  gpt_vocab: int = 4096       # the causal LM's vocabulary (GPT-2: 50,257, padded to 50,304)
-  dataset: str | None = None  # None: each config's own; "synthetic": random batches (no data installed)
-  headline: tuple = ()        # ((ViT model, image side, batch), ...): posenc vs timm vs linen; the first
-                              #   also compiles its step with the other layer mode (scanned / unrolled)
-  encodings: dict | None = None  # {"vit": names, "bert": names}; None: every encoding a model supports
-  restore_encodings: tuple | None = None  # None: those whose parameters change shape, and `none`
-  goals: dict | None = None   # the issue's goals for this machine (GOALS), checked in the report
-
-
-TINY = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
-SECTIONS = ("headline", "vit", "bert", "gpt", "eval", "restore")
-# What benchmarks/device_check.sh measures on an accelerator: one encoding per mechanism.
-DEVICE_ENCODINGS = ("none", "learned", "rope", "rope_mixed", "alibi", "rel_bias")
-# The issue "a measured lead over timm", for 2 CPU cores: images/s ratios at the first headline group
-# (and the same order at the others), compile seconds of the scanned ViT-Ti step, and restore with
-# transfer over a plain restore.
-GOALS = dict(timm=1.25, linen=1.15, compile_scanned_s=5.0, restore_ratio=1.1)
-PROFILES = {
-    # 2-core CPU: ViT-Ti/4 at 32 (the headline) and 64 pixels, ViT-S/4 at 32; BERT-mini at 4096 tokens/step.
-    "cpu": Profile("vit-ti", {}, 4, ((32, 128), (64, 32)), "bert-mini", {}, ((128, 32), (256, 16), (512, 8)),
-                   "float32", 5, 2048, (16, 32, 48, 64), 128,
-                   headline=(("vit-ti", 32, 128), ("vit-s", 32, 128), ("vit-ti", 64, 32)), goals=GOALS),
-    # Accelerators: ViT-B/16 at 224 / 384, GPT-2 small at 1,024 tokens and BERT-base, in bfloat16, on
-    # synthetic batches (3-channel images, 1,000 classes; no dataset needs installing on the device).
-    "gpu": Profile("vit-b", {}, 16, ((224, 256), (384, 64)), "bert-base", {}, ((512, 64),),
-                   "bfloat16", 8, 8192, (160, 224, 320, 384), 256,
-                   gpt_model="gpt-small", gpt_sizes=((1024, 32),), gpt_vocab=50304, dataset="synthetic",
-                   headline=(("vit-b", 224, 256),),
-                   encodings=dict(vit=DEVICE_ENCODINGS, bert=DEVICE_ENCODINGS, gpt=DEVICE_ENCODINGS),
-                   restore_encodings=("learned", "rel_bias", "none")),
-    # CI only (tests/test_benchmarks.py): one-layer models and the fewest compiles that fill every
-    # table (the headline's posenc step is the ViT table's `learned` one: a cache hit under the
-    # tests' persistent compilation cache); its numbers mean nothing, the goals' verdicts neither.
-    "quick": Profile("vit-mu", TINY, 4, ((8, 8),), "bert-tiny", TINY, ((16, 8),), "float32", 2, 64, (8, 16), 8,
-                     gpt_model="gpt-nano", gpt_options=TINY, gpt_sizes=((16, 8),), gpt_vocab=512,
-                     headline=(("vit-mu", 8, 8),),
-                     encodings=dict(vit=("none", "learned"), bert=("learned",), gpt=("alibi",)),
-                     restore_encodings=("learned",), goals=GOALS),
-}
 
 
 # --------------------------------------------------------------------------- section 1 + 2
@@ -175,10 +115,9 @@ def headline(p: Profile, log, torch_threads: int | None = None) -> dict:
 
 def train_group(p: Profile, family: str, size: int, batch: int, log) -> dict:
   """Every encoding's train step at one size, timed in interleaved rounds with a matmul."""
-  make_config = {"vit": vit_config, "bert": bert_config, "gpt": gpt_config}[family]
   entries, runs, sample = [], [], None
-  for name in family_encodings(p, family):
-    run = setup(make_config(p, name, size, batch))
+  for name in FAMILIES[family].encodings(p):
+    run = setup(FAMILIES[family].config(p, name, size, batch))
     if sample is None:  # one batch for every contender
       sample = first_batch(run, "train", True)
     entry = train_entry(name, run, sample)
@@ -204,7 +143,7 @@ def eval_at_sizes(p: Profile, log) -> list[dict]:
   ``posenc.transfer.jit_transfer``; the first call compiles) and its eval step
   (compile time, images/s); beside them the eval loader's images/s.
   """
-  train_size, batch = p.vit_sizes[0]
+  train_size, batch = p.models["vit"].sizes[0]
   config = vit_config(p, "learned", train_size, batch)
   config.eval_image_sizes = tuple(s for s in p.eval_sizes if s != train_size)
   run = setup(config)
@@ -247,7 +186,7 @@ def restore_with_transfer(p: Profile, names: list[str], log) -> list[dict]:
   compiled, by an untimed first restore) once, against a plain restore at the size it
   was saved at, alternating, ``max(3, rounds)`` times each; their ratio of medians.
   """
-  (source_size, batch), target_size = p.vit_sizes[0], p.eval_sizes[-1]
+  (source_size, batch), target_size = p.models["vit"].sizes[0], p.eval_sizes[-1]
   repeats = max(3, p.rounds)
   rows = []
   for name in p.restore_encodings or names:
@@ -301,18 +240,17 @@ def count_flops(p: Profile, results: dict, log) -> int:
   0.11's GPU lowering reports no cost analysis) with this machine's count of the same step: XLA's
   cost analysis of the lowered (StableHLO) program, before any backend compiles it. Returns how
   many entries it filled."""
-  makers = {"vit": vit_config, "bert": bert_config, "gpt": gpt_config}
   cache, filled = {}, 0
 
   def flops(family, name, size, batch, model=None):
     key = (family, name, size, batch, model)
     if key not in cache:
-      config = makers[family](p, name, size, batch, *(model,) if model else ())
+      config = FAMILIES[family].config(p, name, size, batch, model)
       cache[key] = unrolled_flops(config, first_batch(setup(config), "train", True), always=True)
       log(f"  counted {key}: {cache[key] and cache[key] / 1e9:,.1f} GFLOP/step")
     return cache[key]
 
-  for family in makers:
+  for family in FAMILIES:
     for g in results.get(family) or []:
       for e in g["entries"]:
         if e.flops is None:
@@ -371,7 +309,7 @@ def main(argv=None) -> int:
   if args.synthetic:
     p = dataclasses.replace(p, dataset="synthetic")
   if args.encodings:
-    p = dataclasses.replace(p, encodings=dict(vit=args.encodings, bert=args.encodings, gpt=args.encodings))
+    p = p.with_encodings(args.encodings)
   log = lambda msg: print(f"[{time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
   logging.set_verbosity(logging.ERROR)  # Orbax's notes about read-only checkpoint directories
   if args.count_flops:
@@ -391,16 +329,13 @@ def main(argv=None) -> int:
   results["goals"] = p.goals
   if "headline" in args.sections:
     results["headline"] = headline(p, log, args.torch_threads)
-  if "vit" in args.sections:
-    results["vit"] = [train_group(p, "vit", s, b, log) for s, b in p.vit_sizes]
-  if "bert" in args.sections:
-    results["bert"] = [train_group(p, "bert", s, b, log) for s, b in p.bert_sizes]
-  if "gpt" in args.sections:
-    results["gpt"] = [train_group(p, "gpt", s, b, log) for s, b in p.gpt_sizes]
+  for family in FAMILIES:
+    if family in args.sections:
+      results[family] = [train_group(p, family, s, b, log) for s, b in p.models[family].sizes]
   if "eval" in args.sections:
     results["eval"] = eval_at_sizes(p, log)
   if "restore" in args.sections:
-    results["restore"] = restore_with_transfer(p, family_encodings(p, "vit"), log)
+    results["restore"] = restore_with_transfer(p, FAMILIES["vit"].encodings(p), log)
   results["seconds"] = time.time() - start
   results["cores"] = os.cpu_count()
   results["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

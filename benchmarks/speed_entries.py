@@ -1,69 +1,21 @@
-"""The timed entries of benchmarks/speed.py: posenc's real steps built from the configs, and the
+"""The timed entries of ``benchmarks.speed``: posenc's real steps built from the configs, and the
 references it is compared with (a Flax linen ViT, timm's VisionTransformer), all at a profile's sizes."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-import data_speed  # the input-pipeline helpers of benchmarks/data_speed.py
-import linen_vit
-import speed_report
-import timing
-import timm_vit  # imports torch and timm only when a timm entry is built
-from configs import bert_small, gpt_tiny, vit_tiny
-
-from posenc import encodings
+from benchmarks import linen_vit, timing
+from benchmarks import timm_vit  # imports torch and timm only when a timm entry is built
+from benchmarks.speed_headline import LINEN, TIMM  # the headline's entry names
+from benchmarks.speed_profiles import Profile
 from posenc.models import VIT_SIZES
 from posenc.models.block_stack import resolve_scan_layers
 from posenc.training import ConfigError, Run, setup, sharding
 
-if TYPE_CHECKING:
-  from speed import Profile
-
 SIZE_OPTIONS = ("width", "depth", "num_heads", "mlp_dim")
-POSENC, LINEN, TIMM = speed_report.POSENC, speed_report.LINEN, speed_report.TIMM  # the headline's entry names
-
-# --------------------------------------------------------------------------- configs and steps
-
-
-def vit_config(p: Profile, posenc: str, size: int, batch: int, model: str | None = None) -> ml_collections.ConfigDict:
-  """configs/vit_tiny.py:full with this profile's model (or ``model``), patch, size and batch."""
-  c = vit_tiny.get_config("full")
-  c.model, c.patch_size = model or p.vit_model, p.patch
-  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.vit_options})
-  c.posenc, c.image_size, c.batch_size, c.eval_batch_size, c.dtype = posenc, size, batch, p.eval_batch, p.dtype
-  c.dataset = p.dataset or c.dataset
-  return c
-
-
-def bert_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collections.ConfigDict:
-  """configs/bert_small.py:full with this profile's model, length and batch."""
-  c = bert_small.get_config("full")
-  c.model = p.bert_model
-  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.bert_options})
-  c.posenc, c.max_len, c.batch_size, c.dtype = posenc, length, batch, p.dtype
-  c.dataset = p.dataset or c.dataset
-  return c
-
-
-def gpt_config(p: Profile, posenc: str, length: int, batch: int) -> ml_collections.ConfigDict:
-  """configs/gpt_tiny.py with this profile's model, vocabulary, length and batch."""
-  c = gpt_tiny.get_config()
-  c.model, c.vocab_size = p.gpt_model, p.gpt_vocab
-  c.model_options = ml_collections.ConfigDict({**c.model_options.to_dict(), **p.gpt_options})
-  c.posenc, c.max_len, c.batch_size, c.eval_batch_size, c.dtype = posenc, length, batch, batch, p.dtype
-  c.dataset = p.dataset or c.dataset
-  return c
-
-
-def family_encodings(p: Profile, family: str) -> list[str]:
-  ndim = 2 if family == "vit" else 1  # bert, gpt: sequences
-  names = [n for n in encodings.names() if ndim in encodings.get(n).supported_ndims]
-  return [n for n in names if p.encodings is None or n in p.encodings[family]]
 
 
 def abstract_batch(batch: dict, batch_sharding) -> dict:
@@ -111,7 +63,7 @@ def train_entry(name: str, run: Run, batch: dict, flops: float | None = None) ->
 
 def vit_sizes(p: Profile, model: str) -> dict:
   """Width, depth, heads and MLP width of ``model`` with the profile's overrides (posenc's ViT's)."""
-  return {**VIT_SIZES[model.split("-")[1]], **{k: v for k, v in p.vit_options.items() if k in SIZE_OPTIONS}}
+  return {**VIT_SIZES[model.split("-")[1]], **{k: v for k, v in p.models["vit"].options.items() if k in SIZE_OPTIONS}}
 
 
 def num_classes(run: Run) -> int:
@@ -121,7 +73,7 @@ def num_classes(run: Run) -> int:
 
 
 def linen_entry(p: Profile, model_name: str, batch: dict, classes: int) -> timing.Timed:
-  """The reference: benchmarks/linen_vit.py at the same sizes as posenc's ViT."""
+  """The reference: ``benchmarks.linen_vit`` at the same sizes as posenc's ViT."""
   model = linen_vit.LinenViT(num_classes=classes, patch_size=p.patch, dtype=jnp.dtype(p.dtype), **vit_sizes(p, model_name))
   images, labels = jnp.asarray(batch["image"], p.dtype), jnp.asarray(batch["label"])
   step, (params, opt_state) = linen_vit.make_train_step(model, images, labels)
@@ -147,7 +99,7 @@ def timm_note() -> str | None:
 
 
 def timm_entry(p: Profile, model_name: str, batch: dict, classes: int) -> timing.Timed:
-  """timm's VisionTransformer, same sizes, same batch, in a PyTorch eager loop (benchmarks/timm_vit.py)."""
+  """timm's VisionTransformer, same sizes, same batch, in a PyTorch eager loop (``benchmarks.timm_vit``)."""
   step, _ = timm_vit.make_train_step(np.asarray(batch["image"]), np.asarray(batch["label"]), num_classes=classes,
                                      patch_size=p.patch, dtype=p.dtype, device=timm_device(),
                                      **vit_sizes(p, model_name))
@@ -167,4 +119,4 @@ def loader_rate(run: Run, split: str, train: bool, batches: int, size=None) -> f
       yield from run.loader(split, train=train, size=size)
   it = endless()
   items = run.task.items(next(it))
-  return items * data_speed.rate(lambda: next(it), batches)
+  return items * timing.rate(lambda: next(it), batches)

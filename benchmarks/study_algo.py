@@ -23,25 +23,31 @@ does not form in 2,000 steps, so its table measures the floor, not extrapolation
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 
+from benchmarks.study_family import StudyFamily
+from benchmarks.study_tables import cell_text, notes, ordering_lines, row_label, seeds_text, summary
 
-@dataclasses.dataclass(frozen=True)
-class AlgoFamily:
-  """The algorithmic part of the study."""
+ALGO_TASKS = {"copy": "copy: [BOS] x_1..x_n [SEP] x_1..x_n [EOS]",
+              "reverse": "reverse: [BOS] x_1..x_n [SEP] x_n..x_1 [EOS]",
+              "add": "add: [BOS] a [PLUS] b [SEP] a + b [EOS], n digits each, least-significant first",
+              "lookup": "lookup: [BOS] k_1 v_1..k_n v_n [SEP] q v_q [EOS], n distinct keys, q one of them"}
 
-  name: str                 # "algo"
-  config: object            # configs/algo_tiny.py
-  overrides: str            # its get_config argument (besides algo_task, posenc, seed and evaluation)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlgoFamily(StudyFamily):
+  """The algorithmic part of the study: modes are tasks, sizes problem sizes n (``base`` is N)."""
+
+  kind = "algo"
+  metric = "exact_match"
+  ylabel = "exact match (%)"
+
   tasks: tuple              # algo_task values; each is a cell's mode
-  base: int                 # N = train_max_len, the largest n trained on
   sizes: tuple              # evaluated n (base among them)
-  encodings: tuple          # labels; each trained unless it is an evaluation variant
   variants: tuple = ()      # (label, trained label, overrides): evaluated from that label's run
   trained_variants: tuple = ()  # (label, overrides): trained under its own label (e.g. encoding options)
-  seeds: tuple = ()         # () = the profile's
+  title: tuple = ("GPT-style decoder, algorithmic length generalisation", "test exact match (%) by problem size n", "")
 
   @property
   def budget(self) -> str:
@@ -61,6 +67,72 @@ class AlgoFamily:
     """{task: its trained sequence length}, the ``{length}`` of the overrides."""
     from posenc.data import algorithmic  # imported late: data modules are heavy
     return {task: algorithmic.seq_len(task, self.base) for task in self.tasks}
+
+  def study(self, seeds, cells, root: str, log, run) -> None:
+    """Per task, encoding and seed: train once at N, evaluate each label at every n, record the cells."""
+    from posenc.data import algorithmic  # imported late: data modules are heavy
+    others = tuple(n for n in self.sizes if n != self.base)
+    trained = [e for e in self.encodings if self.trained_label(e) == e]
+    for task in self.tasks:
+      length = algorithmic.seq_len(task, self.base)
+      for posenc in trained:
+        labels = [e for e in self.encodings if self.trained_label(e) == posenc]
+        for seed in seeds:
+          name = self.run_name(f"{task}-{posenc}", seed)
+          todo = [label for label in labels if any((self.name, label, seed, task, n) not in cells
+                                                   for n in self.sizes)]
+          if not todo:
+            continue
+          start = time.time()
+          base_dir = os.path.join(root, name, f"train{self.base}")
+          args = f"algo_task={task},train_max_len={self.base},{self.posenc_args(posenc, length)},seed={seed}"
+          run(self, f"{args},eval_lengths=()", base_dir)
+          train_seconds = time.time() - start
+          for label in todo:
+            began = time.time()
+            extra = self.eval_overrides(label, length)
+            metrics = run(self, f"{args},init_from={base_dir},total_steps=0,eval_lengths={others}"
+                          + (f",{extra}" if extra else ""), os.path.join(root, name, f"eval-{label}"))
+            seconds = time.time() - began + (train_seconds if label == posenc else 0.0)
+            for n in self.sizes:
+              suffix = "" if n == self.base else f"_{n}"
+              cells.add(dict(family=self.name, budget=self.budget, posenc=label, seed=seed, mode=task, size=n,
+                             exact_match=metrics[f"exact_match{suffix}"], accuracy=metrics[f"accuracy{suffix}"],
+                             loss=metrics[f"loss{suffix}"], seconds=seconds / len(self.sizes)))
+          log(f"{name}: {len(self.sizes) * len(todo)} cells in {time.time() - start:.0f}s")
+
+  def details(self) -> dict:
+    variants = {label: f"evaluated from the `{base}` run with `{args}`" for label, base, args in self.variants}
+    variants.update({label: f"trained with `{args}`" for label, args in self.trained_variants})
+    return dict(field="n", tasks=list(self.tasks), lengths=self.lengths(),
+                variants={k: v for k, v in variants.items() if k in self.encodings})
+
+  @classmethod
+  def lines(cls, results: dict, f: dict) -> list[str]:
+    """Per task, exact match (%) by n (mean ± sd over seeds), then the orderings by exact match."""
+    title, what, _ = f["title"]
+    lengths = ", ".join(f"{task} {n}" for task, n in f["lengths"].items())
+    lines = [f"## {title}: trained at n ≤ {f['base']}, {what}", "",
+             f"Seeds recorded: {seeds_text(results, f)}. Config `{f['config_file']}:{f['overrides']}`; "
+             f"trained on n uniform in 1..{f['base']}, evaluated at exactly n on the same test examples for every "
+             f"model. A row counts only if every answer token and EOS is the argmax under teacher forcing (what "
+             f"greedy decoding reproduces)."
+             + (f" `{{length}}`: the trained sequence length ({lengths} tokens)."
+                if any("{length}" in text for text in f.get("variants", {}).values()) else "")]
+    lines += [f"`{label}`: {text}." for label, text in f.get("variants", {}).items()] + [""]
+    for task in f["tasks"]:
+      lines += [f"### {ALGO_TASKS.get(task, task)}: test exact match (%)", "",
+                "| posenc | " + " | ".join(f"{n}" + (" (trained)" if n <= f["base"] else "") for n in f["sizes"]) + " |",
+                "|---|" + "---:|" * len(f["sizes"])]
+      for posenc in f["encodings"] + list(f.get("superseded", {})):
+        row = [cell_text(*summary(results["cells"], f["name"], posenc, task, n, "exact_match"), 1) for n in f["sizes"]]
+        lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
+      lines.append("")
+    return lines + notes(f) + ordering_lines(results, f, f["tasks"], "exact_match")
+
+  @classmethod
+  def plot_modes(cls, f: dict) -> dict[str, str]:
+    return {task: ALGO_TASKS.get(task, task) for task in f["tasks"]}
 
 
 def variants() -> tuple:
@@ -97,40 +169,7 @@ def family(config, quick: bool = False) -> AlgoFamily:
   three seeds; ``quick`` (CI only): lookup with rope, two steps of a 1-layer 16-wide model, N = 4 at 4 and
   8: one training and one evaluation, meaningless numbers."""
   if quick:
-    return AlgoFamily("algo", config, QUICK_OVERRIDES, ("lookup",), 4, (4, 8), ("rope",), seeds=(0,))
-  return AlgoFamily("algo", config, OVERRIDES, TASKS, 16, (8, 16, 32, 48, 64), ENCODINGS, variants(),
-                    TRAINED_VARIANTS, seeds=(0, 1, 2))
-
-
-def study(family: AlgoFamily, seeds, cells, root: str, log, run) -> None:
-  """Per task, encoding and seed: train once at N, evaluate each label at every n, record the cells."""
-  from posenc.data import algorithmic  # imported late: data modules are heavy
-  others = tuple(n for n in family.sizes if n != family.base)
-  trained = [e for e in family.encodings if family.trained_label(e) == e]
-  for task in family.tasks:
-    length = algorithmic.seq_len(task, family.base)
-    for posenc in trained:
-      labels = [e for e in family.encodings if family.trained_label(e) == posenc]
-      for seed in seeds:
-        name = f"{family.name}-{task}-{posenc}-s{seed}-{hashlib.sha1(family.budget.encode()).hexdigest()[:8]}"
-        todo = [label for label in labels if any((family.name, label, seed, task, n) not in cells
-                                                 for n in family.sizes)]
-        if not todo:
-          continue
-        start = time.time()
-        base_dir = os.path.join(root, name, f"train{family.base}")
-        args = f"algo_task={task},train_max_len={family.base},{family.posenc_args(posenc, length)},seed={seed}"
-        run(family, f"{args},eval_lengths=()", base_dir)
-        train_seconds = time.time() - start
-        for label in todo:
-          began = time.time()
-          extra = family.eval_overrides(label, length)
-          metrics = run(family, f"{args},init_from={base_dir},total_steps=0,eval_lengths={others}"
-                        + (f",{extra}" if extra else ""), os.path.join(root, name, f"eval-{label}"))
-          seconds = time.time() - began + (train_seconds if label == posenc else 0.0)
-          for n in family.sizes:
-            suffix = "" if n == family.base else f"_{n}"
-            cells.add(dict(family=family.name, budget=family.budget, posenc=label, seed=seed, mode=task, size=n,
-                           exact_match=metrics[f"exact_match{suffix}"], accuracy=metrics[f"accuracy{suffix}"],
-                           loss=metrics[f"loss{suffix}"], seconds=seconds / len(family.sizes)))
-        log(f"{name}: {len(family.sizes) * len(todo)} cells in {time.time() - start:.0f}s")
+    return AlgoFamily(name="algo", config=config, overrides=QUICK_OVERRIDES, tasks=("lookup",), base=4, sizes=(4, 8),
+                      encodings=("rope",), seeds=(0,))
+  return AlgoFamily(name="algo", config=config, overrides=OVERRIDES, tasks=TASKS, base=16, sizes=(8, 16, 32, 48, 64),
+                    encodings=ENCODINGS, variants=variants(), trained_variants=TRAINED_VARIANTS, seeds=(0, 1, 2))

@@ -1,4 +1,4 @@
-"""Measurement primitives for benchmarks/speed.py: compiled steps, FLOPs, memory, interleaved timing.
+"""Measurement primitives for ``benchmarks.speed``: compiled steps, FLOPs, memory, interleaved timing.
 
 Every step is compiled ahead of time (``jit(...).lower(...).compile()``) so the
 compile time is measured on its own, and timed one call at a time with
@@ -144,6 +144,14 @@ def eager_timed(name: str, call: Stepper, items: int) -> Timed:
   reset_rss_peak()
   jax.block_until_ready(call())
   return Timed(name, call, None, items, rss_bytes=rss_peak_bytes())
+
+
+def rate(call: Callable[[], Any], n: int) -> float:
+  """Calls per second of ``call``, made ``n`` times in a row (an input pipeline's batches)."""
+  start = time.perf_counter()
+  for _ in range(n):
+    call()
+  return n / (time.perf_counter() - start)
 
 
 def time_interleaved(entries: list[Timed], rounds: int, calls_per_round: int = 1,

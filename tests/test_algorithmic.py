@@ -4,7 +4,6 @@ evaluated length, bad fields are one ConfigError, and the study's record is resu
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
 import jax
@@ -196,11 +195,7 @@ class FakeCells:
 def test_study_records_every_cell_once_and_resumes(tmp_path):
   """The full family with a stand-in for training: every run's config is valid, every cell is recorded, and
   a second pass runs only what is missing."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  try:
-    import study_algo
-  finally:
-    sys.path.pop(0)
+  from benchmarks import study_algo
   from configs import algo_tiny
   family = study_algo.family(algo_tiny)
   calls = []
@@ -212,7 +207,7 @@ def test_study_records_every_cell_once_and_resumes(tmp_path):
     return {f"{k}{'' if n == 16 else f'_{n}'}": 0.5 for k in ("exact_match", "accuracy", "loss") for n in fam.sizes}
 
   cells = FakeCells()
-  study_algo.study(family, (0,), cells, str(tmp_path / "a"), print, run)
+  family.study((0,), cells, str(tmp_path / "a"), print, run)
   assert family.tasks == ("copy", "reverse", "lookup") and "sinusoidal" not in family.encodings
   assert len(cells.rows) == 3 * 11 * 5 and len(calls) == 3 * (8 + 11)  # per task: 8 trainings, 11 evaluations
   assert ("algo_task=lookup,train_max_len=16,posenc=rel_bias,posenc_options.max_distance=36,seed=0,"
@@ -221,5 +216,5 @@ def test_study_records_every_cell_once_and_resumes(tmp_path):
       "eval_lengths=(8, 32, 48, 64),posenc_options.scaling=yarn,posenc_options.original_length=34") for a in calls)
   del cells.rows[("algo", "rope+yarn", 0, "reverse", 64)]
   calls.clear()
-  study_algo.study(family, (0,), cells, str(tmp_path / "b"), print, run)
+  family.study((0,), cells, str(tmp_path / "b"), print, run)
   assert len(calls) == 2 and "posenc_options.scaling=yarn" in calls[1] and "algo_task=reverse" in calls[0]

@@ -1,4 +1,4 @@
-"""benchmarks/speed.py --quick and benchmarks/study.py --quick run end to end and write well-formed,
+"""``python -m benchmarks.speed --quick`` and ``python -m benchmarks.study --quick`` run end to end and write well-formed,
 self-consistent tables.
 
 No timing is asserted (speed belongs in the benchmark's own output); the tests check that every
@@ -24,7 +24,7 @@ def quick_env(cache_dir) -> dict[str, str]:
   """The environment of a quick benchmark run: one CPU device, as a user runs it (conftest's
   simulated devices are for the in-process tests), fast compiles (conftest's flags: the quick runs'
   numbers are not used), and every compile cached for the test's next run: in the session's cache
-  (conftest's), else in ``cache_dir``. (study.py keeps its own cache under its --workdir.)"""
+  (conftest's), else in ``cache_dir``. (benchmarks.study keeps its own cache under its --workdir.)"""
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags).strip()
@@ -83,7 +83,7 @@ def study_first(tmp_path_factory):
   """The quick study's first run, started in the background: the study and the speed runs are each
   one busy core (tracing and compiling), so on two cores they overlap."""
   root = tmp_path_factory.mktemp("study")
-  command = [sys.executable, os.path.join(ROOT, "benchmarks", "study.py"), "--quick",
+  command = [sys.executable, "-m", "benchmarks.study", "--quick",
              "--workdir", str(root / "runs"), "--out", str(root / "out")]
   run = Background(command, quick_env(root / "jax_cache"), root)
   yield run, root
@@ -106,7 +106,7 @@ def quick_run(request, tmp_path_factory, speed_env):
   if study_selected(request):
     request.getfixturevalue("study_first")  # starts it, to run beside this one
   out = tmp_path_factory.mktemp("speed")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick",
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--quick",
                          "--out", str(out)], cwd=ROOT, env=speed_env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -233,7 +233,7 @@ def test_speed_sections_remeasure_one_and_keep_the_rest(quick_run, speed_env, tm
   _, out = quick_run
   for name in ("speed.md", "speed.json"):
     (tmp_path / name).write_bytes((out / name).read_bytes())
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--sections",
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--quick", "--sections",
                          "eval", "--out", str(tmp_path)], cwd=ROOT, env=speed_env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -248,13 +248,13 @@ def test_speed_sections_remeasure_one_and_keep_the_rest(quick_run, speed_env, tm
 @pytest.mark.slow
 def test_device_check_dry_run_reports_every_step_and_flops_count_again(speed_env, tmp_path):
   """benchmarks/device_check.sh --dry-run: every step runs and passes on this CPU (synthetic batches), and
-  speed.py --count-flops fills in a report's missing GFLOP/step with the counts the run itself made."""
+  benchmarks.speed --count-flops fills in a report's missing GFLOP/step with the counts the run itself made."""
   proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "device_check.sh"), "--dry-run", str(tmp_path)],
                         cwd=ROOT, env=speed_env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   (steps,) = tables((tmp_path / "device_check.md").read_text())
   assert [row[0] for row in steps[1:]] == ["pytest -m accelerator"] + [
-      f"speed.py --quick --synthetic --sections {s}" for s in ("vit", "gpt", "headline", "restore", "eval")]
+      f"benchmarks.speed --quick --synthetic --sections {s}" for s in ("vit", "gpt", "headline", "restore", "eval")]
   assert all(row[1] == "passed" for row in steps[1:]), steps
   markdown = (tmp_path / "speed.md").read_text()
   assert "Batches are synthetic" in markdown and "synthetic 3-channel images, 1,000 classes" in markdown
@@ -266,7 +266,7 @@ def test_device_check_dry_run_reports_every_step_and_flops_count_again(speed_env
     for e in g["entries"]:
       e["flops"] = None
   (tmp_path / "speed.json").write_text(json.dumps(blank))
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--synthetic",
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--quick", "--synthetic",
                          "--count-flops", "--out", str(tmp_path)], cwd=ROOT, env=speed_env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -294,7 +294,7 @@ def study_run(study_first):
 
 @pytest.mark.slow
 def test_bias_sharing_quick_prints_one_row_per_case(speed_env):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bias_sharing.py"), "--quick"],
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.bias_sharing", "--quick"],
                         cwd=ROOT, env=speed_env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   (table,) = tables(proc.stdout)
@@ -355,11 +355,7 @@ def test_study_resumes_from_its_record(study_run):
 
 def test_interleaved_rounds_settle_each_entry_untimed_and_keep_the_order():
   """``settle``: one untimed call per entry per round, right before its timed calls."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import timing
-  finally:
-    sys.path.pop(0)
+  from benchmarks import timing
   calls = []
   entries = [timing.Timed(name, lambda name=name: calls.append(name) or 0, None, 1) for name in "ab"]
   timing.time_interleaved(entries, rounds=2, calls_per_round=2, settle=True)
@@ -368,11 +364,7 @@ def test_interleaved_rounds_settle_each_entry_untimed_and_keep_the_order():
 
 
 def test_image_plot_draws_variants_in_their_own_row_beside_their_base():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import study_report
-  finally:
-    sys.path.pop(0)
+  from benchmarks import study_report
   image = dict(kind="image", encodings=["learned", "rope", "none", "rope+dinov3", "learned+multires"])
   assert study_report.plot_rows(image) == [["learned", "rope", "none"], ["learned", "rope", "rope+dinov3",
                                                                          "learned+multires"]]

@@ -1,8 +1,7 @@
-"""benchmarks/presets.py: a run appends one complete ledger record per seed; --report writes the README's
+"""benchmarks.presets: a run appends one complete ledger record per seed; --report writes the README's
 marked blocks from the ledger (means of "report" records only) and nothing else; a used workdir is refused."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +11,8 @@ import sys
 
 import pytest
 
+from benchmarks import presets
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32,"
         "total_steps=3,warmup_steps=1,batch_size=16,eval_batch_size=64,eval_max_batches=1,eval_every=0,"
@@ -19,17 +20,10 @@ TINY = ("model_options.width=16,model_options.depth=1,model_options.num_heads=2,
 SPEC = f"configs/vit_tiny.py:{TINY}"
 
 
-def load_presets():
-  spec = importlib.util.spec_from_file_location("presets", os.path.join(ROOT, "benchmarks", "presets.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def command(tmp, *args) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")  # one CPU device, as a user runs it; conftest's fast compiles
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "presets.py"), SPEC, "--ledger",
+  return subprocess.run([sys.executable, "-m", "benchmarks.presets", SPEC, "--ledger",
                          str(tmp / "ledger.jsonl"), "--workdir", str(tmp / "runs"), *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -44,7 +38,6 @@ def recorded(tmp_path_factory):
 
 def test_run_appends_one_complete_record_per_seed(recorded):
   tmp, _ = recorded
-  presets = load_presets()
   head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
   records = presets.read_ledger(str(tmp / "ledger.jsonl"))
   assert [r["seed"] for r in records] == [0, 1]
@@ -97,7 +90,6 @@ def strip_blocks(text: str) -> str:
 
 
 def test_report_writes_the_ledgers_means_into_the_marked_blocks_only(tmp_path):
-  presets = load_presets()
   acc = lambda a: {"test": {"accuracy": a, "loss": 0.3}, "validation": {"accuracy": a, "loss": 0.3}}  # noqa: E731
   default = [0.86, 0.88, 0.89]
   hybrid = {3: 0.921, 4: 0.915, 5: 0.93}

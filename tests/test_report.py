@@ -1,13 +1,7 @@
 """benchmarks/RESULTS.md is rendered from its template and the committed records, and its claims follow the CIs."""
 from __future__ import annotations
 
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
-
-import report  # noqa: E402
+from benchmarks import report
 
 
 def cell(label, seed, value, mode="zoom", size=64, family="vit", budget="b"):
@@ -48,4 +42,4 @@ def test_an_earlier_protocol_is_read_from_its_own_cells():
 
 
 def test_results_md_is_the_render_of_its_template_and_the_committed_records():
-  assert report.main(["--check"]) == 0, "run `python benchmarks/report.py` and commit benchmarks/RESULTS.md"
+  assert report.main(["--check"]) == 0, "run `python -m benchmarks.report` and commit benchmarks/RESULTS.md"

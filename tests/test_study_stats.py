@@ -1,18 +1,15 @@
-"""benchmarks/study_stats.py: paired differences over seeds against scipy's paired t-test, and orderings that
+"""benchmarks.study_stats: paired differences over seeds against scipy's paired t-test, and orderings that
 claim a better-than only where the interval excludes zero."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
 stats = pytest.importorskip("scipy.stats", reason="no scipy (pip install -e .[test])")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import study_stats  # noqa: E402
+from benchmarks import study_stats  # noqa: E402  (after the skip: it imports scipy)
 
 
 def cells(values: dict, metric="accuracy", mode="zoom", size=32):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from posenc.encodings.base import Encoding, pad_prefix_bias, pair_offsets
-from posenc.encodings.options import Options, at_least, greater, option
+from posenc.encodings.options import SharedBiasOptions, at_least, greater, option
 from posenc.encodings.registry import register
 from posenc.encodings.relative import _layer_params, pair_mlp
 
@@ -59,7 +59,7 @@ def inverse_softplus(y: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class KerpleOptions(Options):
+class KerpleOptions(SharedBiasOptions):
   per_layer: bool = option(False, "an r1, r2 per layer (else one set shared by the layers)")
 
 
@@ -75,6 +75,9 @@ class Kerple(Encoding):
   per head shared by all layers, as in the paper's GPT-NeoX code (one module
   passed to every layer); ``per_layer=True`` gives each layer its own. The
   paper's causal bias uses ``i - j >= 0``; here ``|i - j|`` on both sides.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
   Options = KerpleOptions
@@ -86,7 +89,7 @@ class Kerple(Encoding):
     _positive_int(self.name, "num_heads", num_heads)
     self.num_layers = _positive_int(self.name, "num_layers", num_layers)
     per_layer = self.per_layer = options.per_layer
-    self.bias_shared_by_layers = not self.per_layer
+    self.bias_shared_by_layers = not self.per_layer and options.bias_once_per_forward
     shape, names = ((num_layers, num_heads), ("layers", "heads")) if per_layer else ((num_heads,), ("heads",))
 
     def param(high):
@@ -108,7 +111,7 @@ class Kerple(Encoding):
 
 
 @dataclasses.dataclass(frozen=True)
-class FIREOptions(Options):
+class FIREOptions(SharedBiasOptions):
   hidden_dim: int = option(32, "width of the MLP", at_least(1))
   init_c: float = option(0.1, "initial c of psi(x) = log(c x + 1)", greater(0))
   init_threshold: float | None = option(None, "initial threshold L", greater(0),
@@ -146,6 +149,9 @@ class FIRE(Encoding):
   ``w2 (W, H)``, ``b2 (H,)``, ``c ()``, ``threshold_scale ()``,
   ``threshold_init ()``, each with a leading ``num_layers`` axis when
   ``per_layer``: ``2W + W*H + H + 3`` per set.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
 
   Keys after the query (``j > i``) use the distance ``|i - j|`` with the same
   query normaliser (the paper's code takes ``|c (i - j)|``), so for a
@@ -172,7 +178,7 @@ class FIRE(Encoding):
                          f"geometry (its default is a quarter of the built length).")
       init_threshold = max(1.0, geometry.shape[0] / 4)
     per_layer = self.per_layer = options.per_layer
-    self.bias_shared_by_layers = not self.per_layer
+    self.bias_shared_by_layers = not self.per_layer and options.bias_once_per_forward
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 
     def param(shape, names, init):

@@ -119,3 +119,10 @@ class Options:
     """``(name, default, doc)`` of each declared option, in declaration order."""
     return [(f.name, repr(f.default), f.metadata["doc"] + (f" (None: {f.metadata['none']})" if f.metadata["none"]
                                                             else "")) for f in dataclasses.fields(cls)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedBiasOptions(Options):
+  """Options of an attention-bias encoding whose parameters the layers may share."""
+  bias_once_per_forward: bool = option(True, "with parameters shared by the layers: compute the bias once "
+                                             "per forward for every layer (else in every layer: same numbers)")

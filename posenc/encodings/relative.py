@@ -24,7 +24,7 @@ from flax import nnx
 
 from posenc.encodings.base import (Encoding, Geometry, lookup, pad_prefix_bias, pair_offsets,
                                    table_positions)
-from posenc.encodings.options import Options, at_least, option
+from posenc.encodings.options import Options, SharedBiasOptions, at_least, option
 from posenc.encodings.registry import register
 from posenc.resize import resize_table
 
@@ -109,7 +109,7 @@ def _require_geometry(name: str, geometry: Geometry | None) -> Geometry:
 
 
 @dataclasses.dataclass(frozen=True)
-class RelativeBiasOptions(Options):
+class RelativeBiasOptions(SharedBiasOptions):
   num_buckets: int = option(32, "1D: T5's buckets (even, >= 4)", at_least(1))
   max_distance: int = option(128, "1D: T5's largest distinguished offset", at_least(1))
   bidirectional: bool | None = option(None, "1D: buckets on both sides of the query", none="not causal")
@@ -130,6 +130,9 @@ class RelativeBias(Encoding):
   the parameters (``posenc.transfer`` resamples the table). A smaller grid uses
   the central part of the table, which is exactly the same bias for the
   offsets it has, so it stays translation invariant.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
   Options = RelativeBiasOptions
@@ -142,7 +145,7 @@ class RelativeBias(Encoding):
     bidirectional = options.bidirectional
     self.built = _require_geometry(self.name, geometry)
     self.num_layers, self.per_layer = num_layers, per_layer
-    self.bias_shared_by_layers = not per_layer
+    self.bias_shared_by_layers = not per_layer and options.bias_once_per_forward
     self.num_buckets, self.max_distance = num_buckets, max_distance
     # T5: bidirectional buckets in the encoder, unidirectional in the (causal) decoder.
     self.bidirectional = (not causal) if bidirectional is None else bool(bidirectional)
@@ -196,7 +199,7 @@ class RelativeBias(Encoding):
 
 
 @dataclasses.dataclass(frozen=True)
-class ContinuousPositionBiasOptions(Options):
+class ContinuousPositionBiasOptions(SharedBiasOptions):
   hidden_dim: int = option(512, "width of the MLP (Swin-V2's 512)", at_least(1))
   per_layer: bool = option(False, "an MLP per layer (else one shared by the layers)")
 
@@ -213,6 +216,9 @@ class ContinuousPositionBias(Encoding):
   does with ``pretrained_window_size`` when it transfers, so a larger grid
   extrapolates the MLP in log space. Init: truncated normal 0.02, zero bias
   (as Swin-V2). ``per_layer=True`` gives each layer its own MLP.
+  ``bias_once_per_forward`` (with parameters shared by the layers): the model computes the bias once
+  per forward and gives it to every layer (default), or, ``False``, recomputes it in every layer: the
+  same numbers (``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
   Options = ContinuousPositionBiasOptions
@@ -225,7 +231,7 @@ class ContinuousPositionBias(Encoding):
     self.built = _require_geometry(self.name, geometry)
     self.check(self.built)
     self.num_layers, self.per_layer = num_layers, per_layer
-    self.bias_shared_by_layers = not per_layer
+    self.bias_shared_by_layers = not per_layer and options.bias_once_per_forward
     lead, lead_name = ((num_layers,), ("layers",)) if per_layer else ((), ())
 
     def param(shape, names, init):
@@ -274,15 +280,19 @@ class ALiBi(Encoding):
 
   Distance is ``|i - j|`` in 1D (symmetric, for a bidirectional encoder) and
   the Euclidean distance between patch coordinates in 2D.
+  The bias is the same in every layer: with ``bias_once_per_forward`` (default) the model computes
+  it once per forward and gives it to every layer; ``False`` recomputes it in every layer (the same
+  numbers; ``benchmarks.bias_sharing`` times what computing it once saves).
   """
 
-  bias_shared_by_layers = True
+  Options = SharedBiasOptions
 
   def __init__(self, options: Options, *, num_heads: int):
     super().__init__(options)
     if num_heads < 1:
       raise ValueError(f"alibi needs num_heads >= 1; got {num_heads}.")
     self.num_heads = num_heads
+    self.bias_shared_by_layers = options.bias_once_per_forward
 
   def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
