@@ -68,7 +68,9 @@ def test_ranges_and_conversions():
 def test_an_unknown_option_names_the_closest_and_a_models_own_keys_are_not_options():
   with pytest.raises(ConfigError, match=r"'fire' has no option\(s\) \['hiden_dim'\] \(did you mean 'hidden_dim'\?\)"):
     make("fire", num_heads=2, hiden_dim=8)
-  with pytest.raises(ConfigError, match=r"'alibi' has no option\(s\) \['slopes'\]; its options are none"):
+  with pytest.raises(ConfigError, match=r"'none' has no option\(s\) \['slopes'\]; its options are none"):
+    options("none", slopes=1)
+  with pytest.raises(ConfigError, match=r"'alibi' has no option\(s\) \['slopes'\]; its options are \['bias_once"):
     options("alibi", slopes=1)
   with pytest.raises(ConfigError, match=r"'rope' has no option\(s\) \['dim'\]"):
     options("rope", dim=32)  # what the model sets is not the user's
