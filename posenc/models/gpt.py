@@ -71,12 +71,9 @@ class GPT(nnx.Module):
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-5,
         gelu_approximate=True, kernel_init=init, bias_init=jax.nn.initializers.zeros, dropout=dropout,
         attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers,
-        attention_impl=attention_impl, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
-    # GPT-2 scales the init of the projections that write into the residual stream.
-    layers = self.blocks.layers
-    for p in (layers.attn.out, layers.mlp.fc2):
-      p[...] = (p[...] * (2 * depth) ** -0.5).astype(param_dtype)
+        attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        # GPT-2 scales the init of the projections that write into the residual stream.
+        residual_init=jax.nn.initializers.normal(0.02 * (2 * depth) ** -0.5))
     self.final_norm = layer_norm(width, 1e-5, dtype, param_dtype, rngs)
     self.rngs = nnx.Rngs(dropout=rngs.dropout())
 
