@@ -122,8 +122,8 @@ class ViT(nnx.Module):
   ``stem`` builds what maps the images to the token grid (``StemFactory``): ``PatchStem`` (the
   default; ``patch_embed [p, p, channels, width]``) or a ``ConvStem`` followed by a 1x1 projection
   to ``width`` (``patch_embed [1, 1, its width, width]``); ``make_stem`` builds one from a config's
-  names. ``scan_layers`` (None:
-  per backend): see ``posenc.models.block_stack``; ``attention_impl``: see ``posenc.models.attention``.
+  names. ``scan_layers`` (None: per backend): see ``posenc.models.block_stack``; ``attention_impl``:
+  see ``posenc.models.attention``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
