@@ -115,11 +115,7 @@ class GPT(nnx.Module):
     as ``0..length-1``; ``decode`` overwrites them with the positions it is given."""
     geometry = Geometry.seq(length)
     self.posenc.check(geometry)
-    attn = self.blocks.layers.attn
-    shape = (self.blocks.num_layers, batch_size, length, attn.num_heads, attn.head_dim)
-    zeros = jnp.zeros(shape, self.dtype)
-    return KVCache(zeros, zeros, geometry.positions().astype(positions_dtype), jnp.zeros((), jnp.int32),
-                   jnp.zeros((batch_size, length), jnp.int32))
+    return self.blocks.empty_cache(batch_size, geometry.positions().astype(positions_dtype), self.dtype)
 
   def decode(self, input_ids: jax.Array, cache: KVCache, *,
              positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
