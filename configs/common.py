@@ -36,7 +36,7 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.log_every = 50                # steps between train-metric logs (console, TensorBoard, JSONL)
   c.eval_every = 500              # steps between evaluations (0 = only at the end)
   c.checkpoint_every = 500        # steps between async checkpoints (0 = only at the end)
-  c.keep_checkpoints = 2          # keep the last K checkpoints (plus the best by eval accuracy)
+  c.keep_checkpoints = 2          # keep the last K checkpoints (plus the best: Task.BEST_METRIC)
   c.restore_step = config_dict.placeholder(int)  # resume from this kept step, not the newest (later ones set aside)
   c.restart = False               # start afresh in a workdir that holds a run (its checkpoints set aside, kept)
   c.divergence_factor = 10.0      # stop when a step's loss > this x its recent median (guard.py); 0 = finite only

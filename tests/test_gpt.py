@@ -60,15 +60,16 @@ def test_sizes_and_parameter_counts():
     models.create("gpt-nano", posenc="rope", rngs=nnx.Rngs(0), vocab_size=10, max_len=8, pre_ln=False)
 
 
-def test_gpt2_initialisation():
+@pytest.mark.parametrize("depth", [2, 8])
+def test_gpt2_initialisation(depth):
   model = models.create("gpt-nano", posenc="learned", rngs=nnx.Rngs(0), vocab_size=256, max_len=8, width=64,
-                        depth=8, num_heads=2, mlp_dim=64)
+                        depth=depth, num_heads=2, mlp_dim=64)
   std = lambda p: float(np.std(np.asarray(p[...])))  # noqa: E731
   layers = model.blocks.layers
   for p in (model.token_embed, layers.attn.qkv, layers.mlp.fc1):
     assert std(p) == pytest.approx(0.02, rel=0.05)
   for p in (layers.attn.out, layers.mlp.fc2):  # residual projections: 0.02 / sqrt(2 * depth)
-    assert std(p) == pytest.approx(0.02 / 4, rel=0.05)
+    assert std(p) == pytest.approx(0.02 / np.sqrt(2 * depth), rel=0.05)
   assert not np.any(np.asarray(layers.attn.qkv_bias[...])) and not np.any(np.asarray(layers.mlp.fc2_bias[...]))
   assert not hasattr(model, "head") and not hasattr(model, "head_bias")  # tied to token_embed
 

@@ -23,10 +23,11 @@ from posenc.models.block_stack import KVCache
 from posenc.models.bert import BERT, BERT_SIZES
 from posenc.models.generate import generate
 from posenc.models.gpt import GPT, GPT_SIZES
-from posenc.models.vit import VIT_SIZES, ViT
+from posenc.models.vit import STEMS, VIT_SIZES, ConvStem, PatchStem, ViT, make_stem, vit_with_stem
 
-_FAMILIES = {"vit": (ViT, VIT_SIZES), "bert": (BERT, BERT_SIZES), "gpt": (GPT, GPT_SIZES)}
-MODEL_NAMES = tuple(f"{family}-{size}" for family, (_, sizes) in _FAMILIES.items() for size in sizes)
+# family -> (sizes, what create calls, then the class it hands its other keywords to, if any)
+_FAMILIES = {"vit": (VIT_SIZES, vit_with_stem, ViT), "bert": (BERT_SIZES, BERT), "gpt": (GPT_SIZES, GPT)}
+MODEL_NAMES = tuple(f"{family}-{size}" for family, (sizes, *_) in _FAMILIES.items() for size in sizes)
 
 
 def check_name(name: str) -> None:
@@ -38,24 +39,34 @@ def check_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}{did_you_mean(name, valid)}; choose one of: {', '.join(valid)}.")
 
 
+def _options(family: str) -> list[str]:
+  """The keyword options of a family's builders, in order (without posenc, rngs and ``**kwargs``)."""
+  options = []
+  for builder in _FAMILIES[family][1:]:
+    for p in inspect.signature(builder.__init__ if isinstance(builder, type) else builder).parameters.values():
+      if p.kind is p.KEYWORD_ONLY and p.name not in ("posenc", "rngs", *options):
+        options.append(p.name)
+  return options
+
+
 def create(name: str, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
            dtype=jnp.float32, param_dtype=jnp.float32, **kwargs) -> nnx.Module:
   """Build model ``name`` (e.g. ``"vit-ti"``) with position encoding ``posenc``."""
   check_name(name)
   family, _, size = name.partition("-")
-  cls, sizes = _FAMILIES[family]
-  options = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "posenc", "rngs")]
+  sizes, build_family, *_ = _FAMILIES[family]
+  options = _options(family)
   unknown = sorted(set(kwargs) - set(options))
   if unknown:
     raise ValueError(f"model {name!r} has no option(s) {unknown}; its options are {options}.")
 
   def build(rngs):
-    return cls(posenc=posenc, rngs=rngs, posenc_options=posenc_options, dtype=dtype, param_dtype=param_dtype,
-               **{**sizes[size], **kwargs})
+    return build_family(posenc=posenc, rngs=rngs, posenc_options=posenc_options, dtype=dtype,
+                        param_dtype=param_dtype, **{**sizes[size], **kwargs})
 
   # One compiled initialiser instead of one eager dispatch (and compile) per parameter.
   return nnx.jit(build)(rngs)
 
 
-__all__ = ["BERT", "BERT_SIZES", "GPT", "GPT_SIZES", "KVCache", "MODEL_NAMES", "VIT_SIZES", "ViT", "check_name",
-           "create", "generate"]
+__all__ = ["BERT", "BERT_SIZES", "GPT", "GPT_SIZES", "KVCache", "MODEL_NAMES", "STEMS", "VIT_SIZES", "ConvStem",
+           "PatchStem", "ViT", "check_name", "create", "generate", "make_stem"]

@@ -179,11 +179,12 @@ class Attention(nnx.Module):
   ``"dot_product_attention"`` is ``jax.nn.dot_product_attention`` with the
   encoding's bias and the mask passed to the (on GPU, fused) kernel. Attention
   dropout in training is applied by the einsum paths (the fused kernel has none).
+  ``out_init``: the output projection's kernel init (default: ``kernel_init``'s).
   """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer, bias_init: Initializer,
                dtype, param_dtype, rngs: nnx.Rngs, attention_dropout: float = 0.0,
-               attention_impl: str = "auto"):
+               attention_impl: str = "auto", out_init: Initializer | None = None):
     if dim % num_heads:
       raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}; pick a width that is "
                        f"a multiple of num_heads.")
@@ -197,8 +198,8 @@ class Attention(nnx.Module):
                                                     batch_axis=(2,)) if kernel_init is None else kernel_init
     self.qkv = param(qkv_init, rngs, (dim, num_heads, 3, head_dim), param_dtype, ("embed", "heads", None, "kv"))
     self.qkv_bias = param(bias_init, rngs, (num_heads, 3, head_dim), param_dtype, ("heads", None, "kv"))
-    out_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
-                                                    out_axis=2) if kernel_init is None else kernel_init
+    out_init = out_init or kernel_init or jax.nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
     self.out = param(out_init, rngs, (num_heads, head_dim, dim), param_dtype, ("heads", "kv", "embed"))
     self.out_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
 
@@ -291,14 +292,15 @@ class LayerCache(NamedTuple):
 
 
 class Mlp(nnx.Module):
-  """Dense -> GELU -> Dense (GELU exact/erf or tanh-approximate)."""
+  """Dense -> GELU -> Dense (GELU exact/erf or tanh-approximate). ``out_init``: the second
+  layer's kernel init (default: ``kernel_init``)."""
 
   def __init__(self, dim: int, mlp_dim: int, *, kernel_init: Initializer, bias_init: Initializer,
-               gelu_approximate: bool, dtype, param_dtype, rngs: nnx.Rngs):
+               gelu_approximate: bool, dtype, param_dtype, rngs: nnx.Rngs, out_init: Initializer | None = None):
     init = jax.nn.initializers.xavier_uniform() if kernel_init is None else kernel_init
     self.fc1 = param(init, rngs, (dim, mlp_dim), param_dtype, ("embed", "mlp"))
     self.fc1_bias = param(bias_init, rngs, (mlp_dim,), param_dtype, ("mlp",))
-    self.fc2 = param(init, rngs, (mlp_dim, dim), param_dtype, ("mlp", "embed"))
+    self.fc2 = param(out_init or init, rngs, (mlp_dim, dim), param_dtype, ("mlp", "embed"))
     self.fc2_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
     self.dtype, self.gelu_approximate = dtype, gelu_approximate
 
@@ -310,17 +312,21 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Attention + MLP with residuals; pre-LN (ViT) or post-LN (original BERT)."""
+  """Attention + MLP with residuals; pre-LN (ViT) or post-LN (original BERT). ``residual_init``: the
+  kernel init of the two projections that write into the residual stream (the attention output and
+  the MLP's second layer; GPT-2 scales theirs by 1/sqrt(2 depth)); default ``kernel_init``'s."""
 
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
                gelu_approximate: bool, kernel_init: Initializer | None, bias_init: Initializer,
                dropout: float, attention_dropout: float, drop_path: float, num_layers: int,
-               dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "auto"):
+               dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "auto",
+               residual_init: Initializer | None = None):
     self.attn = Attention(dim, num_heads, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
                           param_dtype=param_dtype, attention_dropout=attention_dropout,
-                          attention_impl=attention_impl, rngs=rngs)
+                          attention_impl=attention_impl, rngs=rngs, out_init=residual_init)
     self.mlp = Mlp(dim, mlp_dim, kernel_init=kernel_init, bias_init=bias_init,
-                   gelu_approximate=gelu_approximate, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   gelu_approximate=gelu_approximate, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                   out_init=residual_init)
     self.ln1 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
     self.ln2 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
     self.pre_ln, self.dropout, self.drop_path = pre_ln, dropout, drop_path

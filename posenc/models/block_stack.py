@@ -83,6 +83,12 @@ class BlockStack(nnx.Module):
     keys = None if key is None else keys
     return run(x, self.layers, jnp.arange(self.num_layers, dtype=jnp.int32), keys, encoding)
 
+  def empty_cache(self, batch_size: int, positions: jax.Array, dtype) -> "KVCache":
+    """A KV cache of one empty slot per row of ``positions`` ``[1, S, ndim]``, k/v in ``dtype``."""
+    attn, slots = self.layers.attn, positions.shape[1]
+    zeros = jnp.zeros((self.num_layers, batch_size, slots, attn.num_heads, attn.head_dim), dtype)
+    return KVCache(zeros, zeros, positions, jnp.zeros((), jnp.int32), jnp.zeros((batch_size, slots), jnp.int32))
+
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
              cache: "KVCache", length=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """New tokens ``x [B, T, D]`` through every block with the KV cache ``cache``: its

@@ -71,12 +71,9 @@ class GPT(nnx.Module):
         depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-5,
         gelu_approximate=True, kernel_init=init, bias_init=jax.nn.initializers.zeros, dropout=dropout,
         attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers,
-        attention_impl=attention_impl, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
-    # GPT-2 scales the init of the projections that write into the residual stream.
-    layers = self.blocks.layers
-    for p in (layers.attn.out, layers.mlp.fc2):
-      p[...] = (p[...] * (2 * depth) ** -0.5).astype(param_dtype)
+        attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        # GPT-2 scales the init of the projections that write into the residual stream.
+        residual_init=jax.nn.initializers.normal(0.02 * (2 * depth) ** -0.5))
     self.final_norm = layer_norm(width, 1e-5, dtype, param_dtype, rngs)
     self.rngs = nnx.Rngs(dropout=rngs.dropout())
 
@@ -118,11 +115,7 @@ class GPT(nnx.Module):
     as ``0..length-1``; ``decode`` overwrites them with the positions it is given."""
     geometry = Geometry.seq(length)
     self.posenc.check(geometry)
-    attn = self.blocks.layers.attn
-    shape = (self.blocks.num_layers, batch_size, length, attn.num_heads, attn.head_dim)
-    zeros = jnp.zeros(shape, self.dtype)
-    return KVCache(zeros, zeros, geometry.positions().astype(positions_dtype), jnp.zeros((), jnp.int32),
-                   jnp.zeros((batch_size, length), jnp.int32))
+    return self.blocks.empty_cache(batch_size, geometry.positions().astype(positions_dtype), self.dtype)
 
   def decode(self, input_ids: jax.Array, cache: KVCache, *,
              positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:

@@ -34,7 +34,6 @@ what RoBERTa was trained with.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -42,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from posenc.models.bert import BERT
+from posenc.models.hf_common import (build_loaded, check_tensors, checkpoint_files, layer_norm, linear_attention,
+                                     load_tensors, read_json_config, require_keys, stacked_blocks)
 
 # config.json keys the importer reads without a default (HF's from_pretrained would fill in its own).
 CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -67,49 +66,6 @@ def roberta_positions(input_ids, padding_idx: int = 1) -> jax.Array:
   tokens (``input_ids == padding_idx``) sit at ``padding_idx``."""
   real = (jnp.asarray(input_ids) != padding_idx).astype(jnp.int32)
   return jnp.cumsum(real, axis=1) * real + padding_idx
-
-
-def _files(path, what: str = "BERT") -> tuple[Path, Path]:
-  path = Path(path)
-  weights = path / "model.safetensors" if path.is_dir() else path
-  config = weights.parent / "config.json"
-  for f in (weights, config):
-    if not f.is_file():
-      raise ValueError(f"{f} not found: pass a Hugging Face {what} directory holding config.json and "
-                       f"model.safetensors (or the .safetensors file inside one).")
-  return weights, config
-
-
-def read_json_config(config_file: Path, what: str) -> dict:
-  """``config.json`` as a dict; one ValueError naming the file if it is not a JSON object."""
-  try:
-    cfg = json.loads(config_file.read_text())
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_file} is not a JSON file ({e}); it should be the config.json that "
-                     f"save_pretrained writes beside the {what} weights.") from None
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{config_file} holds a JSON {type(cfg).__name__}, not the object of a {what} "
-                     f"config.json; it should be the config.json that save_pretrained writes.")
-  return cfg
-
-
-def require_keys(cfg: dict, config_file: Path, keys: tuple[str, ...], what: str) -> None:
-  """One ValueError naming the file and the keys of ``keys`` that ``cfg`` lacks."""
-  missing = [k for k in keys if k not in cfg]
-  if missing:
-    raise ValueError(f"{config_file} lacks the key {missing[0]!r}"
-                     + (f" (and {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
-                     + f", which a {what} config.json must have; add it with the checkpoint's value.")
-
-
-def load_tensors(weights_file: Path, what: str) -> dict[str, np.ndarray]:
-  """The tensors of a safetensors file; one ValueError naming the file if it cannot be read."""
-  try:
-    return load_file(str(weights_file))
-  except (SafetensorError, OSError) as e:
-    raise ValueError(f"{weights_file} is not a readable safetensors file ({e}): it is truncated or in "
-                     f"another format; download it again, or write it with save_pretrained(..., "
-                     f"safe_serialization=True).") from None
 
 
 def _read_config(config_file: Path) -> dict:
@@ -150,67 +106,40 @@ def _head_shapes(cfg: dict, head: tuple[str, ...]) -> dict[str, tuple[int, ...]]
   return dict(zip(head, [(d, d), (d,), (d,), (d,), (cfg["vocab_size"],)]))
 
 
-def _check(tensors: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], source: Path, *,
-           known: tuple[str, ...] = (), what: str = "BERT") -> None:
-  """One ValueError naming every missing, misshapen and unknown tensor (``known``: prefixes
-  of tensors that are neither loaded nor unknown)."""
-  missing = sorted(set(want) - set(tensors))
-  wrong = sorted(f"{k}: {tuple(tensors[k].shape)} (expected {want[k]})"
-                 for k in want if k in tensors and tuple(tensors[k].shape) != want[k])
-  unknown = sorted(k for k in tensors if k not in want and not k.startswith(known))
-  if missing or wrong or unknown:
-    parts = [f"{label} ({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
-             for label, names in (("missing", missing), ("wrong shape", wrong), ("unknown", unknown)) if names]
-    raise ValueError(f"{source} does not fit the {what} its config.json describes; nothing was loaded. "
-                     + "; ".join(parts) + ".")
-
-
 def _ours(t: dict[str, np.ndarray], cfg: dict, head: tuple[str, ...]) -> dict:
   """HF tensors -> our parameter tree (nested dict of numpy arrays)."""
-  d, h = cfg["hidden_size"], cfg["num_attention_heads"]
-  ln = lambda p: {"scale": t[p + ".weight"], "bias": t[p + ".bias"]}
   layers = []
   for i in range(cfg["num_hidden_layers"]):
     p = f"encoder.layer.{i}."
-    proj = [f"{p}attention.self.{n}" for n in ("query", "key", "value")]
     layers.append({
-        "attn": {"qkv": np.stack([t[n + ".weight"].T.reshape(d, h, d // h) for n in proj], axis=2),
-                 "qkv_bias": np.stack([t[n + ".bias"].reshape(h, d // h) for n in proj], axis=1),
-                 "out": t[f"{p}attention.output.dense.weight"].T.reshape(h, d // h, d),
-                 "out_bias": t[f"{p}attention.output.dense.bias"]},
-        "ln1": ln(f"{p}attention.output.LayerNorm"),
+        "attn": linear_attention(t, tuple(f"{p}attention.self.{n}" for n in ("query", "key", "value")),
+                                 f"{p}attention.output.dense", cfg["num_attention_heads"]),
+        "ln1": layer_norm(t, f"{p}attention.output.LayerNorm"),
         "mlp": {"fc1": t[f"{p}intermediate.dense.weight"].T, "fc1_bias": t[f"{p}intermediate.dense.bias"],
                 "fc2": t[f"{p}output.dense.weight"].T, "fc2_bias": t[f"{p}output.dense.bias"]},
-        "ln2": ln(f"{p}output.LayerNorm")})
+        "ln2": layer_norm(t, f"{p}output.LayerNorm")})
   tree = {"token_embed": t["embeddings.word_embeddings.weight"],
           "segment_embed": t["embeddings.token_type_embeddings.weight"],
           "posenc": {"table": t["embeddings.position_embeddings.weight"]},
-          "embed_norm": ln("embeddings.LayerNorm"),
-          "blocks": {"layers": {k: _stack([layer[k] for layer in layers]) for k in layers[0]}}}
+          "embed_norm": layer_norm(t, "embeddings.LayerNorm"), "blocks": stacked_blocks(layers)}
   if head[0] in t:
     tree.update(mlm_dense=t[head[0]].T, mlm_dense_bias=t[head[1]],
                 mlm_norm={"scale": t[head[2]], "bias": t[head[3]]}, mlm_bias=t[head[4]])
   return tree
 
 
-def _stack(trees: list):
-  if isinstance(trees[0], dict):
-    return {k: _stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)
-
-
 def load_hf_bert(path, *, allow_missing_mlm_head: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None) -> BERT:
   """A ``BERT`` holding the weights of the HF BERT or RoBERTa checkpoint at ``path`` (see the
   module docstring)."""
-  weights_file, config_file = _files(path)
+  weights_file, config_file = checkpoint_files(path, "BERT")
   cfg = _read_config(config_file)
   head, decoder_names = _HEADS[cfg["model_type"]]
   prefix = cfg["model_type"] + "."
   tensors = {k.removeprefix(prefix): v for k, v in load_tensors(weights_file, "BERT").items()}
   has_head = any(k in tensors for k in head[:4])
   want = expected_shapes(cfg) | (_head_shapes(cfg, head) if has_head else {})
-  _check(tensors, want, weights_file, known=IGNORED_PREFIXES + decoder_names)
+  check_tensors(tensors, want, weights_file, known=IGNORED_PREFIXES + decoder_names, what="BERT")
   for name, tied_to in zip(decoder_names, ("embeddings.word_embeddings.weight", head[4])):
     if name in tensors and tied_to in tensors and not np.array_equal(tensors[name], tensors[tied_to]):
       raise ValueError(f"{weights_file}: {name} differs from {tied_to}; our MLM decoder is tied to "
@@ -233,21 +162,3 @@ def load_hf_bert(path, *, allow_missing_mlm_head: bool = False, dtype=jnp.float3
   return build_loaded(make, _ours(tensors, cfg, head), param_dtype, rngs,
                       fresh=lambda path: not has_head and path[0] in head_params)
 
-
-def build_loaded(make, loaded: dict, param_dtype, rngs: nnx.Rngs | None = None, fresh=lambda path: False):
-  """``make(rngs)`` with its parameters taken from ``loaded`` (nested numpy arrays), except those
-  whose path ``fresh(path)`` accepts; XLA drops the rest of the initialiser."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-  keep = lambda path, x: not isinstance(x, nnx.Param) or fresh(path)  # noqa: E731
-  state = nnx.to_pure_dict(nnx.jit(lambda r: nnx.state(make(r), keep))(rngs or nnx.Rngs(0)))
-  _merge(state, loaded, param_dtype)
-  return nnx.merge(graphdef, state)
-
-
-def _merge(target: dict, loaded: dict, dtype) -> None:
-  """Write ``loaded`` (nested numpy arrays) into ``target``."""
-  for k, v in loaded.items():
-    if isinstance(v, dict):
-      _merge(target.setdefault(k, {}), v, dtype)
-    else:
-      target[k] = jnp.asarray(v, dtype)

@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from posenc.models.gpt import GPT
-from posenc.models.hf_bert import (_check, _files, _stack, build_loaded, load_tensors, read_json_config,
-                                   require_keys)
+from posenc.models.hf_common import (build_loaded, check_tensors, checkpoint_files, layer_norm, load_tensors,
+                                     read_json_config, require_keys, stacked_blocks)
 
 CONFIG_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")  # read without a default
 _BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
@@ -71,7 +71,6 @@ def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def _ours(t: dict[str, np.ndarray], cfg: dict) -> dict:
   """HF tensors -> our parameter tree (nested dict of numpy arrays)."""
   d, h = cfg["n_embd"], cfg["n_head"]
-  ln = lambda p: {"scale": t[p + ".weight"], "bias": t[p + ".bias"]}  # noqa: E731
   layers = []
   for i in range(cfg["n_layer"]):
     p = f"h.{i}."
@@ -80,20 +79,20 @@ def _ours(t: dict[str, np.ndarray], cfg: dict) -> dict:
                  "qkv_bias": t[f"{p}attn.c_attn.bias"].reshape(3, h, d // h).transpose(1, 0, 2),
                  "out": t[f"{p}attn.c_proj.weight"].reshape(h, d // h, d),
                  "out_bias": t[f"{p}attn.c_proj.bias"]},
-        "ln1": ln(f"{p}ln_1"), "ln2": ln(f"{p}ln_2"),
+        "ln1": layer_norm(t, f"{p}ln_1"), "ln2": layer_norm(t, f"{p}ln_2"),
         "mlp": {"fc1": t[f"{p}mlp.c_fc.weight"], "fc1_bias": t[f"{p}mlp.c_fc.bias"],
                 "fc2": t[f"{p}mlp.c_proj.weight"], "fc2_bias": t[f"{p}mlp.c_proj.bias"]}})
-  return {"token_embed": t["wte.weight"], "posenc": {"table": t["wpe.weight"]}, "final_norm": ln("ln_f"),
-          "blocks": {"layers": {k: _stack([layer[k] for layer in layers]) for k in layers[0]}}}
+  return {"token_embed": t["wte.weight"], "posenc": {"table": t["wpe.weight"]},
+          "final_norm": layer_norm(t, "ln_f"), "blocks": stacked_blocks(layers)}
 
 
 def load_hf_gpt2(path, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> GPT:
   """A ``GPT`` holding the weights of the HF GPT-2 checkpoint at ``path`` (see the module docstring)."""
-  weights_file, config_file = _files(path, what="GPT-2")
+  weights_file, config_file = checkpoint_files(path, "GPT-2")
   cfg = _read_config(config_file)
   loaded = load_tensors(weights_file, "GPT-2")
   tensors = {k.removeprefix("transformer."): v for k, v in loaded.items() if not _BUFFERS.search(k)}
-  _check(tensors, expected_shapes(cfg), weights_file, known=("lm_head.weight",), what="GPT-2")
+  check_tensors(tensors, expected_shapes(cfg), weights_file, known=("lm_head.weight",), what="GPT-2")
   head = tensors.get("lm_head.weight")
   if head is not None and not np.array_equal(head, tensors["wte.weight"]):
     raise ValueError(f"{weights_file}: lm_head.weight differs from wte.weight; our head is tied to the "

@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from posenc.models.hf_bert import (_check, _files, _stack, build_loaded, load_tensors, read_json_config,
-                                   require_keys)
+from posenc.models.hf_common import (build_loaded, check_tensors, checkpoint_files, layer_norm, linear_attention,
+                                     load_tensors, read_json_config, require_keys, stacked_blocks)
 from posenc.models.vit import ViT
 
 IGNORED_PREFIXES = ("pooler.", "embeddings.mask_token")
@@ -143,18 +143,13 @@ def _head_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 def _ours(t: dict[str, np.ndarray], cfg: dict) -> dict:
   """HF tensors -> our parameter tree (nested dict of numpy arrays)."""
   kw = vit_kwargs(cfg)
-  d, h = kw["width"], kw["num_heads"]
-  ln = lambda p: {"scale": t[p + ".weight"], "bias": t[p + ".bias"]}  # noqa: E731
   layers = []
   for i in range(kw["depth"]):
     p = f"encoder.layer.{i}."
-    proj = [f"{p}attention.attention.{n}" for n in ("query", "key", "value")]
     layers.append({
-        "attn": {"qkv": np.stack([t[n + ".weight"].T.reshape(d, h, d // h) for n in proj], axis=2),
-                 "qkv_bias": np.stack([t[n + ".bias"].reshape(h, d // h) for n in proj], axis=1),
-                 "out": t[f"{p}attention.output.dense.weight"].T.reshape(h, d // h, d),
-                 "out_bias": t[f"{p}attention.output.dense.bias"]},
-        "ln1": ln(f"{p}layernorm_before"), "ln2": ln(f"{p}layernorm_after"),
+        "attn": linear_attention(t, tuple(f"{p}attention.attention.{n}" for n in ("query", "key", "value")),
+                                 f"{p}attention.output.dense", kw["num_heads"]),
+        "ln1": layer_norm(t, f"{p}layernorm_before"), "ln2": layer_norm(t, f"{p}layernorm_after"),
         "mlp": {"fc1": t[f"{p}intermediate.dense.weight"].T, "fc1_bias": t[f"{p}intermediate.dense.bias"],
                 "fc2": t[f"{p}output.dense.weight"].T, "fc2_bias": t[f"{p}output.dense.bias"]}})
   positions = t["embeddings.position_embeddings"][0]
@@ -162,8 +157,8 @@ def _ours(t: dict[str, np.ndarray], cfg: dict) -> dict:
           "patch_bias": t["embeddings.patch_embeddings.projection.bias"],
           # HF adds position row 0 to its class token before the first block: the same function.
           "cls_token": t["embeddings.cls_token"][0] + positions[:1],
-          "posenc": {"table": positions[1:]}, "norm": ln("layernorm"),
-          "blocks": {"layers": {k: _stack([layer[k] for layer in layers]) for k in layers[0]}}}
+          "posenc": {"table": positions[1:]}, "norm": layer_norm(t, "layernorm"),
+          "blocks": stacked_blocks(layers)}
   if HEAD_TENSORS[0] in t:
     tree.update(head=t["classifier.weight"].T, head_bias=t["classifier.bias"])
   return tree
@@ -178,12 +173,12 @@ def _hub_name(name: str) -> str:
 def load_hf_vit(path, *, allow_missing_head: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
                 rngs: nnx.Rngs | None = None) -> ViT:
   """A ``ViT`` holding the weights of the HF ViT checkpoint at ``path`` (see the module docstring)."""
-  weights_file, config_file = _files(path, what="ViT")
+  weights_file, config_file = checkpoint_files(path, "ViT")
   cfg = _read_config(config_file)
   tensors = {_hub_name(k.removeprefix("vit.")): v for k, v in load_tensors(weights_file, "ViT").items()}
   has_head = any(k in tensors for k in HEAD_TENSORS)
   want = expected_shapes(cfg) | (_head_shapes(cfg) if has_head else {})
-  _check(tensors, want, weights_file, known=IGNORED_PREFIXES, what="ViT")
+  check_tensors(tensors, want, weights_file, known=IGNORED_PREFIXES, what="ViT")
   if not has_head:
     if not allow_missing_head:
       raise ValueError(f"{weights_file} has no classification head ({', '.join(HEAD_TENSORS)}; a ViTModel "

@@ -38,6 +38,8 @@ class Task(abc.ABC):
   FIELDS: dict[str, str] = {}   # this task's config fields -> what they mean
   NDIM: int = 0                 # dimensionality of its positions (1: sequences, 2: image grids)
   ITEMS: str = "items"          # what a batch counts, for throughput logs (images, tokens)
+  # the eval metric that picks the best checkpoint, and whether its best is its "max" or its "min"
+  BEST_METRIC: tuple[str, str] = ("accuracy", "max")
 
   # ----------------------------------------------------------------- config
   def validate(self, config) -> None:

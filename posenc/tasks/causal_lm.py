@@ -40,6 +40,7 @@ class CausalLM(Task):
   }
   NDIM = 1
   ITEMS = "tokens"
+  BEST_METRIC = ("loss", "min")  # lower loss (and perplexity) is better
 
   def validate(self, config) -> None:
     _positive_int(config, "max_len", 2)

@@ -6,9 +6,10 @@ Layout: ``<workdir>/checkpoints/<step>/{params, train, data, meta}``:
   data    the grain iterator position of every process,
   meta    JSON: the run's config, task, geometry, encoding and its options (what a
           transfer needs to know of the stored model without building it).
-Saves are async; the last ``keep`` checkpoints and the best one (highest eval
-``accuracy``) are kept. Restoring reads the stored shapes from the checkpoint's
-metadata first, so a shape mismatch is a clear error, never a silent re-init. A
+Saves are async; the last ``keep`` checkpoints and the best one (by the task's
+``BEST_METRIC``: the highest eval accuracy, or the lowest eval loss) are kept.
+Restoring reads the stored shapes from the checkpoint's metadata first, so a
+shape mismatch is a clear error, never a silent re-init. A
 checkpoint that cannot be read (a truncated file, a half-written step) is moved
 to ``checkpoints.damaged/`` and the previous one is used, with a warning.
 
@@ -34,7 +35,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from posenc.transfer import flat_shapes, shape_diff
 
-BEST_METRIC = "accuracy"
+BEST_DIRECTIONS = ("max", "min")
 # Orbax splits a replicated array into one slice per replica and writes the slices in
 # parallel; each slice of a new shape costs a compile, seconds of them for a small
 # model on many CPU devices. Only arrays with slices of at least this size are split.
@@ -108,14 +109,23 @@ def _first_line(e: Exception) -> str:
 
 
 class Checkpointer:
-  """A run's Orbax ``CheckpointManager`` (async saves, keep last K + best)."""
+  """A run's Orbax ``CheckpointManager`` (async saves, keep last K + best).
 
-  def __init__(self, directory: str, *, keep: int = 1, read_only: bool = False):
+  ``best`` is (eval metric, "max" | "min"): the saved checkpoint whose metric is highest (lowest) is
+  kept besides the last ``keep``; its tasks declare it (``Task.BEST_METRIC``).
+  """
+
+  def __init__(self, directory: str, *, keep: int = 1, best: tuple[str, str] = ("accuracy", "max"),
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    metric, direction = best
+    if direction not in BEST_DIRECTIONS:
+      raise ValueError(f"best={best!r}: the direction must be one of {BEST_DIRECTIONS}.")
     _register_array_handler()
+    # BestN sorts by the metric (descending with reverse) and keeps the last n: the best.
     keep_policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+        policies.BestN(get_metric_fn=lambda m: m[metric], reverse=direction == "min", n=1,
                        keep_checkpoints_without_metrics=False),
     ])
     handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),

@@ -150,7 +150,8 @@ def train(run: Run | ml_collections.ConfigDict, workdir: str) -> dict[str, float
   try:
     with Interrupts() as interrupts:
       try:
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
+                            best=run.task.BEST_METRIC)
       except Exception as e:  # noqa: BLE001 - Orbax creating the directory
         if (oe := os_error_in(e)) is None:
           raise
