@@ -124,7 +124,7 @@ PROFILES = {
                    overrides="max_len=128,batch_size=16,total_steps=800,warmup_steps=80,lr=2e-3,"
                              "model_options.pre_ln=True,eval_every=0,eval_max_batches=0",
                    field="max_len", base=128, sizes=(64, 128, 256, 512), encodings=BERT_ENCODINGS, finetune_steps=20,
-                   finetune_lr_scale=0.25, posenc_lr_mult=0.1, variants=SCALED_SINCOS),
+                   finetune_lr_scale=0.25, posenc_lr_mult=0.1, variants=SCALED_SINCOS, seeds=(0, 1, 2)),
         # GPT: byte-level BPE of 512 (near character level: 2.2M train tokens), L = 64, 2000 steps of
         # 32 rows; test perplexity at 64..1024 on the same 32,768 test tokens.
         # T5 buckets as in T5's decoder (unidirectional: the GPT is causal) with max_distance = L, so
