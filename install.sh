@@ -37,4 +37,4 @@ python3 -m pip install -q --no-deps --upgrade --target "${POSENC_BENCH_SITE:-$HO
 
 # Prepare the TFDS datasets once (array_record under $POSENC_DATA_DIR, default
 # ~/tensorflow_datasets); a no-op when they are already prepared.
-python3 -c "import posenc.data as d; d.info('fashion_mnist'); d.info('text')"
+python3 -c "import posenc.data as d; d.info('fashion_mnist'); d.info('digits'); d.info('text')"

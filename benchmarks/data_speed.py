@@ -22,7 +22,7 @@ import jax
 
 from benchmarks.timing import rate
 from configs import bert_small, vit_tiny
-from posenc.data import make_loader
+from posenc.data import Batching, images, masked_lm
 from posenc.training import setup, sharding
 
 # (dataset, split, train, batch size, image size / max_len, model)
@@ -38,10 +38,12 @@ CASES = [
 
 def batches_for(dataset, split, train, batch_size, size, workers, seed=0):
   """Endless batches (an eval loader is one pass: it starts again when exhausted)."""
-  key = "max_len" if dataset == "text" else "image_size"
+  batching = Batching(batch_size, train, seed, worker_count=workers)
   while True:
-    yield from make_loader(dataset, split, batch_size=batch_size, train=train, seed=seed,
-                           worker_count=workers, **{key: size})
+    if dataset == "text":
+      yield from masked_lm.loader(dataset, split, batching, max_len=size)
+    else:
+      yield from images.loader(dataset, split, batching, images.ImageOptions(image_size=size))
 
 
 def make_step(model_name, size, batch):

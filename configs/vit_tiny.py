@@ -3,6 +3,7 @@
     python train.py --config=configs/vit_tiny.py                       # default (short) run
     python train.py --config=configs/vit_tiny.py:full                  # full length (benchmarks, study)
     python train.py --config=configs/vit_tiny.py:hybrid                # conv stem, the best measured accuracy
+    python train.py --config=configs/vit_tiny.py:digits                # scikit-learn's 8x8 digits instead
     python train.py --config=configs/vit_tiny.py:posenc=rope_mixed     # short overrides, comma-separated
     python train.py --config=configs/vit_tiny.py --config.lr=1e-3      # or any field as a flag
 
@@ -69,7 +70,16 @@ def _hybrid(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every = 1000
 
 
-PRESETS = {"full": _full, "hybrid": _hybrid}
+def _digits(c: ml_collections.ConfigDict) -> None:
+  """scikit-learn's 8x8 handwritten digits (1,437 train images; posenc.data.digits): patch 2, a 4x4 grid."""
+  c.dataset = "digits"
+  c.image_size = 8
+  c.patch_size = 2
+  c.total_steps = 600
+  c.warmup_steps = 50
+
+
+PRESETS = {"full": _full, "hybrid": _hybrid, "digits": _digits}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -20,3 +20,58 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+# ------------------------------------------------------------------ shared data-test helpers
+# (after the environment above: posenc.data imports JAX; imported inside the helpers, as only the
+# data tests need it)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FM = "fashion_mnist"
+
+
+@pytest.fixture(scope="session")
+def idx_train():
+  """Fashion-MNIST's 60,000 training images and labels, read from the Debian IDX files."""
+  from posenc.data import fashion_mnist
+  return fashion_mnist.read_split(fashion_mnist.source_dir(), "train")
+
+
+@pytest.fixture(scope="session")
+def idx_test():
+  from posenc.data import fashion_mnist
+  return fashion_mnist.read_split(fashion_mnist.source_dir(), "test")
+
+
+def take(loader_or_iterator, n):
+  it = iter(loader_or_iterator)
+  return [next(it) for _ in range(n)]
+
+
+def concat(batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def unnormalise(images, dataset=FM):
+  """Normalised pixels back to [0, 1] with the dataset's registered statistics."""
+  from posenc.data import registry
+  mean, std = registry.get(dataset).stats
+  return images * std + mean
+
+
+def image_loader(dataset, split, *, batch_size, train, seed=0, process_index=None, process_count=None,
+                 num_epochs=None, **options):
+  """``posenc.data.images.loader`` with the Batching and ImageOptions fields as keywords."""
+  from posenc.data import Batching, images
+  batching = Batching(batch_size, train, seed, num_epochs=num_epochs, process_index=process_index,
+                      process_count=process_count)
+  return images.loader(dataset, split, batching, images.ImageOptions(**options))

@@ -9,7 +9,6 @@ test_data_images.py.
 from __future__ import annotations
 
 import gzip
-import math
 import re
 import shutil
 import struct
@@ -19,37 +18,12 @@ import numpy as np
 import pytest
 
 import posenc.data
-from posenc.data import datasets, fashion_mnist, images, make_loader, pipeline, rdata, text
-
-FM = "fashion_mnist"
-
-
-@pytest.fixture(scope="module")
-def idx_train():
-  return fashion_mnist.read_split(datasets.fashion_mnist_dir(), "train")
+from conftest import FM, assert_batches_equal, image_loader, take, unnormalise
+from posenc.data import Batching, datasets, fashion_mnist, masked_lm, rdata, registry, text
 
 
-@pytest.fixture(scope="module")
-def idx_test():
-  return fashion_mnist.read_split(datasets.fashion_mnist_dir(), "test")
-
-
-def take(loader_or_iterator, n):
-  it = iter(loader_or_iterator)
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
-def unnormalise(images):
-  mean, std = pipeline.IMAGE_STATS[FM]
-  return images * std + mean
+def mlm_loader(split, *, max_len=masked_lm.DEFAULT_MAX_LEN, **batching):
+  return masked_lm.loader("text", split, Batching(**batching), max_len=max_len)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -81,7 +55,7 @@ def test_fashion_mnist_builder_matches_idx_files(idx_train, idx_test):
 
 def test_normalisation_constants_are_the_train_split_statistics(idx_train):
   pixels = idx_train[0][:55_000].astype(np.float64) / 255
-  mean, std = pipeline.IMAGE_STATS[FM]
+  mean, std = registry.get(FM).stats
   assert abs(pixels.mean() - mean) < 1e-4 and abs(pixels.std() - std) < 1e-4
 
 
@@ -184,7 +158,7 @@ def test_missing_fashion_mnist_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("damage", ["magic", "truncated", "not_gzip"])
 def test_corrupt_idx_file_is_one_clear_error(tmp_path, damage):
   source = tmp_path / "source"
-  shutil.copytree(datasets.fashion_mnist_dir(), source)
+  shutil.copytree(fashion_mnist.source_dir(), source)
   bad = source / "t10k-labels-idx1-ubyte.gz"
   raw = gzip.decompress(bad.read_bytes())
   if damage == "magic":
@@ -218,23 +192,22 @@ def test_unknown_and_unprepared_tfds_datasets_fail_fast(tmp_path, monkeypatch):
     (dict(process_index=2, process_count=2), "process_index must be an integer in"),
     (dict(seed=-1), "seed must be an integer"),
     (dict(image_size=(0, 5)), r"image size \(0, 5\) must be a positive"),
-    (dict(max_len=64), "max_len is for dataset 'text'"),
     (dict(split="valid"), "Unknown split 'valid'"),
     (dict(train=False, num_epochs=2), "num_epochs is for training"),
 ])
 def test_bad_loader_arguments_are_clear_errors(kwargs, match):
   args = dict(dataset=FM, split="test", batch_size=8, train=True, seed=0) | kwargs
   with pytest.raises(ValueError, match=match):
-    make_loader(args.pop("dataset"), args.pop("split"), **args)
+    image_loader(args.pop("dataset"), args.pop("split"), **args)
 
 
 # -------------------------------------------------------------------- image pipelines
 
 def test_image_batches_deterministic_and_seeded():
   kw = dict(batch_size=16, train=True, image_size=(20, 12))
-  a = take(make_loader(FM, "validation", seed=3, **kw), 3)
-  assert_batches_equal(a, take(make_loader(FM, "validation", seed=3, **kw), 3))
-  c = take(make_loader(FM, "validation", seed=4, **kw), 3)
+  a = take(image_loader(FM, "validation", seed=3, **kw), 3)
+  assert_batches_equal(a, take(image_loader(FM, "validation", seed=3, **kw), 3))
+  c = take(image_loader(FM, "validation", seed=4, **kw), 3)
   assert not np.array_equal(a[0]["label"], c[0]["label"])
   assert a[0]["image"].shape == (16, 20, 12, 1) and a[0]["image"].dtype == np.float32
   assert a[0]["label"].dtype == np.int32 and a[0]["valid"].all()
@@ -243,7 +216,7 @@ def test_image_batches_deterministic_and_seeded():
 def test_image_resume_mid_epoch_and_orbax_checkpoint(tmp_path):
   import orbax.checkpoint as ocp
   kw = dict(batch_size=32, train=True, seed=5, image_sizes=(20, 28))  # augmented (train) and sized per batch
-  loader = make_loader(FM, "validation", **kw)
+  loader = image_loader(FM, "validation", **kw)
   it = iter(loader)
   take(it, 150)  # an epoch is 156 batches: the next ones cross into epoch 2
   state = it.get_state()
@@ -252,17 +225,17 @@ def test_image_resume_mid_epoch_and_orbax_checkpoint(tmp_path):
     manager.wait_until_finished()
   expected = take(it, 10)
   assert {b["image"].shape[1] for b in expected} == {20, 28}
-  resumed = iter(make_loader(FM, "validation", **kw))
+  resumed = iter(image_loader(FM, "validation", **kw))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 10), expected)
-  restored = iter(make_loader(FM, "validation", **kw))
+  restored = iter(image_loader(FM, "validation", **kw))
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
     manager.restore(150, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
   assert_batches_equal(take(restored, 10), expected)
 
 
 def test_epochs_are_permutations_of_the_split():
-  loader = make_loader(FM, "test[:600]", batch_size=40, train=True, seed=1, num_epochs=2,
+  loader = image_loader(FM, "test[:600]", batch_size=40, train=True, seed=1, num_epochs=2,
                        augment=False)
   batches = list(loader)
   assert len(batches) == 30
@@ -278,8 +251,8 @@ def test_epochs_are_permutations_of_the_split():
     dict(train=False, protocol="canvas", object_size=20, image_size=(12, 28))])
 def test_two_processes_split_every_global_batch(extra):
   kw = dict(batch_size=16, seed=2, image_size=(14, 14)) | extra
-  whole = take(make_loader(FM, "validation", process_index=0, process_count=1, **kw), 4)
-  parts = [take(make_loader(FM, "validation", process_index=p, process_count=2, **kw), 4)
+  whole = take(image_loader(FM, "validation", process_index=0, process_count=1, **kw), 4)
+  parts = [take(image_loader(FM, "validation", process_index=p, process_count=2, **kw), 4)
            for p in (0, 1)]
   for k in range(4):
     for key in whole[k]:
@@ -290,7 +263,7 @@ def test_two_processes_split_every_global_batch(extra):
 
 def test_eval_covers_the_split_once_with_padding(idx_test):
   images, labels = idx_test[0][:1000], idx_test[1][:1000]
-  batches = list(make_loader(FM, "test[:1000]", batch_size=96, train=False, seed=0))
+  batches = list(image_loader(FM, "test[:1000]", batch_size=96, train=False, seed=0))
   assert len(batches) == 11 and all(b["image"].shape[0] == 96 for b in batches)
   valid = np.concatenate([b["valid"] for b in batches])
   assert valid[:1000].all() and not valid[1000:].any()
@@ -302,22 +275,29 @@ def test_eval_covers_the_split_once_with_padding(idx_test):
 # --------------------------------------------------------------------- text pipelines
 
 @pytest.fixture(scope="module")
+def special():
+  ids = masked_lm.special_ids("text")
+  assert ids == masked_lm.SpecialIds(pad=0, cls=101, sep=102, mask=103)  # BERT uncased's, from the tokenizer
+  return ids
+
+
+@pytest.fixture(scope="module")
 def val_stream():
-  return np.concatenate(pipeline.split_paragraphs("validation", datasets.data_dir()))
+  return np.concatenate(masked_lm.split_paragraphs("text", "validation", datasets.data_dir()))
 
 
-def test_text_eval_covers_the_stream_once_at_every_length(val_stream):
+def test_text_eval_covers_the_stream_once_at_every_length(val_stream, special):
   masked_at = {}
   for max_len in (64, 200):
-    batches = list(make_loader("text", "validation", batch_size=16, train=False, seed=0,
+    batches = list(mlm_loader("validation", batch_size=16, train=False, seed=0,
                                max_len=max_len))
     rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     valid = rows["valid"]
     assert rows["input_ids"].shape[1] == max_len and len(valid) % 16 == 0
     targets = rows["mlm_targets"][valid]
-    assert (targets[:, 0] == pipeline.CLS).all()
-    np.testing.assert_array_equal(rows["padding_mask"][valid], targets != pipeline.PAD)
-    real = ~np.isin(targets, [pipeline.CLS, pipeline.SEP, pipeline.PAD])
+    assert (targets[:, 0] == special.cls).all()
+    np.testing.assert_array_equal(rows["padding_mask"][valid], targets != special.pad)
+    real = ~np.isin(targets, [special.cls, special.sep, special.pad])
     np.testing.assert_array_equal(targets[real], val_stream)  # every token once, in order
     assert (rows["padding_mask"][valid].sum(1) == max_len)[:-1].all()  # packed: no padding
     masked_at[max_len] = np.flatnonzero(rows["mlm_weights"][valid][real])
@@ -325,41 +305,41 @@ def test_text_eval_covers_the_stream_once_at_every_length(val_stream):
   np.testing.assert_array_equal(masked_at[64], masked_at[200])
 
 
-def test_text_segments_alternate_per_paragraph():
-  batch = next(iter(make_loader("text", "validation", batch_size=4, train=False, seed=0)))
+def test_text_segments_alternate_per_paragraph(special):
+  batch = next(iter(mlm_loader("validation", batch_size=4, train=False, seed=0)))
   for ids, seg in zip(batch["mlm_targets"], batch["segment_ids"]):
     expected, kind = [0], 0
     for token in ids[1:]:
-      expected.append(kind if token != pipeline.PAD else 0)
-      if token == pipeline.SEP:
+      expected.append(kind if token != special.pad else 0)
+      if token == special.sep:
         kind = 1 - kind
     np.testing.assert_array_equal(seg, expected)
 
 
-def test_mlm_masking_statistics_on_real_batches():
-  batches = take(make_loader("text", "validation", batch_size=64, train=True, seed=0,
+def test_mlm_masking_statistics_on_real_batches(special):
+  batches = take(mlm_loader("validation", batch_size=64, train=True, seed=0,
                              max_len=128), 6)
   inputs = np.concatenate([b["input_ids"] for b in batches])
   targets = np.concatenate([b["mlm_targets"] for b in batches])
   selected = np.concatenate([b["mlm_weights"] for b in batches]).astype(bool)
-  special = np.isin(targets, [pipeline.CLS, pipeline.SEP, pipeline.PAD])
-  assert not selected[special].any()
-  np.testing.assert_array_equal(inputs[special | ~selected], targets[special | ~selected])
-  n = (~special).sum()  # ~48k tokens: 4 sigma of a 15% rate is 0.65%
+  is_special = np.isin(targets, [special.cls, special.sep, special.pad])
+  assert not selected[is_special].any()
+  np.testing.assert_array_equal(inputs[is_special | ~selected], targets[is_special | ~selected])
+  n = (~is_special).sum()  # ~48k tokens: 4 sigma of a 15% rate is 0.65%
   rate = selected.sum() / n
   assert abs(rate - 0.15) < 4 * np.sqrt(0.15 * 0.85 / n)
   chosen_in, chosen_target, m = inputs[selected], targets[selected], selected.sum()
-  as_mask = (chosen_in == pipeline.MASK).mean()
+  as_mask = (chosen_in == special.mask).mean()
   kept = (chosen_in == chosen_target).mean()
-  replaced = ((chosen_in != chosen_target) & (chosen_in != pipeline.MASK)).mean()
+  replaced = ((chosen_in != chosen_target) & (chosen_in != special.mask)).mean()
   for observed, p in ((as_mask, 0.8), (kept, 0.1), (replaced, 0.1)):
     assert abs(observed - p) < 4 * np.sqrt(p * (1 - p) / m) + 1e-3
-  assert np.isin(chosen_in[(chosen_in != chosen_target) & (chosen_in != pipeline.MASK)],
-                 pipeline.regular_token_ids()).all()
+  assert np.isin(chosen_in[(chosen_in != chosen_target) & (chosen_in != special.mask)],
+                 masked_lm.regular_token_ids("text")).all()
 
 
 def test_train_masks_are_fresh_every_epoch():
-  batches = list(make_loader("text", "validation", batch_size=4, train=True, seed=0,
+  batches = list(mlm_loader("validation", batch_size=4, train=True, seed=0,
                              num_epochs=2, max_len=128))
   rows: dict[bytes, list[np.ndarray]] = {}
   for b in batches:
@@ -372,15 +352,15 @@ def test_train_masks_are_fresh_every_epoch():
 
 def test_text_resume_and_process_sharding():
   kw = dict(batch_size=8, train=True, seed=11, max_len=32)
-  it = iter(make_loader("text", "validation", **kw))
+  it = iter(mlm_loader("validation", **kw))
   take(it, 5)
   state = it.get_state()
   expected = take(it, 4)
-  resumed = iter(make_loader("text", "validation", **kw))
+  resumed = iter(mlm_loader("validation", **kw))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 4), expected)
-  whole = take(make_loader("text", "validation", **kw), 3)
-  parts = [take(make_loader("text", "validation", process_index=p, process_count=2, **kw), 3)
+  whole = take(mlm_loader("validation", **kw), 3)
+  parts = [take(mlm_loader("validation", process_index=p, process_count=2, **kw), 3)
            for p in (0, 1)]
   for k in range(3):
     for key in whole[k]:

@@ -8,15 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from posenc.data import datasets, images, make_loader, pipeline
-from test_data import FM, assert_batches_equal, idx_test, take, unnormalise  # noqa: F401 (a fixture)
+from conftest import FM, assert_batches_equal, image_loader, take, unnormalise
+from posenc.data import datasets, images, registry
 
 
 @pytest.mark.parametrize("size", [(14, 40), (56, 21), (28, 28)])
 def test_resize_matches_torch_bilinear_antialias(size):
   torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
-  native = next(iter(make_loader(FM, "test", batch_size=8, train=False, seed=0)))["image"]
-  resized = next(iter(make_loader(FM, "test", batch_size=8, train=False, seed=0,
+  native = next(iter(image_loader(FM, "test", batch_size=8, train=False, seed=0)))["image"]
+  resized = next(iter(image_loader(FM, "test", batch_size=8, train=False, seed=0,
                                   image_size=size)))["image"]
   expected = torch.nn.functional.interpolate(
       torch.from_numpy(native).permute(0, 3, 1, 2), size=size, mode="bilinear",
@@ -87,9 +87,9 @@ def test_crop_boxes_follow_torchvision_semantics(height, width, scale):
 
 def test_augmentation_is_a_seeded_random_resized_crop_and_flip():
   kw = dict(batch_size=64, train=True, seed=9)
-  plain = unnormalise(next(iter(make_loader(FM, "validation", augment=False, **kw)))["image"])[..., 0]
+  plain = unnormalise(next(iter(image_loader(FM, "validation", augment=False, **kw)))["image"])[..., 0]
   # crop_scale (1, 1): the box is the whole image (or the centre crop, the whole image too)
-  whole = unnormalise(next(iter(make_loader(FM, "validation", crop_scale=(1, 1), **kw)))["image"])[..., 0]
+  whole = unnormalise(next(iter(image_loader(FM, "validation", crop_scale=(1, 1), **kw)))["image"])[..., 0]
   same = np.array([np.array_equal(x, y) for x, y in zip(plain, whole)])  # the same float ops: exact
   mirrored = np.array([np.array_equal(x[:, ::-1], y) for x, y in zip(plain, whole)])
   assert (same | mirrored).all()
@@ -97,10 +97,10 @@ def test_augmentation_is_a_seeded_random_resized_crop_and_flip():
   flipped = mirrored[~symmetric]
   assert len(flipped) > 55 and abs(flipped.mean() - 0.5) < 4 * np.sqrt(0.25 / len(flipped))
   # crop_scale (0.35, 1): each image is its source's crop, in the closed-form range, resized back
-  loader = make_loader(FM, "validation", crop_scale=(0.35, 1.0), **kw)
+  loader = image_loader(FM, "validation", crop_scale=(0.35, 1.0), **kw)
   augmented = unnormalise(next(iter(loader))["image"])[..., 0]
-  assert_batches_equal(take(loader, 2), take(make_loader(FM, "validation", crop_scale=(0.35, 1.0), **kw), 2))
-  other = next(iter(make_loader(FM, "validation", crop_scale=(0.35, 1.0), **(kw | dict(seed=10)))))
+  assert_batches_equal(take(loader, 2), take(image_loader(FM, "validation", crop_scale=(0.35, 1.0), **kw), 2))
+  other = next(iter(image_loader(FM, "validation", crop_scale=(0.35, 1.0), **(kw | dict(seed=10)))))
   assert not np.array_equal(other["image"], augmented)
   scaled = 0
   for x, y in zip(plain[:4], augmented[:4]):
@@ -116,36 +116,36 @@ def test_augmentation_is_a_seeded_random_resized_crop_and_flip():
 
 def test_train_image_sizes_drawn_per_batch_seeded_and_resumable():
   kw = dict(batch_size=8, train=True, image_size=32, image_sizes=(24, 32, (40, 16)))
-  it = iter(make_loader(FM, "validation", seed=0, **kw))
+  it = iter(image_loader(FM, "validation", seed=0, **kw))
   batches = take(it, 12)
   sizes = [b["image"].shape[1:3] for b in batches]
   assert set(sizes) == {(24, 24), (32, 32), (40, 16)}
   assert all(b["image"].shape[0] == 8 and b["label"].shape == (8,) for b in batches)
-  assert_batches_equal(batches, take(make_loader(FM, "validation", seed=0, **kw), 12))
-  other = [b["image"].shape[1:3] for b in take(make_loader(FM, "validation", seed=1, **kw), 12)]
+  assert_batches_equal(batches, take(image_loader(FM, "validation", seed=0, **kw), 12))
+  other = [b["image"].shape[1:3] for b in take(image_loader(FM, "validation", seed=1, **kw), 12)]
   assert other != sizes
   state = it.get_state()
   expected = take(it, 6)
-  resumed = iter(make_loader(FM, "validation", seed=0, **kw))
+  resumed = iter(image_loader(FM, "validation", seed=0, **kw))
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 6), expected)
   with pytest.raises(ValueError, match="image_sizes.*for training"):
-    make_loader(FM, "test", batch_size=8, train=False, seed=0, image_sizes=(24, 32))
+    image_loader(FM, "test", batch_size=8, train=False, seed=0, image_sizes=(24, 32))
   with pytest.raises(ValueError, match="crop_scale"):
-    make_loader(FM, "test", batch_size=8, train=True, seed=0, crop_scale=(0.5, 0.2))
+    image_loader(FM, "test", batch_size=8, train=True, seed=0, crop_scale=(0.5, 0.2))
   with pytest.raises(ValueError, match="protocol"):
-    make_loader(FM, "test", batch_size=8, train=False, seed=0, protocol="stretch")
+    image_loader(FM, "test", batch_size=8, train=False, seed=0, protocol="stretch")
 
 
 def eval_images(size, protocol="zoom", object_size=None, seed=0, split="test[:48]"):
-  batches = list(make_loader(FM, split, batch_size=16, train=False, seed=seed, image_size=size,
+  batches = list(image_loader(FM, split, batch_size=16, train=False, seed=seed, image_size=size,
                              protocol=protocol, object_size=object_size))
   return np.concatenate([b["image"] for b in batches])[..., 0]
 
 
 def test_zoom_is_the_resize_and_ignores_object_size(idx_test):
   raw = idx_test[0][:48].reshape(48, 28, 28, 1).astype(np.float32) / 255
-  mean, std = pipeline.IMAGE_STATS[FM]
+  mean, std = registry.get(FM).stats
   expected = (images.resize_images(raw, (44, 44))[..., 0] - mean) / std
   np.testing.assert_array_equal(eval_images(44), expected.astype(np.float32))
   np.testing.assert_array_equal(eval_images(44, "zoom", object_size=32), expected.astype(np.float32))
@@ -153,7 +153,7 @@ def test_zoom_is_the_resize_and_ignores_object_size(idx_test):
 
 def blank_pixel():
   """A raw 0 pixel, normalised as the pipeline does (in float32)."""
-  mean, std = pipeline.IMAGE_STATS[FM]
+  mean, std = registry.get(FM).stats
   return ((np.zeros((), np.float32) - mean) / std).astype(np.float32)
 
 
@@ -198,7 +198,7 @@ def test_canvas_places_the_trained_scale_image_at_a_seeded_offset(size):
 
 def test_canvas_at_the_object_size_is_the_trained_image_and_padding_is_valid_false():
   np.testing.assert_array_equal(eval_images(32, "canvas", object_size=32), eval_images(32))
-  batches = list(make_loader(FM, "test[:40]", batch_size=16, train=False, seed=0, image_size=56,
+  batches = list(image_loader(FM, "test[:40]", batch_size=16, train=False, seed=0, image_size=56,
                              protocol="canvas", object_size=28))
   valid = np.concatenate([b["valid"] for b in batches])
   assert len(valid) == 48 and valid[:40].all() and not valid[40:].any()

@@ -10,27 +10,22 @@ import sys
 import numpy as np
 import pytest
 
-from posenc.data import datasets, lm, lm_eval_loader, lm_loader
+from conftest import assert_batches_equal, concat, take
+from posenc.data import Batching, datasets, lm
 
 VOCAB = 512  # trains in seconds
 EVAL_LENGTHS = (16, 64, 256)
 
 
-def take(loader_or_iterator, n):
-  it = iter(loader_or_iterator)
-  return [next(it) for _ in range(n)]
+def lm_loader(split, *, max_len, vocab_size=VOCAB, **batching):
+  """Packed training rows (train=False: in order, once)."""
+  return lm.loader(split, Batching(**{"train": True} | batching), max_len=max_len, vocab_size=vocab_size)
 
 
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
-def concat(batches):
-  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+def lm_eval_loader(split, *, length, scored_tokens, stride=None, vocab_size=VOCAB, **batching):
+  """The evaluation windows of ``length`` tokens."""
+  return lm.loader(split, Batching(train=False, **batching), max_len=length, scored_tokens=scored_tokens,
+                   stride=stride, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -228,15 +223,15 @@ def test_eval_short_first_windows_are_padded_at_the_end(val):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(scored_tokens=100), "must be a multiple of length 64"),
-    (dict(stride=128), "stride 128 must be at most length 64"),
+    (dict(scored_tokens=100), "must be a multiple of max_len 64"),
+    (dict(stride=128), "stride 128 must be at most max_len 64"),
     (dict(stride=48), "must be a multiple of stride 48"),
     (dict(stride=0), "stride must be an integer"),
     (dict(scored_tokens=64 * 10**6), "exceeds the .* targets"),
     (dict(batch_size=10, process_count=4, process_index=0), "divisible by process_count"),
     (dict(split="valid"), "Unknown split 'valid'"),
     (dict(vocab_size=100), "vocab_size must be an integer >= 257"),
-    (dict(length=0), "length must be an integer"),
+    (dict(length=0), "max_len must be an integer"),
 ])
 def test_bad_eval_arguments_are_clear_errors(val, kwargs, match):
   args = dict(split="validation", batch_size=8, length=64, scored_tokens=64 * 20,

@@ -16,7 +16,7 @@ import pytest
 
 from posenc import tasks
 from posenc.config import ConfigError, load_config_file
-from posenc.data import make_loader
+from conftest import image_loader
 from posenc.training import setup, train, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,18 +71,18 @@ def test_task_loaders_follow_the_protocol_and_sizes():
   assert multi == [24, 32, 24, 32, 32, 24]
   np.testing.assert_array_equal(  # several sizes: zoom, whatever the protocol
       first(task.loader(cfg, "validation", train=True, batch_size=8))["image"],
-      first(make_loader(**kw, train=True, image_size=32, image_sizes=(24, 32), crop_scale=(0.35, 1.0)))["image"])
+      first(image_loader(**kw, train=True, image_size=32, image_sizes=(24, 32), crop_scale=(0.35, 1.0)))["image"])
   np.testing.assert_array_equal(  # evaluation at 48: the 32-px object on a 48-px canvas
       first(task.loader(cfg, "validation", train=False, batch_size=8, size=48))["image"],
-      first(make_loader(**kw, train=False, image_size=48, protocol="canvas", object_size=32))["image"])
+      first(image_loader(**kw, train=False, image_size=48, protocol="canvas", object_size=32))["image"])
   tune = config("image_size=48,train_image_sizes=(),eval_protocol=canvas,object_size=32")  # canvas fine-tuning
   np.testing.assert_array_equal(
       first(task.loader(tune, "validation", train=True, batch_size=8))["image"],
-      first(make_loader(**kw, train=True, image_size=48, protocol="canvas", object_size=32))["image"])
+      first(image_loader(**kw, train=True, image_size=48, protocol="canvas", object_size=32))["image"])
   zoom = config("image_size=48,train_image_sizes=()")  # object_size 0 = image_size: plain resize
   np.testing.assert_array_equal(
       first(task.loader(zoom, "validation", train=False, batch_size=8, size=24))["image"],
-      first(make_loader(**kw, train=False, image_size=24))["image"])
+      first(image_loader(**kw, train=False, image_size=24))["image"])
 
 
 # --------------------------------------------------------------------------- runs

@@ -9,20 +9,13 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import FM, image_loader, unnormalise
 from posenc.config import ConfigError
-from posenc.data import images, make_loader, pipeline
+from posenc.data import images
 from posenc.tasks.base import cross_entropy
 
 scipy = pytest.importorskip("scipy", reason="no scipy (pip install -e .[test])")
 import scipy.ndimage  # noqa: E402
-
-FM = "fashion_mnist"
-
-
-def _unnormalise(x):
-  mean, std = pipeline.IMAGE_STATS[FM]
-  return x * std + mean
-
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3])
 def test_label_smoothing_matches_optax_smoothed_targets(alpha):
@@ -59,14 +52,14 @@ def test_translate_images_is_a_zero_filled_shift():
 
 
 def _batch(seed, train=True, **kw):
-  return next(iter(make_loader(FM, "validation", batch_size=64, train=train, seed=seed, **kw)))["image"][..., 0]
+  return next(iter(image_loader(FM, "validation", batch_size=64, train=train, seed=seed, **kw)))["image"][..., 0]
 
 
 def test_flip_and_translate_are_seeded_draws_of_the_closed_form():
-  plain = _unnormalise(_batch(3, augment=False))
-  moved = _unnormalise(_batch(3, augment=False, flip=True, translate=2))
-  np.testing.assert_array_equal(moved, _unnormalise(_batch(3, augment=False, flip=True, translate=2)))
-  assert not np.array_equal(moved, _unnormalise(_batch(4, augment=False, flip=True, translate=2)))
+  plain = unnormalise(_batch(3, augment=False))
+  moved = unnormalise(_batch(3, augment=False, flip=True, translate=2))
+  np.testing.assert_array_equal(moved, unnormalise(_batch(3, augment=False, flip=True, translate=2)))
+  assert not np.array_equal(moved, unnormalise(_batch(4, augment=False, flip=True, translate=2)))
   seen = set()
   for x, y in zip(plain, moved):
     found = [(dy, dx, f) for f in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)
@@ -77,7 +70,7 @@ def test_flip_and_translate_are_seeded_draws_of_the_closed_form():
   # evaluation (train=False) is never shifted or flipped
   np.testing.assert_array_equal(_batch(3, train=False, flip=True, translate=2), _batch(3, train=False))
   with pytest.raises(ValueError, match="translate"):
-    make_loader(FM, "validation", batch_size=8, train=True, seed=0, translate=-1)
+    image_loader(FM, "validation", batch_size=8, train=True, seed=0, translate=-1)
 
 
 def test_random_erasing_boxes_follow_the_closed_form_and_the_first_fit_rule():
@@ -118,4 +111,4 @@ def test_random_erasing_is_a_seeded_noise_rectangle_in_training_only():
     assert abs(e[box].mean()) < 0.5 and 0.6 < e[box].std() < 1.4  # standard normal noise
   np.testing.assert_array_equal(_batch(5, train=False, random_erasing=1.0), _batch(5, train=False))
   with pytest.raises(ValueError, match="random_erasing"):
-    make_loader(FM, "validation", batch_size=8, train=True, seed=0, random_erasing=1.5)
+    image_loader(FM, "validation", batch_size=8, train=True, seed=0, random_erasing=1.5)

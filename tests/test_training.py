@@ -30,7 +30,7 @@ from flax import nnx
 
 from posenc import models, tasks
 from posenc.config import load_config_file
-from posenc.data import pipeline
+from posenc.data import masked_lm
 from posenc.tasks.base import cross_entropy
 from posenc.tasks.masked_lm import masked_positions
 from posenc.training import ConfigError, NonFiniteLossError, setup, train, validate
@@ -153,7 +153,7 @@ def test_bad_config_gives_one_clear_error(name, arg, field):
 
 
 def test_unknown_presets_and_fields_suggest_the_closest():
-  with pytest.raises(ConfigError, match=r"preset 'fulll' \(did you mean 'full'\?\); choose from \['full',"):
+  with pytest.raises(ConfigError, match=r"preset 'fulll' \(did you mean 'full'\?\); choose from \['digits', 'full',"):
     load_config("vit_tiny", "fulll")
   with pytest.raises(ConfigError, match=r"config has no field 'lrr' \(did you mean 'lr'\?\); fields: "):
     load_config("gpt_tiny", "lrr=1")
@@ -243,8 +243,8 @@ def test_weight_decay_hits_matrices_only():
 @pytest.mark.parametrize("length", [16, 64, 128, 512, 2048])
 def test_mlm_capacity_overflows_with_negligible_probability(length):
   stats = pytest.importorskip("scipy.stats", reason="no scipy (pip install -e .[test])")
-  cap = pipeline.mlm_capacity(length)
-  assert cap <= length and stats.binom.sf(cap, length, pipeline.MASK_RATE) < 1e-8
+  cap = masked_lm.mlm_capacity(length)
+  assert cap <= length and stats.binom.sf(cap, length, masked_lm.MASK_RATE) < 1e-8
   assert length < 64 or cap < length / 2  # and the head does run on a fraction of the row
 
 
@@ -253,7 +253,7 @@ def test_mlm_loss_at_masked_positions_equals_the_full_logits_loss():
                         num_heads=2, mlp_dim=32, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   ids = rng.integers(1, 50, (4, 32)).astype(np.int32)
-  weights = (rng.random((4, 32)) < pipeline.MASK_RATE).astype(np.float32)
+  weights = (rng.random((4, 32)) < masked_lm.MASK_RATE).astype(np.float32)
   weights[0] = 0.0  # a row with nothing masked
   batch = {"input_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": np.ones((4, 32), bool),
            "mlm_targets": rng.integers(1, 50, (4, 32)).astype(np.int32), "mlm_weights": weights,

@@ -26,14 +26,16 @@ import zlib
 import grain
 import numpy as np
 
-from posenc.data.datasets import DatasetInfo
+from posenc.data import datasets, registry
 from posenc.data.synthetic import ENDLESS
 
 NAME = "algorithmic"
 TASKS = ("copy", "reverse", "add", "lookup")
 LOOKUP_KEYS = 64        # lookup's key tokens: up to 64 distinct keys (n <= 64) per row
 EVAL_EXAMPLES = 1_000   # the default per evaluated size; the split sizes below are nominal
-INFO = DatasetInfo(name=NAME, splits={"train": ENDLESS, "validation": EVAL_EXAMPLES, "test": EVAL_EXAMPLES})
+registry.register(registry.Dataset(
+    name=NAME, split_sizes={"train": ENDLESS, "validation": EVAL_EXAMPLES, "test": EVAL_EXAMPLES}))
+INFO = datasets.info(NAME)
 SPECIALS = ("BOS", "SEP", "EOS", "PLUS", "PAD")
 
 

@@ -4,7 +4,7 @@ The Debian package installs the four gzipped IDX files of the original release
 (zalandoresearch/fashion-mnist) under /usr/share/datasets/fashion-mnist/. The
 builder prepares the canonical splits as array_record: "train" (60,000) and
 "test" (10,000), 28x28x1 uint8 images (stored raw), labels 0..9. The validation split is
-carved from train by posenc.data (see datasets.SPLITS): the LAST 5,000 training
+carved from train by the registry entry's splits (the end of this module): the LAST 5,000 training
 images are "validation", the first 55,000 are "train".
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from posenc.data import datasets, registry
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {  # split -> (images, labels)
@@ -73,6 +75,12 @@ def read_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, n
   return images[..., None], labels
 
 
+def source_dir() -> str:
+  """The installed Debian package, or the same files unpacked under POSENC_DEBIAN_DIR."""
+  unpacked = os.path.join(datasets.debian_dir(), DEBIAN_DIR.lstrip("/"))
+  return unpacked if not os.path.isdir(DEBIAN_DIR) and os.path.isdir(unpacked) else DEBIAN_DIR
+
+
 def check_source(source_dir: str | os.PathLike) -> None:
   """Raises the one clear error if a Fashion-MNIST file is absent, corrupt or truncated."""
   for split in FILES:
@@ -107,3 +115,10 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
     for i, (image, label) in enumerate(zip(images, labels)):
       yield i, {"image": image, "label": int(label)}
+
+
+registry.register(registry.Dataset(
+    name="fashion_mnist", builder=FashionMnistDebian, source_dir=source_dir, check_source=check_source,
+    splits={"train": "train[:55000]", "validation": "train[55000:]", "test": "test"},
+    features=registry.Features(num_classes=len(CLASS_NAMES), channels=1, image_size=(28, 28)),
+    stats=(0.2858, 0.3529)))  # mean, std of the 55,000 train images' pixels in [0, 1]

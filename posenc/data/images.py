@@ -1,4 +1,5 @@
-"""Image preprocessing for the grain pipelines: scale augmentation, sizes, the two protocols.
+"""The image pipeline: ``loader(dataset, split, batching, options)``, and its preprocessing (scale
+augmentation, sizes, the two protocols). Order, sharding and resume: posenc.data.batching.
 
 One batch of uint8 images [b, h, w, c] (the stored size) becomes float32 [b, H, W, c]:
 
@@ -28,7 +29,8 @@ One batch of uint8 images [b, h, w, c] (the stored size) becomes float32 [b, H, 
    per image and axis: at evaluation u is fixed per image of the split (from the seed
    and the image's index: the same placement at every evaluation, and the same relative
    position at every canvas size); in training it is drawn per batch.
-5. Normalisation (x - mean) / std with the train split's statistics.
+5. Normalisation (x - mean) / std with the train split's statistics (the registry entry's
+   ``stats``; Fashion-MNIST: mean 0.2858, std 0.3529 over its 55,000 train images).
 
 Resizing is PIL's bilinear filter on float32 (antialiased when shrinking: the same as
 torch F.interpolate(mode="bilinear", antialias=True, align_corners=False)). All
@@ -45,10 +47,9 @@ import grain
 import numpy as np
 import PIL.Image
 
-from posenc.encodings.base import as_hw
+from posenc.data import batching as batching_, datasets, registry
+from posenc.geometry import as_hw
 
-IMAGE_STATS = {"fashion_mnist": (0.2858, 0.3529)}  # (mean, std) of the train split, pixels in [0, 1]
-DEFAULT_IMAGE_STATS = (0.5, 0.5)  # maps [0, 1] to [-1, 1]
 PROTOCOLS = ("zoom", "canvas")
 DEFAULT_CROP_SCALE = (0.35, 1.0)  # area fraction of a random-resized crop (timm's default: (0.08, 1))
 CROP_RATIO = (3 / 4, 4 / 3)       # aspect ratio (w / h) range of a random-resized crop
@@ -264,28 +265,59 @@ class ImagePreprocess(grain.transforms.RandomMap):
             "label": batch["label"], "valid": batch["valid"]}
 
 
-def image_preprocess(dataset: str, *, num_records: int, train: bool, seed: int, image_size=None,
-                     image_sizes=(), object_size=None, protocol: str = "zoom", augment: bool | None = None,
-                     crop_scale=DEFAULT_CROP_SCALE, flip: bool = False, translate: int = 0,
-                     random_erasing: float = 0.0, process_index: int = 0, process_count: int = 1) -> ImagePreprocess:
-  """The checked ``ImagePreprocess`` of ``make_loader``'s image arguments (ValueError if bad)."""
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
-  image_sizes = tuple(image_sizes or ())
-  if image_sizes and not train:
-    raise ValueError("image_sizes (one size drawn per batch) is for training; evaluate at one image_size.")
-  sizes = tuple(as_hw(s) for s in image_sizes) or (None if image_size is None else as_hw(image_size),)
-  canvas = protocol == "canvas" and object_size is not None
-  if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
-    raise ValueError(f"translate must be an int >= 0 (pixels), got {translate!r}.")
-  if (isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float))
-      or not 0 <= random_erasing <= 1):
-    raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing!r}.")
-  mean, std = IMAGE_STATS.get(dataset, DEFAULT_IMAGE_STATS)
-  return ImagePreprocess(
-      sizes, mean, std, train if augment is None else bool(augment),
-      object_size=as_hw(object_size) if canvas else None, crop_scale=check_crop_scale(crop_scale),
-      flip=train and bool(flip), translate=translate if train else 0,
-      random_erasing=float(random_erasing) if train else 0.0,
-      fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
-      process_index=process_index, process_count=process_count)
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+  """How a loader sizes and augments images (see the module docstring). ``image_size`` (int or
+  (h, w); None: as stored) is the output size; ``image_sizes`` (training only) draws one of them per
+  global batch instead. ``augment`` (default: train) is a random-resized crop of area fraction in
+  ``crop_scale`` + flip; ``flip`` alone flips, ``translate`` t shifts by up to t pixels per axis and
+  ``random_erasing`` p erases a box with probability p (training only). ``protocol`` "zoom"
+  resamples the image to the output size; "canvas" resizes it to ``object_size`` and places it on
+  (or crops it from) the output-size canvas at a seeded position (object_size None: zoom)."""
+  image_size: int | tuple[int, int] | None = None
+  image_sizes: tuple = ()
+  object_size: int | tuple[int, int] | None = None
+  protocol: str = "zoom"
+  augment: bool | None = None
+  crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
+  flip: bool = False
+  translate: int = 0
+  random_erasing: float = 0.0
+
+  def preprocess(self, stats: tuple[float, float], *, num_records: int, train: bool, seed: int,
+                 process_index: int = 0, process_count: int = 1) -> ImagePreprocess:
+    """The checked ``ImagePreprocess`` of these options (ValueError if bad), normalising with ``stats``."""
+    if self.protocol not in PROTOCOLS:
+      raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
+    image_sizes = tuple(self.image_sizes or ())
+    if image_sizes and not train:
+      raise ValueError("image_sizes (one size drawn per batch) is for training; evaluate at one image_size.")
+    sizes = tuple(as_hw(s) for s in image_sizes) or (None if self.image_size is None else as_hw(self.image_size),)
+    canvas = self.protocol == "canvas" and self.object_size is not None
+    translate, random_erasing = self.translate, self.random_erasing
+    if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
+      raise ValueError(f"translate must be an int >= 0 (pixels), got {translate!r}.")
+    if (isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float))
+        or not 0 <= random_erasing <= 1):
+      raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing!r}.")
+    mean, std = stats
+    return ImagePreprocess(
+        sizes, mean, std, train if self.augment is None else bool(self.augment),
+        object_size=as_hw(self.object_size) if canvas else None, crop_scale=check_crop_scale(self.crop_scale),
+        flip=train and bool(self.flip), translate=translate if train else 0,
+        random_erasing=float(random_erasing) if train else 0.0,
+        fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
+        process_index=process_index, process_count=process_count)
+
+
+def loader(dataset: str, split: str, batching: batching_.Batching, options: ImageOptions = ImageOptions(), *,
+           data_dir: str | None = None) -> grain.IterDataset:
+  """Preprocessed image batches of ``dataset``/``split`` for this process: "image" float32
+  [b, H, W, C], "label" int32 [b], "valid" bool [b] (False: evaluation padding)."""
+  directory = data_dir or datasets.data_dir()
+  datasets.info(dataset, directory)  # a clear error unless it has fixed-size images + labels
+  records = ImageRecords(datasets.source(dataset, split, directory))
+  transform = options.preprocess(registry.get(dataset).stats, num_records=len(records), train=batching.train,
+                                 seed=batching.seed, **batching.shard)
+  return batching_.batches(len(records), batching, batching_.ReadBatch(records), transform,
+                           what=f"Split {split!r} of {dataset!r}")

@@ -1,4 +1,6 @@
-"""Data for a GPT-style causal LM on the "text" corpus (Austen's six novels + Moby Dick).
+"""The causal-LM pipeline: ``loader(split, batching, max_len=...)`` -> GPT batches of a text dataset
+(default "text": Austen's six novels + Moby Dick; any whose records hold "document", "paragraph"
+and "text").
 
 Tokenizer. A byte-level BPE (HF `tokenizers`: ByteLevel pre-tokenizer and decoder,
 BPE model) trained with BpeTrainer on the train split's paragraph texts only, in
@@ -10,28 +12,28 @@ Documents and streams. A document is a maximal run of consecutive paragraphs of 
 book within one split, its paragraphs joined with "\\n". A split's token stream is
 its documents in corpus order, each followed by <|endoftext|>.
 
-Files (under posenc.data.data_dir() unless data_dir is given), each written
-atomically under a file lock, so concurrent processes prepare them once:
-  <data_dir>/gutenberg_novels_bpe/v<vocab_size>/tokenizer.json
-  <data_dir>/gutenberg_novels_bpe/v<vocab_size>/<split>.npy   (int32 token stream)
+Files (under posenc.data.data_dir() unless data_dir is given; <builder> is the dataset's TFDS
+builder name, gutenberg_novels for "text"), each written atomically under a file lock, so
+concurrent processes prepare them once:
+  <data_dir>/<builder>_bpe/v<vocab_size>/tokenizer.json
+  <data_dir>/<builder>_bpe/v<vocab_size>/<split>.npy   (int32 token stream)
 
 Batches (dicts of numpy arrays, b = this process's rows, L = the row length):
   input_ids [b, L] int32, targets [b, L] int32 (the next token of the stream),
   weights [b, L] float32 (1 = scored), positions [b, L] int32,
   packing_ids [b, L] int32, valid [b] float32 (0 = padding row, all weights 0).
 
-Training (`lm_loader`): the stream cut into consecutive chunks of max_len + 1
+Training (``loader``): the stream cut into consecutive chunks of max_len + 1
 tokens that overlap by one (inputs = chunk[:-1], targets = chunk[1:]); every target
 is scored. Positions start at 0 at the start of a row and after every
 <|endoftext|> (which belongs to the document it ends); packing_ids number the
 documents of a row 1, 2, ... so a model can keep them apart. Rows are shuffled per
 epoch by grain's index shuffle from `seed`; train=False reads them in order, once.
-Sharding and iterator state as in posenc.data.pipeline: process p of P takes global
-rows p, p+P, ...; get_state()/set_state() resume exactly.
+Sharding and iterator state: posenc.data.batching.
 
-Evaluation (`lm_eval_loader`): length generalisation on the split's continuous
-stream (documents not kept apart: positions 0..N-1, packing_ids all 1). Exactly
-the targets stream[1 : scored_tokens + 1] are scored, each once, at every length N:
+Evaluation (``loader(..., scored_tokens=T)``): length generalisation on the split's continuous
+stream (documents not kept apart: positions 0..N-1, packing_ids all 1; N = max_len). Exactly
+the targets stream[1 : T + 1] are scored, each once, at every length N:
   stride=None: windows stream[kN : kN + N], every target scored;
   stride=S:    windows end at e = S, 2S, ..., scored_tokens; the input
                stream[max(0, e - N) : e] starts the row (a short first window is
@@ -42,18 +44,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import uuid
 
 import grain
-import jax
 import numpy as np
 
-from posenc.data import datasets, text
-from posenc.data.pipeline import READ_OPTIONS, _check_int, process_shard
+from posenc.data import batching as batching_, datasets, registry
+from posenc.data.batching import check_int
 
-STORE = "gutenberg_novels_bpe"
+DATASET = "text"
 EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 MIN_VOCAB_SIZE = 257  # the 256 bytes + <|endoftext|>
@@ -61,30 +61,31 @@ MIN_VOCAB_SIZE = 257  # the 256 bytes + <|endoftext|>
 
 # ------------------------------------------------------------------------ corpus
 
-def _check_split(split: str) -> str:
-  if split not in text.SPLITS:
-    raise ValueError(f"Unknown split {split!r} of the LM corpus: use one of {list(text.SPLITS)}.")
+def _check_split(split: str, dataset: str) -> str:
+  names = list(registry.get(dataset).splits or ())
+  if split not in names:
+    raise ValueError(f"Unknown split {split!r} of the LM corpus {dataset!r}: use one of {names}.")
   return split
 
 
-def _paragraphs(split: str, directory: str) -> list[tuple[int, int, str]]:
+def _paragraphs(split: str, directory: str, dataset: str) -> list[tuple[int, int, str]]:
   """(book, paragraph index, text) of a split's paragraphs, in corpus order."""
-  src = datasets.source("text", _check_split(split), directory)
+  src = datasets.source(dataset, _check_split(split, dataset), directory)
   records = src.__getitems__(range(len(src)))
   rows = [(int(r["document"]), int(r["paragraph"]), r["text"].decode()) for r in records]
   return sorted(rows, key=lambda r: r[:2])
 
 
-def train_texts(data_dir: str | None = None) -> list[str]:
+def train_texts(data_dir: str | None = None, *, dataset: str = DATASET) -> list[str]:
   """The tokenizer's training corpus: the train split's paragraph texts, in corpus order."""
-  return [p for _, _, p in _paragraphs("train", data_dir or datasets.data_dir())]
+  return [p for _, _, p in _paragraphs("train", data_dir or datasets.data_dir(), dataset)]
 
 
-def documents(split: str, data_dir: str | None = None) -> list[str]:
+def documents(split: str, data_dir: str | None = None, *, dataset: str = DATASET) -> list[str]:
   """A split's documents (maximal runs of consecutive paragraphs of one book), in order."""
   docs: list[list[str]] = []
   last = None
-  for book, index, paragraph in _paragraphs(split, data_dir or datasets.data_dir()):
+  for book, index, paragraph in _paragraphs(split, data_dir or datasets.data_dir(), dataset):
     if last != (book, index - 1):
       docs.append([])
     docs[-1].append(paragraph)
@@ -94,8 +95,9 @@ def documents(split: str, data_dir: str | None = None) -> list[str]:
 
 # ---------------------------------------------------------------- tokenizer, files
 
-def store_dir(vocab_size: int, data_dir: str | None = None) -> str:
-  return os.path.join(data_dir or datasets.data_dir(), STORE, f"v{vocab_size}")
+def store_dir(vocab_size: int, data_dir: str | None = None, *, dataset: str = DATASET) -> str:
+  directory = data_dir or datasets.data_dir()
+  return os.path.join(directory, f"{datasets.builder(dataset, directory).name}_bpe", f"v{vocab_size}")
 
 
 def _atomic_write(path: str, write) -> None:
@@ -111,7 +113,7 @@ def _atomic_write(path: str, write) -> None:
 
 
 def _check_vocab_size(vocab_size) -> int:
-  return _check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)
+  return check_int("vocab_size", vocab_size, MIN_VOCAB_SIZE)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -129,35 +131,35 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(vocab_size: int, directory: str):
+def _tokenizer(vocab_size: int, directory: str, dataset: str):
   import tokenizers
-  path = os.path.join(store_dir(vocab_size, directory), "tokenizer.json")
+  path = os.path.join(store_dir(vocab_size, directory, dataset=dataset), "tokenizer.json")
   if not os.path.isfile(path):
-    with datasets._lock(os.path.join(os.path.dirname(path), ".lock")):  # pylint: disable=protected-access
+    with datasets.file_lock(os.path.join(os.path.dirname(path), ".lock")):
       if not os.path.isfile(path):  # another process may have trained it while we waited
-        tok = train_tokenizer(train_texts(directory), vocab_size)
+        tok = train_tokenizer(train_texts(directory, dataset=dataset), vocab_size)
         _atomic_write(path, lambda f: f.write(tok.to_str(pretty=True).encode()))
   return tokenizers.Tokenizer.from_file(path)
 
 
-def tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, *, data_dir: str | None = None):
+def tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, *, data_dir: str | None = None, dataset: str = DATASET):
   """The corpus's byte-level BPE `tokenizers.Tokenizer` (trained on first use, then loaded)."""
-  return _tokenizer(_check_vocab_size(vocab_size), data_dir or datasets.data_dir())
+  return _tokenizer(_check_vocab_size(vocab_size), data_dir or datasets.data_dir(), dataset)
 
 
-def eot_id(vocab_size: int = DEFAULT_VOCAB_SIZE, *, data_dir: str | None = None) -> int:
-  return tokenizer(vocab_size, data_dir=data_dir).token_to_id(EOT)
+def eot_id(vocab_size: int = DEFAULT_VOCAB_SIZE, *, data_dir: str | None = None, dataset: str = DATASET) -> int:
+  return tokenizer(vocab_size, data_dir=data_dir, dataset=dataset).token_to_id(EOT)
 
 
 @functools.lru_cache(maxsize=16)
-def _stream(split: str, vocab_size: int, directory: str) -> np.ndarray:
-  tok = _tokenizer(vocab_size, directory)  # before the lock: it takes the same one
-  path = os.path.join(store_dir(vocab_size, directory), f"{split}.npy")
+def _stream(split: str, vocab_size: int, directory: str, dataset: str) -> np.ndarray:
+  tok = _tokenizer(vocab_size, directory, dataset)  # before the lock: it takes the same one
+  path = os.path.join(store_dir(vocab_size, directory, dataset=dataset), f"{split}.npy")
   if not os.path.isfile(path):
-    with datasets._lock(os.path.join(os.path.dirname(path), ".lock")):  # pylint: disable=protected-access
+    with datasets.file_lock(os.path.join(os.path.dirname(path), ".lock")):
       if not os.path.isfile(path):
         eot = tok.token_to_id(EOT)
-        encoded = tok.encode_batch_fast(documents(split, directory), add_special_tokens=False)
+        encoded = tok.encode_batch_fast(documents(split, directory, dataset=dataset), add_special_tokens=False)
         ids = np.concatenate([np.asarray(e.ids + [eot], np.int32) for e in encoded])
         _atomic_write(path, lambda f: np.save(f, ids))
   ids = np.load(path)
@@ -166,16 +168,16 @@ def _stream(split: str, vocab_size: int, directory: str) -> np.ndarray:
 
 
 def stream(split: str, vocab_size: int = DEFAULT_VOCAB_SIZE, *,
-           data_dir: str | None = None) -> np.ndarray:
+           data_dir: str | None = None, dataset: str = DATASET) -> np.ndarray:
   """A split's token stream (read-only int32): its documents, each followed by <|endoftext|>."""
-  return _stream(_check_split(split), _check_vocab_size(vocab_size),
-                 data_dir or datasets.data_dir())
+  return _stream(_check_split(split, dataset), _check_vocab_size(vocab_size),
+                 data_dir or datasets.data_dir(), dataset)
 
 
 def stream_length(split: str, vocab_size: int = DEFAULT_VOCAB_SIZE, *,
-                  data_dir: str | None = None) -> int:
+                  data_dir: str | None = None, dataset: str = DATASET) -> int:
   """Tokens in a split's stream; at most stream_length - 1 targets can be scored."""
-  return len(stream(split, vocab_size, data_dir=data_dir))
+  return len(stream(split, vocab_size, data_dir=data_dir, dataset=dataset))
 
 
 # ----------------------------------------------------------------------- batches
@@ -248,65 +250,37 @@ class ReadRows(grain.transforms.Map):
     return {**batch, "valid": valid.astype(np.float32)}
 
 
-def _batches(rows, *, batch_size, train, seed, num_epochs, process_index, process_count):
-  """The grain pipeline of pipeline.make_loader over `rows`."""
-  order = grain.MapDataset.range(len(rows) if train else
-                                 math.ceil(len(rows) / batch_size) * batch_size)
-  if train:
-    order = order.shuffle(seed).repeat(num_epochs)
-    if num_epochs is not None:  # whole global batches only, so every process gets as many
-      order = order[:len(order) // batch_size * batch_size]
-  return (order[process_index::process_count]
-          .batch(batch_size // process_count, drop_remainder=train)
-          .map(ReadRows(rows))
-          .to_iter_dataset(READ_OPTIONS))
-
-
-def lm_loader(split: str, *, batch_size: int, max_len: int, train: bool = True, seed: int,
-              vocab_size: int = DEFAULT_VOCAB_SIZE, process_index: int | None = None,
-              process_count: int | None = None, num_epochs: int | None = None,
-              data_dir: str | None = None) -> grain.IterDataset:
-  """Packed causal-LM rows of `split` for this process (see the module docstring)."""
-  batch_size, process_index, process_count = process_shard(batch_size, process_index, process_count)
-  seed = _check_int("seed", seed, 0, 2**32)
-  max_len = _check_int("max_len", max_len, 1)
-  if num_epochs is not None:
-    num_epochs = _check_int("num_epochs", num_epochs, 1)
-    if not train:
-      raise ValueError("num_epochs is for training; train=False is one pass.")
-  ids = stream(split, vocab_size, data_dir=data_dir)
-  rows = TrainRows(ids, max_len, eot_id(vocab_size, data_dir=data_dir))
-  if len(rows) < (batch_size if train else 1):
-    raise ValueError(f"Split {split!r} has {len(ids)} tokens: {len(rows)} rows of max_len "
-                     f"{max_len}, fewer than one batch of {batch_size}.")
-  return _batches(rows, batch_size=batch_size, train=train, seed=seed, num_epochs=num_epochs,
-                  process_index=process_index, process_count=process_count)
-
-
-def lm_eval_loader(split: str, *, batch_size: int, length: int, stride: int | None = None,
-                   scored_tokens: int, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                   process_index: int | None = None, process_count: int | None = None,
-                   data_dir: str | None = None) -> grain.IterDataset:
-  """Evaluation windows of `length` tokens over `split`'s stream, scoring exactly the
-  targets stream[1 : scored_tokens + 1] (see the module docstring)."""
-  batch_size, process_index, process_count = process_shard(batch_size, process_index, process_count)
-  length = _check_int("length", length, 1)
-  scored_tokens = _check_int("scored_tokens", scored_tokens, 1)
+def loader(split: str, batching: batching_.Batching, *, max_len: int, vocab_size: int = DEFAULT_VOCAB_SIZE,
+           scored_tokens: int | None = None, stride: int | None = None, dataset: str = DATASET,
+           data_dir: str | None = None) -> grain.IterDataset:
+  """Causal-LM batches of ``split`` for this process (see the module docstring): packed rows of
+  ``max_len`` tokens, or, given ``scored_tokens``, the evaluation windows of length ``max_len``
+  (every ``stride`` tokens; None: non-overlapping) that score exactly the first ``scored_tokens``
+  targets of the stream."""
+  max_len = check_int("max_len", max_len, 1)
+  ids = stream(split, vocab_size, data_dir=data_dir, dataset=dataset)
+  eot = eot_id(vocab_size, data_dir=data_dir, dataset=dataset)
+  if scored_tokens is None:
+    if stride is not None:
+      raise ValueError("stride is for evaluation windows: give scored_tokens too.")
+    rows = TrainRows(ids, max_len, eot)
+    return batching_.batches(len(rows), batching, ReadRows(rows), what=(
+        f"Split {split!r} ({len(ids)} tokens: {len(rows)} rows of max_len {max_len})"))
+  if batching.train:
+    raise ValueError("scored_tokens selects the evaluation windows: use train=False.")
+  scored_tokens = check_int("scored_tokens", scored_tokens, 1)
   if stride is None:
-    if scored_tokens % length:
-      raise ValueError(f"scored_tokens {scored_tokens} must be a multiple of length {length} "
+    if scored_tokens % max_len:
+      raise ValueError(f"scored_tokens {scored_tokens} must be a multiple of max_len {max_len} "
                        "for non-overlapping windows (stride=None).")
   else:
-    stride = _check_int("stride", stride, 1)
-    if stride > length:
-      raise ValueError(f"stride {stride} must be at most length {length}.")
+    stride = check_int("stride", stride, 1)
+    if stride > max_len:
+      raise ValueError(f"stride {stride} must be at most max_len {max_len}.")
     if scored_tokens % stride:
       raise ValueError(f"scored_tokens {scored_tokens} must be a multiple of stride {stride}.")
-  ids = stream(split, vocab_size, data_dir=data_dir)
   if scored_tokens >= len(ids):
     raise ValueError(f"scored_tokens {scored_tokens} exceeds the {len(ids) - 1} targets of "
                      f"split {split!r} (stream_length - 1).")
-  rows = EvalWindows(ids, length, stride or length, scored_tokens,
-                     eot_id(vocab_size, data_dir=data_dir))
-  return _batches(rows, batch_size=batch_size, train=False, seed=0, num_epochs=None,
-                  process_index=process_index, process_count=process_count)
+  rows = EvalWindows(ids, max_len, stride or max_len, scored_tokens, eot)
+  return batching_.batches(len(rows), batching, ReadRows(rows), what=f"Split {split!r}")

@@ -14,12 +14,15 @@ from typing import Callable
 import grain
 import numpy as np
 
-from posenc.data.datasets import VOCAB_SIZE, DatasetInfo
+from posenc.data import datasets, registry
+from posenc.data.text import VOCAB_SIZE
 
 NAME = "synthetic"
 # 3-channel images and 1000 classes (ImageNet's head), BERT's WordPiece vocabulary.
-INFO = DatasetInfo(name=NAME, splits={"train": 1_281_167, "validation": 8_192, "test": 8_192},
-                   num_classes=1000, vocab_size=VOCAB_SIZE, channels=3)
+registry.register(registry.Dataset(
+    name=NAME, features=registry.Features(num_classes=1000, channels=3, vocab_size=VOCAB_SIZE),
+    split_sizes={"train": 1_281_167, "validation": 8_192, "test": 8_192}, random_batches=True))
+INFO = datasets.info(NAME)
 ENDLESS = 2**62
 
 

@@ -29,7 +29,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from posenc.data import rdata
+from posenc.data import datasets, rdata, registry
 
 # name -> (Debian package, R package directory, object in its data/Rdata.rdb)
 DOCUMENTS = {
@@ -42,6 +42,7 @@ DOCUMENTS = {
     "mobydick": ("r-cran-tokenizers", "tokenizers", "mobydick"),
 }
 SPLITS = ("train", "validation", "test")
+VOCAB_SIZE = 30522  # all-MiniLM-L6-v2's WordPiece vocabulary
 BLOCK, PERIOD = 20, 20  # paragraphs per block; blocks per train/validation/test cycle
 INSTALL_HINT = ("Run `bash install.sh` in the posenc repository, or by hand: `apt-get download "
                 "r-cran-janeaustenr r-cran-tokenizers && for f in r-cran-*.deb; do dpkg -x $f "
@@ -159,3 +160,8 @@ def tokenizer():
   tok.no_padding()
   tok.no_truncation()
   return tok
+
+
+registry.register(registry.Dataset(
+    name="text", builder=GutenbergNovels, source_dir=datasets.debian_dir, check_source=check_source,
+    splits={s: s for s in SPLITS}, features=registry.Features(vocab_size=VOCAB_SIZE), tokenizer=tokenizer))

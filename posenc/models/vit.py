@@ -22,6 +22,7 @@ from flax import nnx
 
 from posenc import encodings
 from posenc.encodings.base import Geometry, as_hw, forward_coordinates
+from posenc.geometry import patch_grid
 from posenc.models.attention import apply_dropout, dense, layer_norm, param
 from posenc.models.block_stack import BlockStack
 
@@ -176,12 +177,7 @@ class ViT(nnx.Module):
 
   def geometry_for(self, image_hw: tuple[int, int]) -> Geometry:
     """The token geometry for images of size ``image_hw`` (a clear error if the patch doesn't divide it)."""
-    h, w = image_hw
-    p = self.patch_size
-    if h % p or w % p or h < p or w < p:
-      raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}; resize or crop the "
-                       f"images to multiples of {p} (e.g. {max(p, h // p * p)}x{max(p, w // p * p)}).")
-    return Geometry.grid(h // p, w // p, num_prefix=self.num_prefix)
+    return patch_grid(image_hw, self.patch_size, self.num_prefix)
 
   def __call__(self, images: jax.Array, *, positions: jax.Array | None = None, train: bool = False) -> jax.Array:
     """``images [B, H, W, C]`` -> float32 logits ``[B, num_classes]``; ``positions`` of the patches

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from posenc.config import ConfigError, check_number
-from posenc.encodings import Geometry
+from posenc.geometry import Geometry
 from posenc.tasks.base import Task, build_model, cross_entropy
 
 
@@ -46,7 +46,8 @@ class Algorithmic(Task):
                           f"got {n}.")
 
   def check_dataset(self, config) -> None:
-    if config.dataset not in ("algorithmic", "synthetic"):
+    from posenc.data import algorithmic, registry
+    if config.dataset != algorithmic.NAME and not registry.get(config.dataset).random_batches:
       raise ConfigError(f"config field 'dataset': task algorithmic generates its sequences ('algorithmic'; "
                         f"or 'synthetic' for speed checks), not '{config.dataset}'.")
 

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from posenc.config import ConfigError
-from posenc.encodings import Geometry
+from posenc.geometry import Geometry
 
 Batch = dict[str, jax.Array]
 
@@ -83,11 +83,15 @@ class Task(abc.ABC):
   def random_batch(self, config, rng: np.random.Generator, rows: int, *, train: bool, size=None) -> dict:
     """``rows`` random rows with the keys, shapes and dtypes of ``loader``'s (dataset 'synthetic')."""
 
+  def splits(self, config) -> dict[str, int]:
+    """The split names of ``config.dataset`` and their sizes (examples)."""
+    return dict(dataset_info(config, "splits", "").splits)
+
   def batches(self, config, split: str, *, train: bool, batch_size: int, size=None):
-    """``loader``, or for ``dataset='synthetic'`` random batches of the same shapes."""
-    if config.dataset != "synthetic":
+    """``loader``, or, for a dataset of random batches ('synthetic'), ``random_batch``'s rows."""
+    from posenc.data import registry, synthetic  # imported late: data builders are heavy
+    if not registry.get(config.dataset).random_batches:
       return self.loader(config, split, train=train, batch_size=batch_size, size=size)
-    from posenc.data import synthetic  # imported late: data builders are heavy
     return synthetic.loader(lambda rng, rows: self.random_batch(config, rng, rows, train=train, size=size),
                             split=split, batch_size=batch_size, train=train, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())

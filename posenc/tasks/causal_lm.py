@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from posenc.config import ConfigError
-from posenc.encodings import Geometry
+from posenc.geometry import Geometry
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
 
 
@@ -62,9 +61,6 @@ class CausalLM(Task):
                         "the same tokens; cap them with eval_tokens instead.")
 
   def check_dataset(self, config) -> None:
-    if config.dataset not in ("text", "synthetic"):
-      raise ConfigError(f"config field 'dataset': causal_lm reads the text corpus ('text') or random "
-                        f"tokens ('synthetic'), not '{config.dataset}'.")
     dataset_info(config, "vocab_size", "it holds no text; use 'text'")
 
   def size_label(self, config) -> str:
@@ -91,7 +87,7 @@ class CausalLM(Task):
     """How many targets every evaluation of ``split`` scores: a multiple of every window and stride."""
     from posenc.data import lm
     unit = math.lcm(config.max_len, *config.eval_lengths, config.eval_stride or 1)
-    fits = (lm.stream_length(split, config.vocab_size) - 1) // unit * unit
+    fits = (lm.stream_length(split, config.vocab_size, dataset=config.dataset) - 1) // unit * unit
     cap = config.eval_tokens // unit * unit if config.eval_tokens else fits
     if min(fits, cap) < unit:
       raise ConfigError(f"the {split} split is too short to score one window of {unit} tokens; lower "
@@ -99,15 +95,13 @@ class CausalLM(Task):
     return min(fits, cap)
 
   def loader(self, config, split, *, train, batch_size, size=None):
-    from posenc.data import lm
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    from posenc.data import Batching, lm
     if train:
-      return lm.lm_loader(split, batch_size=batch_size, max_len=config.max_len, train=True, seed=config.seed,
-                          vocab_size=config.vocab_size, **shard)
+      return lm.loader(split, Batching(batch_size, True, config.seed), max_len=config.max_len,
+                       vocab_size=config.vocab_size, dataset=config.dataset)
     length, stride = (config.max_len, None) if size is None else size
-    return lm.lm_eval_loader(split, batch_size=batch_size, length=length, stride=stride,
-                             scored_tokens=self.scored_tokens(config, split), vocab_size=config.vocab_size,
-                             **shard)
+    return lm.loader(split, Batching(batch_size, False), max_len=length, vocab_size=config.vocab_size,
+                     scored_tokens=self.scored_tokens(config, split), stride=stride, dataset=config.dataset)
 
   def random_batch(self, config, rng, rows, *, train, size=None):
     """One document per row; an evaluation window with a stride scores its last ``stride`` tokens."""

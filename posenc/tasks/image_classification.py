@@ -13,11 +13,10 @@ to the source run's ``image_size``); training at several sizes always resamples
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from posenc.config import ConfigError, check_number
-from posenc.encodings import Geometry, as_hw
+from posenc.geometry import Geometry, as_hw, patch_grid
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
 
 
@@ -110,9 +109,9 @@ class ImageClassification(Task):
                           f"posenc_options.resample=True (FlexiViT).") from None
 
   def check_dataset(self, config) -> None:
-    from posenc.data import datasets
+    from posenc.data import datasets, registry
     dataset_info(config, "num_classes", "it holds no labelled images; use 'fashion_mnist'")
-    if config.dataset == "synthetic":
+    if registry.get(config.dataset).builder is None:  # generated: no split to read
       return
     try:
       datasets.source(config.dataset, config.train_split)
@@ -128,18 +127,17 @@ class ImageClassification(Task):
 
   def geometry(self, config, size=None) -> Geometry:
     from posenc.models import ViT  # imported late: models import every encoding
-    h, w = as_hw(config.image_size if size is None else size)
     options = {k: config.model_options[k] for k in ("pool", "num_registers") if k in config.model_options}
-    return Geometry.grid(h // config.patch_size, w // config.patch_size, ViT.prefix_tokens(**options))
+    return patch_grid(as_hw(config.image_size if size is None else size), config.patch_size,
+                      ViT.prefix_tokens(**options))
 
   def legacy_geometry(self, old_config: dict) -> Geometry | None:
     if not old_config.get("image_size") or not old_config.get("patch_size"):
       return None
     from posenc.models import ViT
-    (h, w), p = as_hw(old_config["image_size"]), old_config["patch_size"]
     options = old_config.get("model_options") or {}
-    return Geometry.grid(h // p, w // p, ViT.prefix_tokens(options.get("pool", "cls"),
-                                                           options.get("num_registers", 0)))
+    return patch_grid(as_hw(old_config["image_size"]), old_config["patch_size"],
+                      ViT.prefix_tokens(options.get("pool", "cls"), options.get("num_registers", 0)))
 
   def create_model(self, config, size=None):
     info = dataset_info(config, "num_classes", "")
@@ -147,17 +145,16 @@ class ImageClassification(Task):
                        patch_size=config.patch_size, image_size=as_hw(config.image_size if size is None else size))
 
   def loader(self, config, split, *, train, batch_size, size=None):
-    from posenc import data
+    from posenc.data import Batching, images
     split = config.train_split if train and split == "train" else split  # the training role
     sizes = tuple(config.train_image_sizes) if train and size is None else ()
-    return data.make_loader(config.dataset, split, batch_size=batch_size, train=train, seed=config.seed,
-                            image_size=config.image_size if size is None else size, image_sizes=sizes,
-                            protocol="zoom" if sizes else config.eval_protocol,  # several sizes: FlexiViT
-                            object_size=self.object_size(config),
-                            augment=train and config.augment, crop_scale=tuple(config.crop_scale),
-                            flip=train and config.flip, translate=config.translate if train else 0,
-                            random_erasing=config.random_erasing if train else 0.0,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+    options = images.ImageOptions(
+        image_size=config.image_size if size is None else size, image_sizes=sizes,
+        protocol="zoom" if sizes else config.eval_protocol,  # several sizes: FlexiViT
+        object_size=self.object_size(config), augment=train and config.augment,
+        crop_scale=tuple(config.crop_scale), flip=train and config.flip,
+        translate=config.translate if train else 0, random_erasing=config.random_erasing if train else 0.0)
+    return images.loader(config.dataset, split, Batching(batch_size, train, config.seed), options)
 
   def random_batch(self, config, rng, rows, *, train, size=None):
     h, w = as_hw(config.image_size if size is None else size)

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from posenc.config import ConfigError
-from posenc.encodings import Geometry
+from posenc.geometry import Geometry
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
 
 
-FIRST_REGULAR_ID = 999  # ids below are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK] in BERT's vocabulary
+# Synthetic rows imitate BERT's uncased WordPiece vocabulary (the text dataset's): [CLS] and [MASK],
+# and the first regular token (ids below are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]).
+SYNTHETIC_CLS, SYNTHETIC_MASK, FIRST_REGULAR_ID = 101, 103, 999
 
 
 def masked_positions(weights: jax.Array, capacity: int) -> jax.Array:
@@ -47,26 +49,25 @@ class MaskedLM(Task):
     return build_model(config, vocab_size=info.vocab_size, max_len=config.max_len if size is None else size)
 
   def loader(self, config, split, *, train, batch_size, size=None):
-    from posenc import data
-    return data.make_loader(config.dataset, split, batch_size=batch_size, train=train, seed=config.seed,
-                            max_len=config.max_len if size is None else size,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+    from posenc.data import Batching, masked_lm
+    return masked_lm.loader(config.dataset, split, Batching(batch_size, train, config.seed),
+                            max_len=config.max_len if size is None else size)
 
   def random_batch(self, config, rng, rows, *, train, size=None):
     """Regular WordPiece ids after [CLS], 15 % of them masked ([MASK]), one segment, no padding."""
-    from posenc.data.pipeline import CLS, MASK, MASK_RATE
+    from posenc.data.masked_lm import MASK_RATE
     shape = (rows, config.max_len if size is None else size)
     targets = rng.integers(FIRST_REGULAR_ID, dataset_info(config, "vocab_size", "").vocab_size, shape, dtype=np.int32)
-    targets[:, 0] = CLS
+    targets[:, 0] = SYNTHETIC_CLS
     weights = (rng.random(shape) < MASK_RATE).astype(np.float32)
     weights[:, 0] = 0.0
-    return {"input_ids": np.where(weights > 0, MASK, targets).astype(np.int32),
+    return {"input_ids": np.where(weights > 0, SYNTHETIC_MASK, targets).astype(np.int32),
             "segment_ids": np.zeros(shape, np.int32), "padding_mask": np.ones(shape, bool),
             "mlm_targets": targets, "mlm_weights": weights, "valid": np.ones(rows, bool)}
 
   def forward(self, model, batch, *, train, position_scale=1.0, label_smoothing=0.0):
     """Logits only at the masked tokens (``mlm_capacity`` per row): the head is most of the step."""
-    from posenc.data.pipeline import mlm_capacity
+    from posenc.data.masked_lm import mlm_capacity
     ids = batch["input_ids"]
     weights = batch["mlm_weights"] * batch["valid"].astype(jnp.float32)[:, None]
     at = masked_positions(weights, mlm_capacity(ids.shape[1]))

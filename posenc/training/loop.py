@@ -38,8 +38,7 @@ class NonFiniteLossError(RunError):
 
 def _eval_splits(run: Run) -> tuple[str, str]:
   """(split for periodic evaluation, split for the final report)."""
-  from posenc import data  # imported late: data builders are heavy
-  splits = dict(getattr(data.info(run.config.dataset), "splits", {}) or {})
+  splits = run.task.splits(run.config)
   periodic = "validation" if "validation" in splits else "test"
   return periodic, ("test" if "test" in splits else periodic)
 
