@@ -132,15 +132,6 @@ class ImageClassification(Task):
     options = {k: config.model_options[k] for k in ("pool", "num_registers") if k in config.model_options}
     return Geometry.grid(h // config.patch_size, w // config.patch_size, ViT.prefix_tokens(**options))
 
-  def legacy_geometry(self, old_config: dict) -> Geometry | None:
-    if not old_config.get("image_size") or not old_config.get("patch_size"):
-      return None
-    from posenc.models import ViT
-    (h, w), p = as_hw(old_config["image_size"]), old_config["patch_size"]
-    options = old_config.get("model_options") or {}
-    return Geometry.grid(h // p, w // p, ViT.prefix_tokens(options.get("pool", "cls"),
-                                                           options.get("num_registers", 0)))
-
   def create_model(self, config, size=None):
     info = dataset_info(config, "num_classes", "")
     return build_model(config, num_classes=info.num_classes, channels=info.channels,
