@@ -20,7 +20,9 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from posenc import tasks, transfer
 from posenc.config import ConfigError
@@ -143,6 +145,15 @@ def _flag(field: str, value) -> str:
   return f"--config.{field}={shlex.quote(text)}"
 
 
+def _checkpoints_exist(directory: str) -> bool:
+  """Whether ``directory`` exists, one answer for every process: all look before any goes on (and
+  process 0 creates it), so all open it, with Orbax's collective syncs, or none does."""
+  exists = os.path.isdir(directory)
+  if jax.process_count() == 1:
+    return exists
+  return bool(np.max(multihost_utils.process_allgather(np.int32(exists))))
+
+
 def check_resume(run: Run, workdir: str) -> None:
   """ConfigError, before anything is written, when ``workdir`` holds a run whose newest checkpoint
   (``restore_step``'s, if set) is of another model than ``run``'s, not only at another geometry
@@ -150,7 +161,7 @@ def check_resume(run: Run, workdir: str) -> None:
   the two ways on (the run's own values resume it; a fresh --workdir trains this config)."""
   config = run.config
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if config.get("restart") or not os.path.isdir(directory):
+  if config.get("restart") or not _checkpoints_exist(directory):
     return
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   step = ckpt.latest_step() if config.get("restore_step") is None else config.restore_step
