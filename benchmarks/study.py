@@ -106,14 +106,14 @@ def gpt_variants(length: int) -> tuple:
           ("rope+yarn", "rope", f"posenc_options.scaling=yarn,{rope}"))
 
 PROFILES = {
-    # On 2 CPU cores with one process per seed: ViT about 1 h, BERT about 1.5 h. The default models
-    # of configs/vit_tiny.py and configs/bert_small.py (at length 128) with shorter schedules.
+    # The default models of configs/vit_tiny.py and configs/bert_small.py (at length 128) with shorter
+    # schedules, one process per seed.
     # BERT is pre-LN at lr 2e-3: post-LN at 1e-3 leaves the unigram plateau later (13.1 % vs 14.2 %
     # masked-token accuracy after 500 steps of 16 x 128 tokens; at batch 32 both sat at 5.9 % for 400 steps).
     "full": dict(seeds=(0, 1), families=(
         # ViT: Fashion-MNIST at 32 px, patch 4 (an 8x8 grid), random-resized-crop + flip, 500 steps of
         # 128 (1.1 epochs); evaluated at 16..64 px (0.5x..2x) by zoom and canvas on 2,000 test images;
-        # fine-tuned 20 steps of 64 at 16 and 64 px (a 64-px step costs ~8x a 32-px one here).
+        # fine-tuned 20 steps of 64 at 16 and 64 px.
         ImageFamily(name="vit", config=vit_tiny, overrides=VIT_OVERRIDES, base=32, sizes=(16, 24, 32, 48, 64),
                     protocols=("zoom", "canvas"), finetune_sizes=(16, 64), finetune_steps=20, finetune_lr_scale=0.25,
                     posenc_lr_mult=0.1, encodings=VIT_ENCODINGS, variants=VIT_VARIANTS, finetune_batch=64,

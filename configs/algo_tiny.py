@@ -29,9 +29,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval_lengths = (32, 64)       # also evaluate at these n (exactly n per row); () = only N
   c.eval_examples = 1000          # examples per evaluated n (fixed seeds per split: the same for every model)
   # --- optimisation and loop (overrides of configs/common.py) -----------------------------
-  # On one CPU core ~18 steps/s on copy / reverse (FIRE 11), ~12 on add (FIRE 6). Exact match at n = 16 on
-  # copy and reverse: rope 99.9 % after 1,500 steps, learned 100 % after 2,000; add stays at 0 % (token
-  # accuracy ~0.2: aligning digit i of both operands is not learnt in this budget; benchmarks/study_algo.py);
+  # Exact match at n = 16 on copy and reverse: rope 99.9 % after 1,500 steps, learned 100 % after 2,000;
+  # add stays at 0 % (token accuracy ~0.2: aligning digit i of both operands is not learnt in this budget;
+  # benchmarks/study_algo.py);
   # lookup reaches 18-20 % (rope, learned; ~12 % by guessing a value in the context).
   c.batch_size = 64
   c.eval_batch_size = 200

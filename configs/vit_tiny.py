@@ -1,4 +1,4 @@
-"""ViT on Fashion-MNIST: the default run finishes in a few minutes on 2 CPU cores.
+"""ViT on Fashion-MNIST: a short default run and named presets.
 
     python train.py --config=configs/vit_tiny.py                       # default (short) run
     python train.py --config=configs/vit_tiny.py:full                  # full length (benchmarks, study)
@@ -52,7 +52,7 @@ def _full(c: ml_collections.ConfigDict) -> None:
 
 
 def _hybrid(c: ml_collections.ConfigDict) -> None:
-  """The most accurate measured recipe within 30 minutes (README, Presets): a hybrid ViT, ``vit-mu``
+  """The most accurate measured recipe within the presets' time budget (README, Presets): a hybrid ViT, ``vit-mu``
   with Xiao et al.'s convolutional stem (28 -> 14 -> 7) run wider than the transformer (1 -> 64 -> 128
   channels), two more 3x3 convolutions at 128 on the 7x7 token grid, 1x1 to 64, patch 4; random
   erasing (p = 1/4), dropout and drop-path; no random-resized crops (on 28 px Fashion-MNIST they

@@ -55,9 +55,6 @@ class TransferOptions:
     if self.extend not in EXTEND_MODES:
       raise ValueError(f"transfer extend mode {self.extend!r} is unknown; choose one of {EXTEND_MODES}.")
 
-  def describe(self) -> str:
-    return self.method + (", antialias" if self.antialias and self.method in ("bicubic", "bilinear") else "")
-
 
 def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
   """``{"a/b/c": shape}`` of arrays, ShapeDtypeStructs or Orbax metadata in a nested dict."""
@@ -86,13 +83,6 @@ def transfer_params(params: dict, posenc: str, source: Geometry, target: Geometr
     return params
   moved = encodings.get(posenc).transfer(params[POSENC_KEY], source, target, options)
   return {**params, POSENC_KEY: moved}
-
-
-def describe(params: dict, new_params: dict, options: TransferOptions) -> list[str]:
-  """One line per parameter whose shape the transfer changed: name, old -> new, method."""
-  old, new = flat_shapes(params), flat_shapes(new_params)
-  return [f"{k}: {old[k]} -> {new[k]} ({options.describe()})" for k in sorted(old)
-          if k in new and old[k] != new[k]]
 
 
 def jit_transfer(posenc: str, source: Geometry, target: Geometry, wanted: dict,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import num_params
 from posenc.encodings import Geometry, make
 
 torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
@@ -45,10 +46,6 @@ def randomize(enc, seed=1, scale=1.0):
     if isinstance(p, nnx.Param) and path[-1] != "threshold_init":
       p[...] = jnp.asarray(scale * rng.normal(size=p.shape), p.dtype)
   return enc
-
-
-def num_params(enc) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(enc, nnx.Param)))
 
 
 def real_positions(n, batch=2, low=0.0, high=30.0, seed=0):

@@ -1,8 +1,7 @@
 """Tests for posenc/models: ViT and BERT (every model x encoding forward/backward: test_attention_impls).
 
 Models are tiny (width 32, 2 layers). Programs are compiled with XLA's backend
-optimisation level 0, which compiles a few times faster and computes the same
-functions.
+optimisation level 0, which compiles faster and computes the same functions.
 """
 from __future__ import annotations
 

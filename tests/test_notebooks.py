@@ -24,7 +24,7 @@ NotebookClient = pytest.importorskip("nbclient", reason="no nbclient (pip instal
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 1200  # catches a hung cell; a loaded 2-core machine needs minutes for one
+CELL_TIMEOUT_S = 1200  # catches a hung cell, far above what a cell needs on a loaded machine
 MAX_TOTAL_BYTES = 3 * 2**20  # committed outputs (PNG figures) stay small
 # The notebooks' budget knobs (defaults in the notebooks: 200 steps, 2,000 test images),
 # set tiny for the test run.

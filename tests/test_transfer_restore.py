@@ -115,21 +115,18 @@ def test_restore_time_transfer_lands_sharded_on_an_fsdp_model_mesh(vit28):
   np.testing.assert_array_equal(np.asarray(qkv), stored["blocks"]["layers"]["attn"]["qkv"])
 
 
-def test_checkpoint_from_before_geometry_metadata_still_restores(vit28, tmp_path, capsys):
-  """A checkpoint whose metadata holds only the run's config (as written before this version):
-  its geometry is read from that config, and it restores at a new size."""
+def test_checkpoint_without_a_recorded_geometry_is_a_clear_error(vit28, tmp_path):
+  """Checkpoints record their geometry; one whose metadata holds only the run's config (as posenc
+  wrote before geometries were recorded) is refused, not guessed from that config."""
   source, _ = vit28
   old = str(tmp_path / "old")
   shutil.copytree(source, old)
   for meta_file in (tmp_path / "old" / "checkpoints").glob("*/meta/metadata"):
     meta = json.loads(meta_file.read_text())
-    legacy = {k: v for k, v in meta["config"].items() if k != "task"}
-    legacy["model_options"] = dict(legacy["model_options"], pool="cls")
-    meta_file.write_text(json.dumps({"config": legacy, "mesh": meta["mesh"]}))
-  results = train(config("vit_tiny", TINY_VIT + f",total_steps=0,image_size=56,init_from={old}"),
-                  str(tmp_path / "eval56"))
-  assert "posenc/table (16, 32) -> (64, 32)" in capsys.readouterr().out
-  assert results["accuracy"] == pytest.approx(vit28[1]["accuracy_56"], abs=1e-9)
+    meta_file.write_text(json.dumps({"config": meta["config"], "mesh": meta["mesh"]}))
+  with pytest.raises(ConfigError, match=r"'init_from': checkpoint .*old/checkpoints/\d+ records no geometry "
+                                        r"\(a posenc version before .*restore it with that version"):
+    setup(config("vit_tiny", TINY_VIT + f",total_steps=0,image_size=56,init_from={old}"))
 
 
 def test_restoring_another_encoding_is_a_clear_error(vit28, tmp_path):

@@ -65,11 +65,6 @@ class Task(abc.ABC):
   def geometry(self, config, size=None) -> Geometry:
     """The token geometry of ``config`` (at ``size``, one of ``eval_sizes``, if given). Builds no model."""
 
-  def legacy_geometry(self, old_config: dict) -> Geometry | None:
-    """The geometry of a checkpoint written before geometries were recorded, from its stored
-    config, if it was this task's; else None."""
-    return None
-
   @abc.abstractmethod
   def create_model(self, config, size=None) -> nnx.Module:
     """The config's model, built at ``size``; runs under ``nnx.eval_shape`` / ``jax.jit``."""

@@ -131,14 +131,6 @@ class ImageClassification(Task):
     return patch_grid(as_hw(config.image_size if size is None else size), config.patch_size,
                       ViT.prefix_tokens(**options))
 
-  def legacy_geometry(self, old_config: dict) -> Geometry | None:
-    if not old_config.get("image_size") or not old_config.get("patch_size"):
-      return None
-    from posenc.models import ViT
-    options = old_config.get("model_options") or {}
-    return patch_grid(as_hw(old_config["image_size"]), old_config["patch_size"],
-                      ViT.prefix_tokens(options.get("pool", "cls"), options.get("num_registers", 0)))
-
   def create_model(self, config, size=None):
     info = dataset_info(config, "num_classes", "")
     return build_model(config, num_classes=info.num_classes, channels=info.channels,

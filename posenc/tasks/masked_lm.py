@@ -39,11 +39,6 @@ class MaskedLM(Task):
   def geometry(self, config, size=None) -> Geometry:
     return Geometry.seq(config.max_len if size is None else size)
 
-  def legacy_geometry(self, old_config: dict) -> Geometry | None:
-    if old_config.get("image_size") or not old_config.get("max_len"):
-      return None
-    return Geometry.seq(old_config["max_len"])
-
   def create_model(self, config, size=None):
     info = dataset_info(config, "vocab_size", "")
     return build_model(config, vocab_size=info.vocab_size, max_len=config.max_len if size is None else size)

@@ -37,8 +37,8 @@ from posenc.transfer import flat_shapes, shape_diff
 
 BEST_DIRECTIONS = ("max", "min")
 # Orbax splits a replicated array into one slice per replica and writes the slices in
-# parallel; each slice of a new shape costs a compile, seconds of them for a small
-# model on many CPU devices. Only arrays with slices of at least this size are split.
+# parallel; each slice of a new shape costs a compile, many of them for a small model on
+# many CPU devices. Only arrays with slices of at least this size are split.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 TRAIN_KEYS = ("step", "opt_state", "model_state")
 

@@ -16,20 +16,6 @@ import time
 from tqdm import tqdm
 
 
-def _summary_writer():
-  """tensorboardX's SummaryWriter, imported without torch (it imports torch when it can, which
-  costs seconds per process; scalars need only numpy)."""
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
-  try:
-    from tensorboardX import SummaryWriter
-  finally:
-    del sys.modules["torch"]
-  return SummaryWriter
-
-
 class MetricLogger:
   """``log(step, metrics, prefix)`` writes one record to every sink."""
 
@@ -56,7 +42,8 @@ class MetricLogger:
   def _sinks(self):
     if self._jsonl is None:
       self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-      self._tb = _summary_writer()(self.tb_dir)
+      from tensorboard.summary import Writer  # TensorBoard's own event files; needs neither TF nor torch
+      self._tb = Writer(self.tb_dir)
     return self._jsonl, self._tb
 
   def event(self, step: int, event: str) -> None:

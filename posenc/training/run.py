@@ -107,19 +107,15 @@ def read_source(config, task: tasks.Task) -> Source:
     meta = checkpoint.Checkpointer(root, read_only=True).meta(step)
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"config field 'init_from': {e}") from None
-  stored = meta.get("config", {})
-  if "geometry" in meta:
-    geometry = Geometry.from_dict(meta["geometry"])
-  else:  # written before geometries were recorded: ask the task to read its old config
-    geometry = task.legacy_geometry(stored)
-    if geometry is None:
-      raise ConfigError(f"config field 'init_from': checkpoint {root}/{step} records no geometry and its "
-                        f"stored config is not one of task '{task.name}'; restore it with the posenc "
-                        f"version that wrote it, or start from a run of this task.")
-  if meta.get("task", task.name) != task.name:
+  if "geometry" not in meta:
+    raise ConfigError(f"config field 'init_from': checkpoint {root}/{step} records no geometry (a posenc "
+                      f"version before geometries were recorded wrote it); restore it with that version, "
+                      f"or start from a run of this one.")
+  geometry = Geometry.from_dict(meta["geometry"])
+  if meta["task"] != task.name:
     raise ConfigError(f"config field 'init_from': checkpoint {root}/{step} is a '{meta['task']}' run; this "
                       f"config's task is '{task.name}'.")
-  posenc = meta.get("posenc", stored.get("posenc"))
+  posenc = meta["posenc"]
   if posenc != config.posenc:
     raise ConfigError(f"config field 'posenc' is '{config.posenc}' but checkpoint {root}/{step} (init_from) "
                       f"was trained with '{posenc}'; set --config.posenc={posenc} to start from it.")
