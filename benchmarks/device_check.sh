@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot device check: run once on a machine with a GPU (about 8 minutes), commit its report.
+# The one-shot device check: run once on a machine with a GPU, commit its report.
 #
 #     bash benchmarks/device_check.sh [OUT]        # default OUT: benchmarks/results/device
 #     bash benchmarks/device_check.sh --dry-run [OUT]   # the same steps on this CPU, tiny (CI runs it)

@@ -88,10 +88,10 @@ def namespace(records: dict) -> dict:
     if d is None:
       return f"`{a}` vs `{b}`: not recorded"
     if not d.resolved:
-      return f"`{a}` ≈ `{b}` (unresolved: `{b}` {what}{study_stats.diff_text(d, metric)}{unit})"
+      return f"`{a}` ≈ `{b}` (unresolved: `{b}` {what}{study_stats.diff_text(d, metric, unit)})"
     winner, loser = (b, a) if (d.mean < 0) == study_stats.LOWER_IS_BETTER[metric] else (a, b)
     d = study_stats.paired(rows, family, loser, winner, mode, size, metric)
-    return f"`{winner}` ≻ `{loser}`, {what}{study_stats.diff_text(d, metric)}{unit}"
+    return f"`{winner}` ≻ `{loser}`, {what}{study_stats.diff_text(d, metric, unit)}"
 
   def speed_summary(name):
     """The headline ratios (and, for a device profile, its goals) of results/<name>.json."""

@@ -128,7 +128,7 @@ class AlgoFamily(StudyFamily):
         row = [cell_text(*summary(results["cells"], f["name"], posenc, task, n, "exact_match"), 1) for n in f["sizes"]]
         lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
       lines.append("")
-    return lines + notes(f) + ordering_lines(results, f, f["tasks"], "exact_match")
+    return lines + notes(results, f) + ordering_lines(results, f, f["tasks"], "exact_match")
 
   @classmethod
   def plot_modes(cls, f: dict) -> dict[str, str]:
@@ -152,10 +152,6 @@ ENCODINGS = ("learned", "sinusoidal_scaled", "rel_bias", "rope", "rope+pi", "rop
 # is trained.
 TRAINED_VARIANTS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0.028"),
                     ("rel_bias", "posenc=rel_bias,posenc_options.max_distance={length}"))
-# Measured on about one CPU core (load average 6-8 on 2 cores): 2,000 steps of copy / reverse take ~2.1 min and
-# the evaluation at 5 sizes ~15 s; lookup ~1.9 min (rope and learned, two at a time); add ~3.3 min; FIRE is ~1.6x
-# (copy) and ~2.2x (add) slower per step. Copy, reverse and lookup: 72 trainings + 99 evaluations, ~190
-# core-minutes, ~1 h 40 min two at a time.
 # The model, steps and rates are stated here, not taken from the config's defaults, so the budget records them.
 OVERRIDES = ("model=gpt-nano,model_options.width=64,model_options.depth=2,model_options.num_heads=4,"
              "model_options.mlp_dim=256,num_symbols=16,batch_size=64,eval_batch_size=200,total_steps=2000,"

@@ -149,7 +149,7 @@ class LMFamily(StudyFamily):
         row = [cell_text(*summary(results["cells"], f["name"], posenc, mode, n, "perplexity"), 1) for n in f["sizes"]]
         lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
       lines.append("")
-    lines += notes(f) + ordering_lines(results, f, list(LM_MODES), "loss")
+    lines += notes(results, f) + ordering_lines(results, f, list(LM_MODES), "loss")
     return lines
 
   @classmethod

@@ -81,14 +81,16 @@ def ordering(cells, family: str, labels, mode: str, size, metric: str) -> str:
   return text
 
 
-def diff_text(d: Paired | None, metric: str) -> str:
-  """A paired difference as text: percentage points for fractions, a perplexity ratio for losses."""
+def diff_text(d: Paired | None, metric: str, unit: str = "") -> str:
+  """A paired difference as text: percentage points for fractions, a perplexity ratio for losses;
+  ``unit`` follows the numbers."""
   if d is None:
     return "—"
+  # Fewer seeds than the protocol's three are said (an interval over 2 seeds is a wide one).
+  few = "" if d.n >= 3 else f" ({d.n} seed{'s' if d.n > 1 else ''})"
   if metric == "loss":
-    return (f"×{math.exp(d.mean):.2f} [{math.exp(d.low):.2f}, {math.exp(d.high):.2f}]" if d.n > 1
-            else f"×{math.exp(d.mean):.2f} (1 seed)")
+    interval_text = f" [{math.exp(d.low):.2f}, {math.exp(d.high):.2f}]" if d.n > 1 else ""
+    return f"×{math.exp(d.mean):.2f}{interval_text}{unit}{few}"
   scale = 100.0
-  if d.n < 2:
-    return f"{scale * d.mean:+.1f} (1 seed)"
-  return f"{scale * d.mean:+.1f} [{scale * d.low:+.1f}, {scale * d.high:+.1f}]"
+  interval_text = f" [{scale * d.low:+.1f}, {scale * d.high:+.1f}]" if d.n > 1 else ""
+  return f"{scale * d.mean:+.1f}{interval_text}{unit}{few}"

@@ -33,8 +33,12 @@ def row_label(f: dict, label: str) -> str:
   return f"`{label}`"
 
 
-def notes(f: dict) -> list[str]:
-  out = [f"`{label}`: {why}." for label, why in f.get("superseded", {}).items()]
+def notes(results: dict, f: dict) -> list[str]:
+  """The superseded rows' legend, each with the seeds it was run at (fewer than the protocol's, often)."""
+  out = []
+  for label, why in f.get("superseded", {}).items():
+    seeds = sorted({c["seed"] for c in results["cells"] if (c["family"], c["posenc"]) == (f["name"], label)})
+    out.append(f"`{label}`: {why} (seeds {', '.join(map(str, seeds)) or 'none'}).")
   return out + [""] if out else []
 
 

@@ -143,7 +143,7 @@ class ImageFamily(StudyFamily):
           row = [cell_text(*summary(results["cells"], f["name"], posenc, mode, s), 1) for s in sizes]
           lines.append(f"| {row_label(f, posenc)} | " + " | ".join(row) + " |")
         lines.append("")
-    lines += notes(f)
+    lines += notes(results, f)
     if f.get("reference"):
       lines += cls.reference_lines(results, f)
     return lines + ordering_lines(results, f, f["protocols"], "accuracy")

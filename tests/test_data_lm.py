@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_batches_equal, concat, take
 from posenc.data import Batching, datasets, lm
 
-VOCAB = 512  # trains in seconds
+VOCAB = 512  # small: the tokenizer trains quickly
 EVAL_LENGTHS = (16, 64, 256)
 
 

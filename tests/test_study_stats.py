@@ -34,6 +34,14 @@ def test_pairs_only_the_seeds_both_have_and_one_seed_resolves_nothing():
   assert study_stats.diff_text(d, "accuracy") == "+40.0 (1 seed)"
 
 
+def test_fewer_seeds_than_three_are_said_after_the_unit():
+  two = study_stats.paired(cells({"a": [0.5, 0.6], "b": [0.7, 0.9]}), "f", "a", "b", "zoom", 32, "accuracy")
+  assert study_stats.diff_text(two, "accuracy", " points").endswith(" points (2 seeds)")
+  three = study_stats.paired(cells({"a": [0.5, 0.6, 0.4], "b": [0.7, 0.9, 0.6]}), "f", "a", "b", "zoom", 32,
+                             "accuracy")
+  assert study_stats.diff_text(three, "accuracy", " points").endswith("] points")
+
+
 def test_ordering_claims_better_only_where_the_interval_excludes_zero():
   rows = cells({"best": [0.90, 0.91, 0.92], "close": [0.89, 0.92, 0.90], "worst": [0.50, 0.52, 0.49]})
   assert study_stats.ordering(rows, "f", ["worst", "close", "best"], "zoom", 32, "accuracy") == \
