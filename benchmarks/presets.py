@@ -141,7 +141,8 @@ def run_one(spec: str, seed: int, workdir: str, role: str, note: str | None) -> 
   return {"config": spec, "config_file": config_file(path), "presets": presets, "overrides": overrides,
           "resolved": resolved(config), "seed": seed, "role": role, "note": note, "commit": commit, "dirty": dirty,
           "uncommitted": status, "metrics": metrics, "final_split": final,
-          "train_seconds": run.train_seconds, "timed_steps": max(int(config.total_steps) - 1, 0),
+          "train_seconds": run.train_seconds, "timed_steps": max(int(config.total_steps) - run.start_step - 1, 0),
+          "start_step": run.start_step,
           "wall_seconds": wall, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "machine": machine(), "load_start": load_start, "load_end": load_end,
           "workdir": os.path.relpath(workdir, ROOT) if workdir.startswith(ROOT + os.sep) else workdir}
@@ -202,7 +203,11 @@ def load_text(records: list[dict]) -> str:
 
 
 def time_cell(records: list[dict]) -> str:
-  """Median train time and wall time in minutes, and the load the runs were measured under."""
+  """Median train time and wall time in minutes, and the load the runs were measured under; runs
+  resumed from a checkpoint (``start_step`` > 0) timed only part of the run and are left out."""
+  records = [r for r in records if not r.get("start_step")]
+  if not records:
+    return "— (every run was resumed: not timed whole)"
   train = statistics.median(r["train_seconds"] for r in records) / 60
   wall = statistics.median(r["wall_seconds"] for r in records) / 60
   return f"{train:.1f} min (wall {wall:.1f} min; {load_text(records)})"
@@ -351,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="report: averaged into the README; choose: a run used to choose the recipe (listed apart)")
   p.add_argument("--note", default=None, help="free text kept with the records")
   p.add_argument("--fresh", action="store_true", help="delete an existing workdir of the run first")
+  p.add_argument("--resume", action="store_true",
+                 help="continue an interrupted run in its workdir (its record is not timed whole)")
   p.add_argument("--report", action="store_true", help="rewrite the README's generated blocks; run nothing")
   p.add_argument("--ledger", default=LEDGER, help=f"the JSONL ledger (default {os.path.relpath(LEDGER, ROOT)})")
   p.add_argument("--workdir", default=WORKDIR, help="root of the runs' workdirs (default runs/presets)")
@@ -368,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
       p.error(f"--seeds repeats a seed: {seeds}")
     workdirs = [os.path.join(os.path.abspath(args.workdir), f"{run_name(args.config)}-s{s}") for s in seeds]
     existing = [w for w in workdirs if os.path.exists(w)]
-    if existing and not args.fresh:
-      print(f"benchmarks.presets records fresh runs only, and {', '.join(existing)} already exist(s) (an earlier or "
-            f"interrupted run); pass --fresh to delete and rerun, or move them away.", file=sys.stderr)
+    if args.fresh and args.resume:
+      p.error("--fresh deletes the workdirs that --resume continues: give one of them")
+    if existing and not (args.fresh or args.resume):
+      print(f"{', '.join(existing)} already exist(s) (an earlier or interrupted run); pass --resume to continue "
+            f"it, --fresh to delete and rerun, or move it away.", file=sys.stderr)
       return 2
     for seed, workdir in zip(seeds, workdirs):
-      shutil.rmtree(workdir, ignore_errors=True)
+      if not args.resume:
+        shutil.rmtree(workdir, ignore_errors=True)
       record = run_one(args.config, seed, workdir, args.role, args.note)
       append(args.ledger, record)
       print(f"recorded {args.config} seed {seed} ({args.role}) in {args.ledger}: {record['metrics']['test']}, "
@@ -382,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Config error: {e}", file=sys.stderr)
     return 2
   except Exception as e:  # noqa: BLE001 - NonFiniteLossError: its own message, as train.py
-    from posenc.training import NonFiniteLossError
+    from posenc.training import NonFiniteLossError, RunError
+    if isinstance(e, RunError):  # preempted (its step saved), busy workdir, storage
+      print(f"{e}\nContinue it with: python -m benchmarks.presets {args.config} --seeds {seed} --resume",
+            file=sys.stderr)
+      return getattr(e, "exit_code", 1)
     if isinstance(e, NonFiniteLossError):
       print(str(e), file=sys.stderr)
       return 1

@@ -69,6 +69,18 @@ def test_a_used_workdir_is_refused_unless_fresh(recorded):
   assert (tmp / "ledger.jsonl").read_text() == before
 
 
+def test_resume_continues_the_workdir_and_says_where_it_started(recorded):
+  tmp, _ = recorded
+  first = presets.read_ledger(str(tmp / "ledger.jsonl"))[0]
+  proc = command(tmp, "--seeds", "0", "--resume")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = presets.read_ledger(str(tmp / "ledger.jsonl"))[-1]
+  assert first["start_step"] == 0 and again["start_step"] == 3 and again["timed_steps"] == 0
+  assert again["metrics"]["test"] == pytest.approx(first["metrics"]["test"])  # the same checkpoint, evaluated
+  assert presets.time_cell([again]).startswith("— (every run was resumed")
+  assert presets.time_cell([first, again]) == presets.time_cell([first])
+
+
 def record(presets, spec: str, seed: int, role: str, metrics: dict, minutes: float, load: float = 0.2, **change):
   file, _, preset = spec.partition(":")
   config = presets.load_config_file(os.path.join(ROOT, file) + (f":{preset}" if preset else ""))

@@ -159,7 +159,7 @@ def train(run: Run | ml_collections.ConfigDict, workdir: str) -> dict[str, float
       eval_split, test_split = _eval_splits(run)
       train_iter = iter(run.loader("train", train=True))
       state = _resume_or_start(run, ckpt, train_iter, log)
-      step = int(jax.device_get(state["step"]))
+      step = run.start_step = int(jax.device_get(state["step"]))
       saved = {s: loss for s, loss in ckpt.train_losses().items() if s <= step}
       started = True
       results = _loop(run, state, step, ckpt, log, train_iter, interrupts, saved, eval_split)

@@ -78,6 +78,7 @@ class Run:
   meta: dict                  # what every checkpoint of this run records
   state: dict | None = None
   train_seconds: float = 0.0  # after train(): seconds in its training steps (no compile, evaluation, checkpoints)
+  start_step: int = 0         # after train(): the step it started from (> 0: resumed from a checkpoint)
 
   def loader(self, split: str, *, train: bool, size=None):
     batch_size = self.config.batch_size if train else self.config.eval_batch_size
