@@ -12,6 +12,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -19,26 +20,47 @@ from posenc.config import ConfigError, load_config_file
 from posenc.training import distributed
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with ':preset,field=value,...' (e.g. "
-    "configs/vit_tiny.py:full,posenc=rope_mixed).", lock_config=False,
-    accept_new_attributes=True)  # e.g. --config.posenc_options.base=100; unknown fields: ConfigError
+CONFIG_HELP = ("Config file, optionally with ':preset,field=value,...' (e.g. configs/vit_tiny.py:full,"
+               "posenc=rope_mixed); then --config.FIELD=VALUE flags. Every field: python -m posenc.config_fields.")
+CONFIG_FILE = ""  # the --config file, for the default workdir's name
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/. Default: "
                     "runs/<config>-<posenc>-<size>.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.mark_flag_as_required("config")
 
 
-def check_config_argument(argv: list[str]) -> None:
-  """Load ``--config=FILE[:arg]`` once before absl does, so a bad file, preset or override is one
-  clear message (absl would print the loader's traceback)."""
-  for i, a in enumerate(argv):
+def fail(message: str) -> None:
+  print(message, file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with ``--config=FILE[:arg]`` loaded once, here: a bad file, preset or override
+  (``:field=value`` or ``--config.FIELD=V``) is one message and exit status 2, never a traceback."""
+  spec, rest = None, [argv[0]]
+  for i, a in enumerate(argv[1:], 1):
     if a.startswith("--config="):
-      load_config_file(a.split("=", 1)[1])
+      spec = a.split("=", 1)[1]
     elif a == "--config" and i + 1 < len(argv):
-      load_config_file(argv[i + 1])
+      spec = argv[i + 1]
+    elif not (i > 1 and argv[i - 1] == "--config"):
+      rest.append(a)
+  help_asked = any(a.lstrip("-").startswith("help") for a in rest[1:])
+  if spec is None and not help_asked:
+    fail("Config error: give --config=FILE[:preset,field=value,...], e.g. --config=configs/vit_tiny.py.")
+  try:
+    config = load_config_file(spec) if spec else ml_collections.ConfigDict()
+  except ConfigError as e:
+    fail(f"Config error: {e}")
+  config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, lock_config=False, sys_argv=rest,
+                                  accept_new_attributes=True)  # --config.posenc_options.NAME=V; unknown: ConfigError
+  global CONFIG_FILE
+  CONFIG_FILE = (spec or "").partition(":")[0]
+  try:
+    return FLAGS(rest)
+  except flags.Error as e:
+    fail(f"Config error: {e}" if "config." in str(e) else f"Error: {e}")
 
 
 def main(argv) -> int:
@@ -53,7 +75,7 @@ def main(argv) -> int:
   from posenc.training import RunError, default_workdir, train
   config = FLAGS.config
   try:
-    workdir = FLAGS.workdir or default_workdir(config, config_flags.get_config_filename(FLAGS["config"]))
+    workdir = FLAGS.workdir or default_workdir(config, CONFIG_FILE)
     results = train(config, workdir)  # prints the workdir first
   except ConfigError as e:
     print(f"Config error: {e}", file=sys.stderr)
@@ -69,9 +91,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    check_config_argument(sys.argv[1:])
-  except ConfigError as e:
-    print(f"Config error: {e}", file=sys.stderr)
-    sys.exit(2)
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

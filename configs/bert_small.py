@@ -4,7 +4,7 @@
     python train.py --config=configs/bert_small.py:full                # full length
     python train.py --config=configs/bert_small.py:posenc=alibi,max_len=256
 
-Shared fields and their defaults: configs/common.py.
+Every field, its default and its checks: python -m posenc.config_fields masked_lm.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ def base() -> ml_collections.ConfigDict:
   c.model_options = ml_collections.ConfigDict(dict(dropout=0.0, attention_dropout=0.0))
   c.posenc = "learned"            # a 1D-capable encoding
   c.dataset = "text"              # the packed, BERT-masked text corpus (WordPiece of MiniLM)
-  # --- task: masked language modelling ----------------------------------------------------
-  c.max_len = 64                  # tokens per packed row = the length the model is built at
-  # --- optimisation and loop (overrides of configs/common.py) -----------------------------
+  # the task's one field keeps its declared default: max_len = 64
+  # --- optimisation and loop (overrides of the declared defaults) -------------------------
   c.batch_size = 16
   c.eval_batch_size = 64
   c.eval_max_batches = 8

@@ -8,7 +8,7 @@
         --config.eval_lengths='(256,512,1024,2048)' --config.eval_stride=128
     python generate.py --workdir=runs/gpt_tiny-learned-len128 --prompt="It is a truth"
 
-Shared fields and their defaults: configs/common.py.
+Every field, its default and its checks: python -m posenc.config_fields causal_lm.
 """
 from __future__ import annotations
 
@@ -22,13 +22,8 @@ def base() -> ml_collections.ConfigDict:
   c.model = "gpt-nano"            # 128 wide, 4 layers, 4 heads (posenc.models.GPT_SIZES)
   c.posenc = "learned"            # a 1D-capable encoding; learned 1D, like GPT-2, by default
   c.dataset = "text"              # the text corpus; the task tokenizes it with its own BPE
-  # --- task: causal language modelling ---------------------------------------------------
-  c.max_len = 128                 # tokens per training row = the length the model is built at (L)
-  c.vocab_size = 4096             # byte-level BPE vocabulary, trained on the train split
-  c.eval_lengths = ()             # also evaluate windows of these lengths, e.g. (256, 512, 1024, 2048)
-  c.eval_stride = 0               # sliding windows with this stride for those lengths (0 = none)
-  c.eval_tokens = 16384           # score this many tokens per evaluation (0 = the whole split)
-  # --- optimisation and loop (overrides of configs/common.py) -----------------------------
+  # the task's fields keep their declared defaults: L = 128, a 4096-token BPE, evaluation at L only
+  # --- optimisation and loop (overrides of the declared defaults) -------------------------
   c.batch_size = 32
   c.eval_batch_size = 32
   c.total_steps = 600

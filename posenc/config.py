@@ -2,8 +2,8 @@
 
 Every problem a config can have is reported as ONE ``ConfigError`` that names the
 field, what is wrong and how to fix it; ``train.py`` prints it without a traceback.
-Shared by ``configs/``, ``posenc.tasks`` (each validates its own fields) and
-``posenc.training`` (the fields every run has).
+The fields themselves are declared in ``posenc.config_fields`` (the schema),
+``posenc.tasks`` (each task's) and ``posenc.training.config`` (the ones every run has).
 """
 from __future__ import annotations
 
@@ -28,52 +28,41 @@ def did_you_mean(name, valid) -> str:
 
 
 def split_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
-  """``"full,posenc=rope,eval_image_sizes=(14,28)"`` -> (["full"], {"posenc": "rope", ...}).
-
-  Commas inside brackets belong to the value; items without ``=`` are presets.
-  """
-  presets, overrides, depth, item = [], {}, 0, ""
+  """``"full,posenc=rope,eval_image_sizes=(14,28)"`` -> ``(["full"], {"posenc": "rope", "eval_image_sizes":
+  "(14,28)"})``: items without ``=`` are presets; commas inside brackets belong to the value."""
+  items, depth, item = [], 0, ""
   for ch in (arg or "") + ",":
     depth += (ch in "([{") - (ch in ")]}")
     if ch == "," and depth == 0:
-      item = item.strip()
-      if "=" in item:
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value.strip()
-      elif item:
-        presets.append(item)
+      items.append(item.strip())
       item = ""
     else:
       item += ch
-  return presets, overrides
-
-
-def _parse_value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a bare word is a string
+  pairs = [i.split("=", 1) for i in items if "=" in i]
+  return [i for i in items if i and "=" not in i], {k.strip(): v.strip() for k, v in pairs}
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
-  """Set dotted ``field=value`` pairs, parsing values as Python literals."""
+  """Set dotted ``field=value`` pairs on existing fields (new keys only inside ``*_options``); a value is
+  a Python literal, else a string."""
   for key, text in overrides.items():
     *parents, leaf = key.split(".")
     node = config
     for p in parents:
       node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
-    open_dict = bool(parents) and parents[-1].endswith("_options")  # model/posenc kwargs
-    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_dict):
-      nested = bool(parents) and isinstance(node, ml_collections.ConfigDict)
+    nested = bool(parents) and isinstance(node, ml_collections.ConfigDict)
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not (
+        nested and parents[-1].endswith("_options"))):  # model/posenc kwargs are open
       fields = [".".join([*parents, f]) for f in sorted(node)] if nested else sorted(config)
       raise ConfigError(f"config has no field '{key}'{did_you_mean(key, fields)}; fields: {', '.join(fields)}.")
-    value = _parse_value(text)
-    if isinstance(node.get(leaf), float) and isinstance(value, int):
-      value = float(value)
-    if isinstance(node.get(leaf), tuple) and isinstance(value, (int, list)):
-      value = tuple(value) if isinstance(value, list) else (value,)
     try:
-      node[leaf] = value
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a bare word
+    if leaf in node and node.get_type(leaf) is tuple and not isinstance(value, tuple | list):
+      value = (value,)  # eval_lengths=32
+    try:
+      node[leaf] = value  # ml_collections casts ints to floats, lists to tuples
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config field '{key}': cannot set {text!r}: {e}") from None
 
@@ -89,16 +78,6 @@ def get_config_with_arg(make_base, presets: dict, arg: str | None) -> ml_collect
     presets[name](config)
   apply_overrides(config, overrides)
   return config
-
-
-def check_number(config, *fields, allow_zero: bool = False, integer: bool = False) -> None:
-  """ConfigError unless each field is a number > 0 (>= 0 with ``allow_zero``; an int with ``integer``)."""
-  for f in fields:
-    v = config[f]
-    bad_type = isinstance(v, bool) or not isinstance(v, int if integer else (int, float))
-    if bad_type or v < 0 or (v == 0 and not allow_zero):
-      need = ("an int" if integer else "a number") + (" >= 0" if allow_zero else " > 0")
-      raise ConfigError(f"config field '{f}' must be {need}, got {v!r}.")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

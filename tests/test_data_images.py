@@ -131,10 +131,7 @@ def test_train_image_sizes_drawn_per_batch_seeded_and_resumable():
   assert_batches_equal(take(resumed, 6), expected)
   with pytest.raises(ValueError, match="image_sizes.*for training"):
     image_loader(FM, "test", batch_size=8, train=False, seed=0, image_sizes=(24, 32))
-  with pytest.raises(ValueError, match="crop_scale"):
-    image_loader(FM, "test", batch_size=8, train=True, seed=0, crop_scale=(0.5, 0.2))
-  with pytest.raises(ValueError, match="protocol"):
-    image_loader(FM, "test", batch_size=8, train=False, seed=0, protocol="stretch")
+  # crop_scale and protocol are config fields, checked where they are declared (test_training_config.py)
 
 
 def eval_images(size, protocol="zoom", object_size=None, seed=0, split="test[:48]"):

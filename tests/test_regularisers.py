@@ -69,8 +69,6 @@ def test_flip_and_translate_are_seeded_draws_of_the_closed_form():
   assert len({s[:2] for s in seen}) >= 15 and {s[2] for s in seen} == {False, True}
   # evaluation (train=False) is never shifted or flipped
   np.testing.assert_array_equal(_batch(3, train=False, flip=True, translate=2), _batch(3, train=False))
-  with pytest.raises(ValueError, match="translate"):
-    image_loader(FM, "validation", batch_size=8, train=True, seed=0, translate=-1)
 
 
 def test_random_erasing_boxes_follow_the_closed_form_and_the_first_fit_rule():
@@ -110,5 +108,3 @@ def test_random_erasing_is_a_seeded_noise_rectangle_in_training_only():
     assert 0.02 * 784 * 0.5 <= c[box].size <= 784 / 3 * 1.5
     assert abs(e[box].mean()) < 0.5 and 0.6 < e[box].std() < 1.4  # standard normal noise
   np.testing.assert_array_equal(_batch(5, train=False, random_erasing=1.0), _batch(5, train=False))
-  with pytest.raises(ValueError, match="random_erasing"):
-    image_loader(FM, "validation", batch_size=8, train=True, seed=0, random_erasing=1.5)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from conftest import REPO, load_config
-from posenc import tasks
+from posenc import config_fields, tasks
 from posenc.training import ConfigError, setup, validate
 from posenc.training import config as config_lib
 
@@ -42,19 +46,102 @@ def test_every_preset_builds_a_valid_run(name):
     assert jax.tree.leaves(run.spec.abstract["params"]), preset
 
 
-def test_every_config_field_is_its_tasks_and_documented():
-  common = (REPO / "configs" / "common.py").read_text().splitlines()
-  for field in config_lib.COMMON_FIELDS:
-    line = next(l for l in common if l.strip().startswith(f"c.{field} ="))
-    assert "#" in line, f"common.py: field {field} has no comment"
-  for name, task in (("vit_tiny", "image_classification"), ("bert_small", "masked_lm"), ("gpt_tiny", "causal_lm")):
-    config = load_config(name)
-    assert config.task == task
-    assert set(config) == config_lib.COMMON_FIELDS | set(tasks.get(task).FIELDS)
-    source = (REPO / "configs" / f"{name}.py").read_text().splitlines()
-    for field in tasks.get(task).FIELDS:
-      line = next(l for l in source if l.strip().startswith(f"c.{field} ="))
-      assert "#" in line, f"{name}: task field {field} has no comment"
+CONFIGS = {"vit_tiny": "image_classification", "bert_small": "masked_lm", "gpt_tiny": "causal_lm",
+           "algo_tiny": "algorithmic"}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_config_has_exactly_its_tasks_declared_fields(name):
+  config = load_config(name)
+  assert config.task == CONFIGS[name]
+  declared = config_lib.fields(config.task)
+  assert config_fields.unknown_and_missing(config, declared) == ([], [])
+  assert list(declared) == [*config_lib.COMMON, *tasks.get(config.task).FIELDS]  # no task redeclares a common one
+
+
+def test_every_declared_field_has_a_doc_and_a_default_that_passes_its_checks():
+  for task in tasks.names():
+    for name, field in config_lib.fields(task).items():
+      assert field.doc and field.checks, (task, name)
+      if field.default is not None and name not in ("task", "model", "init_from"):  # set by each config
+        assert all(rule.holds(field.default) for rule in field.checks), (task, name)
+
+
+@pytest.mark.parametrize("name,arg,message", [
+    ("vit_tiny", "batch_size=0", "'batch_size' must be an int > 0, got 0."),
+    ("vit_tiny", "seed=-1", "'seed' must be an int >= 0, got -1."),
+    ("vit_tiny", "label_smoothing=1", "'label_smoothing' must be a number in [0, 1), got 1.0."),
+    ("vit_tiny", "restore_step=-1", "'restore_step' must be None (the newest) or an int >= 0, got -1."),
+    ("vit_tiny", "init_from=/no/such/run", "'init_from' must be None (start from scratch) or the path of a "
+                                           "directory: a run's workdir or one of its step directories, got '/no"),
+    ("vit_tiny", "divergence_factor=0.5", "'divergence_factor' must be a number > 1 (or 0: only check"),
+    ("vit_tiny", "dtype=float16", "'dtype' must be one of ('float32', 'bfloat16'), got 'float16'."),
+    ("vit_tiny", "crop_scale=(0.5,0.2)", "'crop_scale' must be a tuple (low, high) with 0 < low <= high <= 1"),
+    ("vit_tiny", "eval_protocol=stretch", "'eval_protocol' must be one of ('zoom', 'canvas'), got 'stretch'."),
+    ("vit_tiny", "object_size=(0,14)", "'object_size' must be 0 or a size: an int or (h, w), > 0, got (0, 14)."),
+    ("vit_tiny", "image_size=(28,28,3)", "'image_size' must be a size: an int or (h, w), > 0, got (28, 28, 3)."),
+    ("gpt_tiny", "eval_lengths=(1,)", "'eval_lengths' must be a tuple of ints each >= 2, got (1,)."),
+    ("gpt_tiny", "vocab_size=256", "'vocab_size' must be an int >= 257, got 256."),
+    ("algo_tiny", "algo_task=multiply", "'algo_task': must be one of ('copy', 'reverse', 'add', 'lookup')"),
+])
+def test_a_declared_check_rejects_a_bad_value_naming_the_field(name, arg, message):
+  with pytest.raises(ConfigError) as e:
+    validate(load_config(name, arg), num_devices=8, check_dataset=False)
+  assert str(e.value).startswith(f"config field {message}"), str(e.value)
+
+
+def test_a_declared_type_is_checked_where_a_value_bypassed_ml_collections():
+  """A config file may assign anything (bools are ints to Python): the declaration still decides."""
+  fields = {name: config_lib.COMMON[name] for name in ("restart", "batch_size", "model_options")}
+  good = {"restart": False, "batch_size": 8, "model_options": {}}
+  config_fields.check(good, fields)
+  for name, bad, need in (("restart", 1, "True or False"), ("batch_size", True, "an int > 0"),
+                          ("model_options", "vit", "a dict")):
+    with pytest.raises(ConfigError, match=re.escape(f"config field '{name}' must be {need}, got {bad!r}.")):
+      config_fields.check({**good, name: bad}, fields)
+
+
+def test_readme_field_table_is_the_declarations():
+  readme = (REPO / "README.md").read_text()
+  found = re.search(r"<!-- config fields: posenc.training.config.fields_table\(\) -->\n(.*?)\n<!-- end of config "
+                    r"fields -->", readme, re.S)
+  assert found, "README lacks the generated field table"
+  assert found.group(1) == config_lib.fields_table(), "README's field table is stale: paste fields_table()"
+  for task in tasks.names():
+    for name in tasks.get(task).FIELDS:
+      assert f"| {task} | `{name}` |" in found.group(1)
+
+
+def test_the_cli_lists_a_tasks_fields():
+  out = subprocess.run([sys.executable, "-m", "posenc.config_fields", "masked_lm"], cwd=REPO, text=True,
+                       capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| masked_lm | `max_len` | `64` | an int >= 2 |" in out.stdout and "| every task | `lr` |" in out.stdout
+  assert "| image_classification |" not in out.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config=configs/vit_tiny.py:lr=abc"], "Config error: --config=configs/vit_tiny.py:lr=abc: config field 'lr'"),
+    (["--config=configs/vit_tiny.py:fulll"], "(did you mean 'full'?)"),
+    (["--config=configs/no_such.py"], "no config file 'configs/no_such.py'"),
+    (["--config", "COUNTED", "--config.lr=abc"], "Config error: flag --config.lr=abc"),
+    (["--config=COUNTED", "--config.lrr=1"], "unknown field(s) ['lrr'] (did you mean 'lr'?)"),
+    (["--config=COUNTED:random_erasing=2"], "config field 'random_erasing' must be a number in [0, 1], got 2.0."),
+])
+def test_train_py_loads_the_config_once_and_a_bad_one_is_one_message_with_status_2(tmp_path, args, expected):
+  """COUNTED: configs/vit_tiny.py through a file that counts its loads."""
+  counter = tmp_path / "loads"
+  counted = tmp_path / "counted.py"
+  counted.write_text(f"from configs import vit_tiny\n\n\ndef get_config(arg=None):\n"
+                     f"  with open({str(counter)!r}, 'a') as f:\n    f.write('x')\n  return vit_tiny.get_config(arg)\n")
+  args = [a.replace("COUNTED", str(counted)) for a in args]
+  out = subprocess.run([sys.executable, "train.py", *args, f"--workdir={tmp_path / 'run'}"], cwd=REPO, text=True,
+                       capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr[-3000:]
+  assert not (tmp_path / "run").exists()
+  if any("counted.py" in a for a in args):
+    assert counter.read_text() == "x"  # loaded once, also when flags override it
 
 
 def test_model_options_only_override_the_named_size():

@@ -50,7 +50,6 @@ import PIL.Image
 from posenc.data import batching as batching_, datasets, registry
 from posenc.geometry import as_hw
 
-PROTOCOLS = ("zoom", "canvas")
 DEFAULT_CROP_SCALE = (0.35, 1.0)  # area fraction of a random-resized crop (timm's default: (0.08, 1))
 CROP_RATIO = (3 / 4, 4 / 3)       # aspect ratio (w / h) range of a random-resized crop
 CROP_ATTEMPTS = 10                # tries before the centre-crop fallback (torchvision)
@@ -106,17 +105,6 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """float32 [b, h, w, c] -> [b, H, W, c] with PIL's (antialiased) bilinear filter."""
   return np.stack([resize_image(image, size) for image in images])
-
-
-def check_crop_scale(crop_scale) -> tuple[float, float]:
-  """``(low, high)`` with 0 < low <= high <= 1; a clear ValueError otherwise."""
-  try:
-    low, high = (float(s) for s in crop_scale)
-  except (TypeError, ValueError):
-    raise ValueError(f"crop_scale must be a (low, high) pair of area fractions, got {crop_scale!r}.") from None
-  if not 0 < low <= high <= 1:
-    raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale!r}.")
-  return low, high
 
 
 def crop_attempts(draws: np.ndarray, height: int, width: int, scale: tuple[float, float],
@@ -286,26 +274,19 @@ class ImageOptions:
 
   def preprocess(self, stats: tuple[float, float], *, num_records: int, train: bool, seed: int,
                  process_index: int = 0, process_count: int = 1) -> ImagePreprocess:
-    """The checked ``ImagePreprocess`` of these options (ValueError if bad), normalising with ``stats``."""
-    if self.protocol not in PROTOCOLS:
-      raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}.")
+    """The ``ImagePreprocess`` of these options, normalising with ``stats``. The values are a config's,
+    already checked there (posenc.tasks.image_classification declares each field and its checks)."""
     image_sizes = tuple(self.image_sizes or ())
     if image_sizes and not train:
       raise ValueError("image_sizes (one size drawn per batch) is for training; evaluate at one image_size.")
     sizes = tuple(as_hw(s) for s in image_sizes) or (None if self.image_size is None else as_hw(self.image_size),)
     canvas = self.protocol == "canvas" and self.object_size is not None
-    translate, random_erasing = self.translate, self.random_erasing
-    if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
-      raise ValueError(f"translate must be an int >= 0 (pixels), got {translate!r}.")
-    if (isinstance(random_erasing, bool) or not isinstance(random_erasing, (int, float))
-        or not 0 <= random_erasing <= 1):
-      raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing!r}.")
     mean, std = stats
     return ImagePreprocess(
         sizes, mean, std, train if self.augment is None else bool(self.augment),
-        object_size=as_hw(self.object_size) if canvas else None, crop_scale=check_crop_scale(self.crop_scale),
-        flip=train and bool(self.flip), translate=translate if train else 0,
-        random_erasing=float(random_erasing) if train else 0.0,
+        object_size=as_hw(self.object_size) if canvas else None, crop_scale=tuple(map(float, self.crop_scale)),
+        flip=train and bool(self.flip), translate=self.translate if train else 0,
+        random_erasing=float(self.random_erasing) if train else 0.0,
         fixed_draws=canvas_draws(seed, num_records) if canvas and not train else None,
         process_index=process_index, process_count=process_count)
 

@@ -12,35 +12,40 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from posenc.config import ConfigError, check_number
+from posenc.config import ConfigError
+from posenc.config_fields import INT, INTS, STR, Field, Rule, greater, known
 from posenc.geometry import Geometry
 from posenc.tasks.base import Task, build_model, cross_entropy
+
+
+def _algo_task(name) -> None:
+  from posenc.data import algorithmic  # imported late: data builders are heavy
+  if name not in algorithmic.TASKS:
+    raise ValueError(f"must be one of {algorithmic.TASKS}, got {name!r}.")
 
 
 class Algorithmic(Task):
   name = "algorithmic"
   FIELDS = {
-      "algo_task": "copy | reverse | add (two n-digit numbers, least-significant digit first) | lookup (n key-value "
-                   "pairs, then a key: its value)",
-      "num_symbols": "copy / reverse draw each x_i from this many tokens, lookup its values (add: the digits 0-9)",
-      "train_max_len": "the largest n trained on (rows draw n uniformly from 1..N); the model is built for it",
-      "eval_lengths": "also evaluate at these n (exactly n per row), e.g. 2N, 4N; () = only N",
-      "eval_examples": "examples per evaluated n, from seeds fixed per split: the same for every model",
+      "algo_task": Field("copy", "copy | reverse | add (two n-digit numbers, least-significant digit first) | "
+                         "lookup (n key-value pairs, then a key: its value)", STR,
+                         known(_algo_task, "one of posenc.data.algorithmic.TASKS")),
+      "num_symbols": Field(16, "copy / reverse draw each x_i from this many tokens, lookup its values (add: the "
+                           "digits 0-9)", INT, greater(0)),
+      "train_max_len": Field(16, "the largest n trained on (rows draw n uniformly from 1..N); the model is built "
+                             "for it", INT, greater(0)),
+      "eval_lengths": Field((32, 64), "also evaluate at these n (exactly n per row), e.g. 2N, 4N; () = only N",
+                            INTS, Rule(lambda v: all(n >= 1 for n in v), "each >= 1")),
+      "eval_examples": Field(1000, "examples per evaluated n, from seeds fixed per split: the same for every model",
+                             INT, greater(0)),
   }
   NDIM = 1
   ITEMS = "tokens"
 
   def validate(self, config) -> None:
     from posenc.data import algorithmic
-    if config.algo_task not in algorithmic.TASKS:
-      raise ConfigError(f"config field 'algo_task' must be one of {algorithmic.TASKS}, got {config.algo_task!r}.")
-    check_number(config, "num_symbols", "train_max_len", "eval_examples", integer=True)
-    lengths = config.eval_lengths
-    if not isinstance(lengths, tuple | list) or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
-                                                    for n in lengths):
-      raise ConfigError(f"config field 'eval_lengths' must be a tuple of ints >= 1, got {lengths!r}.")
     top = algorithmic.max_size(config.algo_task)
-    for field, n in (("train_max_len", config.train_max_len), *(("eval_lengths", n) for n in lengths)):
+    for field, n in (("train_max_len", config.train_max_len), *(("eval_lengths", n) for n in config.eval_lengths)):
       if top is not None and n > top:
         raise ConfigError(f"config field '{field}': {config.algo_task} has {top} distinct keys, so n <= {top}; "
                           f"got {n}.")

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from posenc.config import ConfigError
+from posenc.config_fields import Field
 from posenc.geometry import Geometry
 
 Batch = dict[str, jax.Array]
@@ -35,7 +36,7 @@ class Task(abc.ABC):
   """One kind of training problem. Subclasses set the class attributes and override the methods."""
 
   name: str = "?"
-  FIELDS: dict[str, str] = {}   # this task's config fields -> what they mean
+  FIELDS: dict[str, Field] = {}  # this task's config fields, declared (posenc.config_fields)
   NDIM: int = 0                 # dimensionality of its positions (1: sequences, 2: image grids)
   ITEMS: str = "items"          # what a batch counts, for throughput logs (images, tokens)
   # the eval metric that picks the best checkpoint, and whether its best is its "max" or its "min"
@@ -43,7 +44,7 @@ class Task(abc.ABC):
 
   # ----------------------------------------------------------------- config
   def validate(self, config) -> None:
-    """ConfigError for the first bad value among this task's fields."""
+    """ConfigError for the first broken rule that joins fields (each field's own checks are declared)."""
 
   def check_dataset(self, config) -> None:
     """ConfigError unless ``config.dataset`` exists and holds what this task reads."""

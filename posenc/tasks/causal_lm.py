@@ -17,45 +17,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from posenc.config import ConfigError
+from posenc.config_fields import INT, INTS, Field, Rule, at_least
 from posenc.geometry import Geometry
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
-
-
-def _positive_int(config, field: str, minimum: int = 1) -> int:
-  value = config[field]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ConfigError(f"config field '{field}' must be an int >= {minimum}, got {value!r}.")
-  return value
 
 
 class CausalLM(Task):
   name = "causal_lm"
   FIELDS = {
-      "max_len": "tokens per training row = the length the model is built at (L)",
-      "vocab_size": "byte-level BPE vocabulary, trained on the train split (stored and reused)",
-      "eval_lengths": "also evaluate windows of these lengths (e.g. 2L, 4L, ...); () = only L",
-      "eval_stride": "sliding-window stride S for those lengths (scores the last S of each); 0 = none",
-      "eval_tokens": "score at most this many tokens of the split per evaluation (0 = all that fit)",
+      "max_len": Field(128, "tokens per training row = the length the model is built at (L)", INT, at_least(2)),
+      "vocab_size": Field(4096, "byte-level BPE vocabulary, trained on the train split (stored and reused); "
+                          "at least the 256 bytes and the end-of-text token", INT, at_least(257)),
+      "eval_lengths": Field((), "also evaluate windows of these lengths (e.g. 2L, 4L, ...); () = only L", INTS,
+                            Rule(lambda v: all(n >= 2 for n in v), "each >= 2")),
+      "eval_stride": Field(0, "sliding-window stride S for those lengths (scores the last S of each); 0 = none",
+                           INT, at_least(0)),
+      "eval_tokens": Field(16384, "score at most this many tokens of the split per evaluation (0 = all that fit)",
+                           INT, at_least(0)),
   }
   NDIM = 1
   ITEMS = "tokens"
   BEST_METRIC = ("loss", "min")  # lower loss (and perplexity) is better
 
   def validate(self, config) -> None:
-    _positive_int(config, "max_len", 2)
-    _positive_int(config, "vocab_size", 257)  # the 256 byte symbols and the end-of-text token
-    lengths = list(config.eval_lengths)
-    for n in lengths:
-      if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        raise ConfigError(f"config field 'eval_lengths' holds {n!r}; give ints >= 2.")
-    stride = config.eval_stride
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 0:
-      raise ConfigError(f"config field 'eval_stride' must be an int >= 0, got {stride!r}.")
+    lengths, stride = list(config.eval_lengths), config.eval_stride
     if stride and any(stride > n for n in lengths):
       raise ConfigError(f"config field 'eval_stride' ({stride}) exceeds an evaluated length {lengths}; a "
                         f"sliding window scores its last S tokens, so S <= every length.")
-    if not isinstance(config.eval_tokens, int) or config.eval_tokens < 0:
-      raise ConfigError(f"config field 'eval_tokens' must be an int >= 0, got {config.eval_tokens!r}.")
     if config.eval_max_batches:
       raise ConfigError("config field 'eval_max_batches' must be 0 for causal_lm: every length must score "
                         "the same tokens; cap them with eval_tokens instead.")

@@ -15,75 +15,55 @@ from __future__ import annotations
 
 import numpy as np
 
-from posenc.config import ConfigError, check_number
+from posenc.config import ConfigError
+from posenc.config_fields import (BOOL, INT, NUMBER, SIZE, SIZES, STR, TUPLE, Field, Rule, at_least,
+                                  greater, one_of)
 from posenc.geometry import Geometry, as_hw, patch_grid
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
 
 
-def _sizes(config, field: str) -> list:
-  sizes = config[field]
-  if not isinstance(sizes, tuple | list):
-    raise ConfigError(f"config field '{field}': {sizes!r} must be a tuple of sizes (int or (h, w)).")
-  return list(sizes)
-
-
-def _hw(config, field: str, size) -> tuple[int, int]:
-  try:
-    return as_hw(size)
-  except ValueError as e:
-    raise ConfigError(f"config field '{field}': {e}") from None
+def _crop_scale(v) -> bool:
+  pair = isinstance(v, tuple | list) and len(v) == 2 and all(isinstance(s, int | float) for s in v)
+  return pair and 0 < v[0] <= v[1] <= 1
 
 
 class ImageClassification(Task):
   name = "image_classification"
   FIELDS = {
-      "image_size": "size the model is built and trained at: int or (h, w)",
-      "patch_size": "patch side; must divide image_size and every eval_image_sizes / train_image_sizes",
-      "augment": "train-time random-resized crop (area fraction in crop_scale) + horizontal flip",
-      "crop_scale": "(low, high): the crop's area fraction, uniform; aspect ratio log-uniform in [3/4, 4/3]",
-      "flip": "train-time horizontal flip with probability 1/2 (also part of augment)",
-      "translate": "train-time random shift by up to this many pixels per axis, zero-filled (0 = none)",
-      "random_erasing": "train-time probability of erasing one random box with noise (Zhong et al. 2020, "
-                        "timm's RandomErasing); 0 = none",
-      "train_image_sizes": "train at one of these sizes per step, drawn from (seed, step), always resampled "
-                           "(zoom); () = image_size only",
-      "eval_image_sizes": "also evaluate at these sizes (parameters transferred on the fly)",
-      "eval_protocol": "images at a size other than object_size (evaluation; training at image_size): 'zoom' "
-                       "(resampled) | 'canvas' (placed at a seeded position on a blank canvas, or cropped from it)",
-      "object_size": "canvas protocol: the object's size (the trained scale); 0 = image_size",
-      "train_split": "the split trained on: 'train' or a TFDS split string ('train[:100%]': Fashion-MNIST's "
-                     "60,000, validation included)",
+      "image_size": Field(28, "size the model is built and trained at: int or (h, w)", SIZE),
+      "patch_size": Field(7, "patch side; must divide image_size and every eval_image_sizes / train_image_sizes",
+                          INT, greater(0)),
+      "augment": Field(False, "train-time random-resized crop (area fraction in crop_scale) + horizontal flip",
+                       BOOL),
+      "crop_scale": Field((0.35, 1.0), "(low, high): the crop's area fraction, uniform; aspect ratio log-uniform "
+                          "in [3/4, 4/3]", TUPLE, Rule(_crop_scale, "(low, high) with 0 < low <= high <= 1")),
+      "flip": Field(False, "train-time horizontal flip with probability 1/2 (also part of augment)", BOOL),
+      "translate": Field(0, "train-time random shift by up to this many pixels per axis, zero-filled (0 = none)",
+                         INT, at_least(0)),
+      "random_erasing": Field(0.0, "train-time probability of erasing one random box with noise (Zhong et al. "
+                              "2020, timm's RandomErasing); 0 = none", NUMBER,
+                              Rule(lambda v: 0 <= v <= 1, "in [0, 1]")),
+      "train_image_sizes": Field((), "train at one of these sizes per step, drawn from (seed, step), always "
+                                 "resampled (zoom); () = image_size only", SIZES),
+      "eval_image_sizes": Field((), "also evaluate at these sizes (parameters transferred on the fly)", SIZES),
+      "eval_protocol": Field("zoom", "images at a size other than object_size (evaluation; training at "
+                             "image_size): 'zoom' (resampled) | 'canvas' (placed at a seeded position on a blank "
+                             "canvas, or cropped from it)", STR, one_of("zoom", "canvas")),
+      "object_size": Field(0, "canvas protocol: the object's size (the trained scale); 0 = image_size",
+                           Rule(lambda v: v == 0 or SIZE.holds(v), "0 or " + SIZE.need, object)),
+      "train_split": Field("train", "the split trained on: 'train' or a TFDS split string ('train[:100%]': "
+                           "Fashion-MNIST's 60,000, validation included)", STR),
   }
   NDIM = 2
   ITEMS = "images"
 
   def validate(self, config) -> None:
-    from posenc.data.images import PROTOCOLS, check_crop_scale  # imported late: data builders are heavy
     p = config.patch_size
     for field in ("image_size", "eval_image_sizes", "train_image_sizes"):
-      sizes = [config[field]] if field == "image_size" else _sizes(config, field)
-      for size in sizes:
-        hw = _hw(config, field, size)
-        if not isinstance(p, int) or isinstance(p, bool) or p <= 0 or any(s % p for s in hw):
+      for size in [config[field]] if field == "image_size" else config[field]:
+        if any(s % p for s in as_hw(size)):
           raise ConfigError(f"config field 'patch_size': {p!r} does not divide {field}={size!r}; "
                             f"pick a patch size that divides every image size.")
-    if config.eval_protocol not in PROTOCOLS:
-      raise ConfigError(f"config field 'eval_protocol': {config.eval_protocol!r} is not one of {PROTOCOLS} "
-                        f"('zoom': resample the image to each size; 'canvas': keep it at object_size on "
-                        f"a larger or smaller canvas).")
-    if config.object_size != 0:
-      _hw(config, "object_size", config.object_size)
-    check_number(config, "translate", allow_zero=True, integer=True)
-    check_number(config, "random_erasing", allow_zero=True)
-    if config.random_erasing > 1:
-      raise ConfigError(f"config field 'random_erasing' is a probability; got {config.random_erasing!r}, "
-                        f"give a number in [0, 1].")
-    if not isinstance(config.flip, bool):
-      raise ConfigError(f"config field 'flip' must be True or False, got {config.flip!r}.")
-    try:
-      check_crop_scale(config.crop_scale)
-    except ValueError as e:
-      raise ConfigError(f"config field 'crop_scale': {e}") from None
     self._check_train_grids(config)
 
   def _check_train_grids(self, config) -> None:

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posenc.config import ConfigError
+from posenc.config_fields import INT, Field, at_least
 from posenc.geometry import Geometry
 from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
 
@@ -22,13 +22,9 @@ def masked_positions(weights: jax.Array, capacity: int) -> jax.Array:
 
 class MaskedLM(Task):
   name = "masked_lm"
-  FIELDS = {"max_len": "tokens per packed row = the length the model is built at"}
+  FIELDS = {"max_len": Field(64, "tokens per packed row = the length the model is built at", INT, at_least(2))}
   NDIM = 1
   ITEMS = "tokens"
-
-  def validate(self, config) -> None:
-    if not isinstance(config.max_len, int) or isinstance(config.max_len, bool) or config.max_len < 2:
-      raise ConfigError(f"config field 'max_len' must be an int >= 2, got {config.max_len!r}.")
 
   def check_dataset(self, config) -> None:
     dataset_info(config, "vocab_size", "it holds no text; use 'text'")
