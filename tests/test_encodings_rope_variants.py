@@ -116,8 +116,9 @@ def test_scaled_rope_logits_depend_only_on_offsets(kind):
 
 
 def test_scaling_clear_errors():
-  with pytest.raises(ValueError, match=r"scaling must be one of \('none', 'ntk', 'yarn'\), got 'linear'"):
-    make_rope(scaling="linear")
+  with pytest.raises(ValueError, match=r"scaling must be one of \('none', 'linear', 'ntk', 'yarn', 'llama3', "
+                                     r"'longrope'\), got 'su'"):
+    make_rope(scaling="su")
   with pytest.raises(ValueError, match=r"scaling='yarn' needs original_length"):
     make_rope(scaling="yarn")
   with pytest.raises(ValueError, match=r"original_length is not an option of RoPE on the integer grid.*belongs to 1D context extension"):
