@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import math
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from rotary_helpers import H, qk, rotate
 
+from posenc import models, transfer
 from posenc.encodings import Geometry, hf_rope, make
 
 transformers = pytest.importorskip("transformers", reason="no transformers (pip install -e .[test])")
@@ -206,3 +208,17 @@ def test_clear_errors_name_the_option():
         r"even number >= 2", partial_rotary_factor=0.1)
   with pytest.raises(ValueError, match=r"frequency_fraction applies to 1D sequences only, not 2D"):
     make("rope", dim=H * 16, num_heads=H, frequency_fraction=0.5, geometry=Geometry.grid(2, 2))
+
+
+@pytest.mark.parametrize("name,head_dim,max_len,params", TYPES, ids=[c[0] for c in TYPES])
+def test_no_parameters_and_a_new_length_transfers_nothing(name, head_dim, max_len, params):
+  """Like every scaling: no parameters, so a checkpoint moves to a new length unchanged (the frequencies at
+  that length follow from the options: test_frequencies_and_attention_factor_match_hf_at_every_length)."""
+  _, _, enc = _ours(params, head_dim, max_len, 8)
+  assert not jax.tree.leaves(nnx.state(enc, nnx.Param))
+  gpt = nnx.eval_shape(lambda: models.create("gpt-nano", posenc="rope", rngs=nnx.Rngs(0), vocab_size=32,
+                                             max_len=16, width=H * head_dim, depth=1, num_heads=H, mlp_dim=8,
+                                             posenc_options=hf_rope.from_hf({"rope_parameters": params},
+                                                                            max_position_embeddings=max_len)))
+  state = nnx.to_pure_dict(nnx.state(gpt, nnx.Param))
+  assert transfer.transfer_params(state, "rope", Geometry.seq(16), Geometry.seq(64)) is state
