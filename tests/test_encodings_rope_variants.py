@@ -123,7 +123,7 @@ def test_scaling_clear_errors():
     make_rope(scaling="yarn")
   with pytest.raises(ValueError, match=r"original_length is not an option of RoPE on the integer grid.*belongs to 1D context extension"):
     make_rope(original_length=8)
-  with pytest.raises(ValueError, match=r"factor must be None \(from the sequence length\) or a number >= 1"):
+  with pytest.raises(ValueError, match=r"factor must be None \(ntk, yarn, longrope: from the sequence length\) or a number >= 1"):
     make_rope(scaling="ntk", original_length=8, factor=0.5)
   with pytest.raises(ValueError, match=r"beta_fast > beta_slow > 0"):
     make_rope(scaling="yarn", original_length=8, beta_fast=1, beta_slow=2)

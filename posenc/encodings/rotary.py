@@ -176,7 +176,7 @@ class RoPE(_Rotary):
     self.variant = options.variant()
     self.head_dim = dim // num_heads if dim and num_heads else None
     if self.head_dim is not None:
-      self.variant.check_head_dim(self.head_dim)
+      self.variant.check_head_dim(self.head_dim)  # e.g. partial_rotary_factor, longrope's factor lists
 
   @property
   def augments(self) -> bool:
@@ -196,7 +196,6 @@ class RoPE(_Rotary):
     self.variant.check(geometry)
     if self.head_dim is not None:
       self._check_head_dim(self.head_dim, geometry.ndim)
-      self.variant.check_head_dim(self.head_dim)
 
   def coordinates(self, positions, geometry, key=None):
     """The variant's coordinates: unchanged on the integer grid; patch centres in ``[-1, 1]`` with
