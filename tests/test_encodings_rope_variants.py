@@ -116,13 +116,14 @@ def test_scaled_rope_logits_depend_only_on_offsets(kind):
 
 
 def test_scaling_clear_errors():
-  with pytest.raises(ValueError, match=r"scaling must be one of \('none', 'ntk', 'yarn'\), got 'linear'"):
-    make_rope(scaling="linear")
+  with pytest.raises(ValueError, match=r"scaling must be one of \('none', 'linear', 'ntk', 'yarn', 'llama3', "
+                                     r"'longrope'\), got 'su'"):
+    make_rope(scaling="su")
   with pytest.raises(ValueError, match=r"scaling='yarn' needs original_length"):
     make_rope(scaling="yarn")
   with pytest.raises(ValueError, match=r"original_length is not an option of RoPE on the integer grid.*belongs to 1D context extension"):
     make_rope(original_length=8)
-  with pytest.raises(ValueError, match=r"factor must be None \(from the sequence length\) or a number >= 1"):
+  with pytest.raises(ValueError, match=r"factor must be None \(ntk, yarn, longrope: from the sequence length\) or a number >= 1"):
     make_rope(scaling="ntk", original_length=8, factor=0.5)
   with pytest.raises(ValueError, match=r"beta_fast > beta_slow > 0"):
     make_rope(scaling="yarn", original_length=8, beta_fast=1, beta_slow=2)

@@ -35,6 +35,79 @@ CONFIGS = {"llama3.1": LLAMA31, "phi3-longrope": PHI3, "qwen-yarn": QWEN_YARN, "
            "proportional": GEMMA4_PROPORTIONAL}
 
 
+# Every HF rope type, as rope_parameters; written below in every dialect.
+TYPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "default-partial": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 2048,
+             "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.2},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0],
+                 "factor": 8.0, "original_max_position_embeddings": 4096, "attention_factor": 1.1,
+                 "partial_rotary_factor": 0.25},
+    "llama3": LLAMA31["rope_scaling"] | {"rope_theta": 500000.0},
+    "proportional": {"rope_type": "proportional", "rope_theta": 1000000.0, "partial_rotary_factor": 0.25},
+    "proportional-linear": {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                            "factor": 2.0},
+    "proportional-all": {"rope_type": "proportional", "rope_theta": 10000.0},
+}
+
+
+def _in_dialect(params: dict, dialect: str) -> dict:
+  """``params`` (rope_parameters) written in ``dialect``, by hand."""
+  if dialect == "rope_parameters":
+    return {"rope_parameters": dict(params)}
+  rest = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+  top = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
+  if rest == {"rope_type": "default"}:
+    return {**top, "rope_scaling": None}
+  if dialect == "legacy":
+    rest["type"] = rest.pop("rope_type")
+  return {**top, "rope_scaling": rest}
+
+
+DIALECT_CASES = [(t, d) for t in TYPES for d in hf_rope.DIALECTS]
+
+
+@pytest.mark.parametrize("rope_type,dialect", DIALECT_CASES, ids=[f"{t}-{d}" for t, d in DIALECT_CASES])
+def test_every_type_round_trips_in_every_dialect_and_reads_alike(rope_type, dialect):
+  config = _in_dialect(TYPES[rope_type], dialect)
+  plain = config.get("rope_scaling", {}) is None  # plain RoPE: legacy and rope_type write the same keys
+  assert hf_rope.dialect_of(config) == ("legacy" if plain else dialect)
+  options = hf_rope.from_hf(copy.deepcopy(config))
+  assert hf_rope.to_hf(options, dialect) == config
+  assert options == hf_rope.from_hf(_in_dialect(TYPES[rope_type], "rope_parameters"))  # one reading
+  per_layer = {"rope_parameters": {"full_attention": TYPES[rope_type], "sliding_attention": None}}
+  assert hf_rope.to_hf(hf_rope.from_hf(per_layer)) == per_layer
+  logging.getLogger("transformers").setLevel(logging.ERROR)
+  hf = transformers.LlamaConfig(max_position_embeddings=131072, **copy.deepcopy(config)).rope_parameters
+  hf.pop("type", None)
+  assert hf_rope.to_hf(options, "rope_parameters")["rope_parameters"] == hf  # as transformers standardises it
+
+
+def test_hf_fallbacks_from_max_position_embeddings():
+  """HF fills original_max_position_embeddings (Phi-3's top-level one first) and a yarn or longrope factor
+  from the model's max_position_embeddings; from_hf does too when told it."""
+  phi3 = {"rope_theta": 10000.0, "original_max_position_embeddings": 32,
+          "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+  options = hf_rope.from_hf(phi3, max_position_embeddings=128)
+  assert (options["original_length"], options["factor"]) == (32, 4.0)
+  assert hf_rope.from_hf(phi3)["scaling"] == "longrope" and "factor" not in hf_rope.from_hf(phi3)
+  assert hf_rope.from_hf(LEGACY_DYNAMIC, max_position_embeddings=2048)["original_length"] == 2048
+  yarn = hf_rope.from_hf({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, max_position_embeddings=512)
+  assert (yarn["original_length"], yarn["factor"]) == (512, 1.0)
+
+
+def test_options_hf_cannot_hold_are_clear_errors():
+  with pytest.raises(ConfigError, match=r"proportional rope .* takes scaling 'none' or 'linear', not 'yarn'"):
+    hf_rope.to_hf({"scaling": "yarn", "original_length": 8, "frequency_fraction": 0.5})
+  with pytest.raises(ConfigError, match=r"option\(s\) \['partial_rotary_factor'\] have no key in HF's 'proportional'"):
+    hf_rope.to_hf({"scaling": "none", "frequency_fraction": 0.5, "partial_rotary_factor": 0.5})
+  with pytest.raises(ConfigError, match=r"option\(s\) \['normalize_coords'\] have no key in HF's 'default'"):
+    hf_rope.to_hf({"scaling": "none", "normalize_coords": "max"})
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_round_trip_gives_back_the_same_keys(name):
   config = copy.deepcopy(CONFIGS[name])

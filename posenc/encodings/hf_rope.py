@@ -19,20 +19,33 @@ back ``c``'s rope keys exactly. The types map as:
 | ``linear`` | ``linear`` | ``factor`` |
 | ``dynamic`` | ``ntk`` | ``factor``, ``original_max_position_embeddings`` -> ``original_length`` |
 | ``yarn`` | ``yarn`` | ``factor``, ``original_length``, ``beta_fast``, ``beta_slow``, ``attention_factor`` |
-| ``longrope`` | ``longrope`` | ``short_factor``, ``long_factor``, ``factor``, ``original_length``, ``attention_factor`` |
+| ``longrope`` | ``longrope`` | ``short_factor``, ``long_factor``, ``factor``, ``original_length``,
+  ``attention_factor`` |
 | ``llama3`` | ``llama3`` | ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_length`` |
-| ``proportional`` | ``none`` with ``frequency_fraction`` (p-RoPE) | ``partial_rotary_factor`` -> ``frequency_fraction``, ``factor`` |
+| ``proportional`` | ``none``, or ``linear`` with ``factor``; and ``frequency_fraction`` (p-RoPE) |
+  ``partial_rotary_factor`` -> ``frequency_fraction``, ``factor`` |
 
 ``rope_theta`` is ``theta``; elsewhere HF's ``partial_rotary_factor`` (rotate the first fraction of
-each head over the whole spectrum) keeps its name. Keys posenc does not implement (e.g. YaRN's
-``mscale``) are a clear error, never dropped.
+each head over the whole spectrum) keeps its name. ``proportional`` options always hold the key
+``frequency_fraction`` (None where HF's ``partial_rotary_factor`` is missing, HF's 1.0), which is
+how ``to_hf`` knows the type. Keys posenc does not implement (e.g. YaRN's ``mscale``) are a clear
+error, never dropped; so are options ``to_hf`` cannot write.
+
+HF fills some keys from the model's config: a missing ``original_max_position_embeddings`` is
+``max_position_embeddings`` (Phi-3 keeps it top-level, and that wins), and a missing yarn or
+longrope ``factor`` is ``max_position_embeddings / original_max_position_embeddings`` (posenc's
+``factor=None`` is dynamic instead: the sequence's length over ``original_length``). ``from_hf(config,
+max_position_embeddings=n)`` fills them the same way (``to_hf`` then writes them out); without it
+they stay missing, and HF's ``dynamic``, which takes its trained length from
+``max_position_embeddings``, has no ``original_length``.
 """
 from __future__ import annotations
 
 from posenc.config import ConfigError
 
 SCALING_OF = {"default": "none", "linear": "linear", "dynamic": "ntk", "yarn": "yarn", "longrope": "longrope",
-              "llama3": "llama3", "proportional": "none"}
+              "llama3": "llama3"}  # and "proportional": "none", or "linear" with a factor
+TYPE_OF = {scaling: rope_type for rope_type, scaling in SCALING_OF.items()}
 KEYS = {  # HF key -> posenc option, per type (rope_theta and partial_rotary_factor go with every type)
     "default": {},
     "linear": {"factor": "factor"},
@@ -62,7 +75,8 @@ def _layer_types(params: dict) -> bool:
                               for v in params.values())
 
 
-def _options(rope: dict, where: str) -> dict:
+def _options(rope: dict, where: str, max_position_embeddings: int | None = None,
+             original_max: int | None = None) -> dict:
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in KEYS:
     raise ConfigError(f"{where}: rope type {rope_type!r} is not one posenc implements; "
@@ -72,38 +86,58 @@ def _options(rope: dict, where: str) -> dict:
   if unknown:
     raise ConfigError(f"{where}: rope type {rope_type!r} with key(s) {unknown}, which posenc does not "
                       f"implement; it reads {sorted(names)}.")
-  options = {"scaling": SCALING_OF[rope_type]}
+  if rope_type == "proportional":
+    options = {"scaling": "linear" if "factor" in rope else "none", "frequency_fraction": None}
+  else:
+    options = {"scaling": SCALING_OF[rope_type]}
   options.update({names[k]: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in rope.items() if k in names})
+  if max_position_embeddings is not None or original_max is not None:  # HF's fallbacks
+    if rope_type in ("llama3", "yarn", "longrope"):
+      options["original_length"] = original_max or options.get("original_length") or max_position_embeddings
+    elif rope_type == "dynamic":
+      options.setdefault("original_length", max_position_embeddings)
+    if rope_type in ("yarn", "longrope") and options.get("factor") is None and max_position_embeddings:
+      options["factor"] = max_position_embeddings / options["original_length"]
   return options
 
 
-def from_hf(config: dict) -> dict:
+def from_hf(config: dict, max_position_embeddings: int | None = None) -> dict:
   """posenc ``rope`` options from an HF config dict (``config.json``'s contents): one options dict,
-  or ``{layer_type: options or None}`` for per-layer-type ``rope_parameters``."""
+  or ``{layer_type: options or None}`` for per-layer-type ``rope_parameters``. With
+  ``max_position_embeddings``, keys HF would fill in are filled in (module docstring)."""
   kind = dialect_of(config)
   if kind == "rope_parameters":
     params = config["rope_parameters"]
     if _layer_types(params):
-      return {t: None if p is None else _options(p, f"rope_parameters[{t!r}]") for t, p in params.items()}
-    return _options(params, "rope_parameters")
+      return {t: None if p is None else _options(p, f"rope_parameters[{t!r}]", max_position_embeddings)
+              for t, p in params.items()}
+    return _options(params, "rope_parameters", max_position_embeddings)
   rope = dict(config.get("rope_scaling") or {})
   for key in COMMON:
     if key in config:
       rope[key] = config[key]
-  return _options(rope, "rope_scaling")
+  original_max = config.get("original_max_position_embeddings") if max_position_embeddings else None
+  return _options(rope, "rope_scaling", max_position_embeddings, original_max)
 
 
 def _hf_keys(options: dict) -> dict:
-  if options.get("frequency_fraction") is not None:
+  scaling = options.get("scaling", "none")
+  if "frequency_fraction" in options:
+    if scaling not in ("none", "linear"):
+      raise ConfigError(f"HF's proportional rope (frequency_fraction, p-RoPE) takes scaling 'none' or 'linear', "
+                        f"not {scaling!r}.")
     rope_type = "proportional"
+  elif scaling in TYPE_OF:
+    rope_type = TYPE_OF[scaling]
   else:
-    rope_type = next(t for t, s in SCALING_OF.items() if s == options.get("scaling", "none"))
+    raise ConfigError(f"scaling={scaling!r} has no HF rope type; HF's are {sorted(TYPE_OF)}.")
   names = {v: k for k, v in {**COMMON, **KEYS[rope_type]}.items()}
+  stray = sorted(k for k, v in options.items() if k not in names and k != "scaling" and v is not None)
+  if stray:
+    raise ConfigError(f"option(s) {stray} have no key in HF's {rope_type!r} rope; it writes {sorted(names)}.")
   out = {"rope_type": rope_type}
-  out.update({names[k]: v for k, v in options.items() if k in names})
+  out.update({names[k]: v for k, v in options.items() if k in names and (v is not None or k != "frequency_fraction")})
   return out
-
-
 def to_hf(options: dict, dialect: str = "rope_parameters") -> dict:
   """The HF config keys for posenc ``rope`` options (the inverse of ``from_hf``), in ``dialect``."""
   if dialect not in DIALECTS:

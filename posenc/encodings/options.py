@@ -5,7 +5,7 @@
       hidden_dim: int = option(32, "width of the MLP", at_least(1))
 
 A field's annotation is its type (``bool``, ``int``, ``float``, ``str``, ``tuple[int, ...]``,
-any of them ``| None``), ``option`` gives its default, its one-line doc and the rules its value
+``tuple[float, ...]``, any of them ``| None``), ``option`` gives its default, its one-line doc and the rules its value
 must pass. Building the dataclass checks every field against them (ints become floats where the
 type says ``float``), then ``check`` the rules that join several options. ``check_run`` holds
 the rules that join an encoding's options to a training run; the config validation calls it
@@ -42,6 +42,10 @@ def at_least(low: float) -> Rule:
   return Rule(lambda v: v >= low, f">= {low:g}")
 
 
+def at_most(high: float) -> Rule:
+  return Rule(lambda v: v <= high, f"<= {high:g}")
+
+
 def one_of(*choices) -> Rule:
   return Rule(lambda v: v in choices, f"one of {choices}")
 
@@ -52,11 +56,15 @@ def option(default, doc: str, *rules: Rule, none: str = ""):
   return dataclasses.field(default=default, metadata={"doc": doc, "rules": rules, "none": none})
 
 
-_KINDS = {bool: "True or False", int: "an int", float: "a number", str: "a string", tuple: "a tuple of ints"}
+_KINDS = {bool: "True or False", int: "an int", float: "a number", str: "a string", tuple: "a tuple of ints",
+          (tuple, float): "a tuple of numbers"}
 
 
-def _converted(kind: type, value):
+def _converted(kind, value):
   """``value`` as ``kind``, or None if it is not one (a bool is not a number)."""
+  if kind == (tuple, float):
+    items = [_converted(float, v) for v in value] if isinstance(value, tuple | list) else [None]
+    return None if None in items else tuple(items)
   if kind is bool:
     return bool(value) if isinstance(value, bool | np.bool_) else None
   if isinstance(value, bool | np.bool_):
@@ -74,11 +82,12 @@ def _converted(kind: type, value):
 
 @functools.cache
 def _types(cls) -> dict[str, tuple[type, bool]]:
-  """Each field's ``(kind, optional)`` from ``cls``'s annotations."""
+  """Each field's ``(kind, optional)`` from ``cls``'s annotations (``(tuple, float)``: a tuple of floats)."""
   out = {}
   for name, hint in typing.get_type_hints(cls).items():
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    kinds = [typing.get_origin(a) or a for a in args if a is not type(None)]
+    kinds = [(tuple, float) if typing.get_args(a)[:1] == (float,) else typing.get_origin(a) or a
+             for a in args if a is not type(None)]
     if len(kinds) != 1 or kinds[0] not in _KINDS:
       raise TypeError(f"{cls.__name__}.{name}: an option is one of {list(_KINDS)}, or one of them | None.")
     out[name] = (kinds[0], len(kinds) < len(args))
@@ -98,8 +107,8 @@ class Options:
       converted = None if value is None else _converted(kind, value)
       rules = field.metadata["rules"]
       if converted is None or not all(rule.holds(converted) for rule in rules):
-        what = " and ".join(r.need for r in rules) if kind is str and rules else " ".join(
-            [_KINDS[kind], *(r.need for r in rules)])
+        needs = " and ".join(r.need for r in rules)
+        what = needs if kind is str and rules else f"{_KINDS[kind]} {needs}".strip()
         none = field.metadata["none"]
         if optional:
           what = f"None{f' ({none})' if none else ''} or {what}"

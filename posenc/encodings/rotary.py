@@ -9,8 +9,10 @@ conventions: ``posenc.encodings.rotation``.
   (``RoPEOptions.variant``): RoFormer (1D, ``theta`` 10000) and RoPE-Axial (2D, Heo
   et al. 2024, "Rotary Position Embedding for Vision Transformer": the first Dh/4
   pairs turn with x, the last Dh/4 with y, both at ``theta**(-4k/Dh)``, ``k < Dh/4``,
-  theta 100) on the integer grid (``rotation.Axial``); 1D context extension, NTK or
-  YaRN (``rope_scaling``); DINOv3's normalised coordinates (``rope_normalized``).
+  theta 100) on the integer grid (``rotation.Axial``); 1D frequency scaling, every HF rope
+  type (``rope_scaling``); DINOv3's normalised coordinates (``rope_normalized``). In 1D, p-RoPE
+  (``frequency_fraction``) or HF's ``partial_rotary_factor`` leave features unrotated
+  (``rotation.FewerRotated``).
 - ``rope_mixed``, RoPE-Mixed (same paper): learned ``freqs`` of shape
   ``(num_layers, 2, H, Dh/2)``: per layer and head, x and y components of each
   pair's frequency, so a pair can turn along any direction of the grid.
@@ -31,7 +33,7 @@ from flax import nnx
 from posenc.config import ConfigError
 from posenc.encodings import coordinates as coords_lib
 from posenc.encodings.base import Encoding, Geometry
-from posenc.encodings.options import Options, at_least, greater, one_of, option
+from posenc.encodings.options import Options, Rule, at_least, at_most, greater, one_of, option
 from posenc.encodings.registry import register
 from posenc.encodings.rope_normalized import Augmented, Normalized
 from posenc.encodings.rope_scaling import SCALINGS, Scaled
@@ -94,6 +96,9 @@ class _Rotary(Encoding):
     return turn(q, cos, sin), turn(k, cos, sin)
 
 
+_POSITIVE = Rule(lambda v: len(v) > 0 and min(v) > 0, "of at least one entry, every one > 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class RoPEOptions(Options):
   """``rope``'s options. Which are set chooses the variant (``variant``); an option of another
@@ -101,11 +106,29 @@ class RoPEOptions(Options):
 
   theta: float | None = option(None, "frequency base on the integer grid", greater(1),
                                none="10000 in 1D, 100 in 2D")
-  scaling: str = option("none", "1D context extension: HF's dynamic NTK or YaRN", one_of(*SCALINGS))
-  original_length: int | None = option(None, "the trained sequence length (with scaling)", at_least(1))
-  factor: float | None = option(None, "extension factor", at_least(1), none="from the sequence length")
+  scaling: str = option("none", "1D frequency scaling, as HF's rope types: linear, ntk (HF's dynamic), yarn, "
+                        "llama3, longrope", one_of(*SCALINGS))
+  original_length: int | None = option(None, "the trained sequence length (ntk, yarn, llama3, longrope)", at_least(1))
+  factor: float | None = option(None, "scaling factor (linear and llama3 need it)", at_least(1),
+                                none="ntk, yarn, longrope: from the sequence length")
   beta_fast: float = option(32.0, "YaRN's ramp: rotations of the fastest interpolated pair", greater(0))
   beta_slow: float = option(1.0, "YaRN's ramp: rotations of the slowest extrapolated pair", greater(0))
+  low_freq_factor: float | None = option(None, "llama3: wavelengths past original_length / this are divided "
+                                               "by factor", greater(0))
+  high_freq_factor: float | None = option(None, "llama3: wavelengths below original_length / this are kept",
+                                          greater(0))
+  short_factor: tuple[float, ...] | None = option(None, "longrope: per-pair frequency divisors up to "
+                                                  "original_length", _POSITIVE)
+  long_factor: tuple[float, ...] | None = option(None, "longrope: per-pair frequency divisors past "
+                                                 "original_length", _POSITIVE)
+  attention_factor: float | None = option(None, "yarn, longrope: what cos and sin are multiplied by",
+                                          greater(0), none="from factor, as HF")
+  frequency_fraction: float | None = option(None, "p-RoPE (HF's proportional), 1D: keep the fastest fraction "
+                                            "of the head's frequencies, zero the rest", at_least(0), at_most(1),
+                                            none="all")
+  partial_rotary_factor: float | None = option(None, "HF's, 1D: rotate only this fraction of each head's "
+                                               "features, over the whole spectrum", greater(0), at_most(1),
+                                               none="all")
   normalize_coords: str | None = option(None, "DINOv3: patch centres in [-1, 1] per axis or by the longer "
                                         "or shorter side", one_of(*coords_lib.NORMALIZE_MODES))
   base: float | None = option(None, "period base with normalize_coords", greater(1), none="100")
@@ -152,6 +175,8 @@ class RoPE(_Rotary):
     super().__init__(options)
     self.variant = options.variant()
     self.head_dim = dim // num_heads if dim and num_heads else None
+    if self.head_dim is not None:
+      self.variant.check_head_dim(self.head_dim)  # e.g. partial_rotary_factor, longrope's factor lists
 
   @property
   def augments(self) -> bool:
@@ -182,7 +207,7 @@ class RoPE(_Rotary):
     return self.variant.frequencies(geometry, head_dim, length)
 
   def _attention_factor(self, geometry, head_dim, length=None):
-    return self.variant.attention_factor(geometry, head_dim, length)
+    return self.variant.attention_scale(geometry, head_dim, length)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,7 +78,8 @@ def causal_cache_mask(start, num_queries: int, cache_len: int) -> jax.Array:
 def rotate(encoding: Encoding, q: jax.Array, k: jax.Array, geometry: Geometry, positions: jax.Array, layer,
            length=None, max_length: int | None = None) -> tuple[jax.Array, jax.Array]:
   """``encoding.rotate``, told the ``length`` of the sequence (at most the static ``max_length``) when
-  its frequencies depend on it (``length_dependent``: rope's ``ntk``, ``yarn`` without ``factor``)."""
+  its frequencies depend on it (``length_dependent``: rope's ``ntk``, ``longrope``, ``yarn`` without
+  ``factor``)."""
   if length is None or not getattr(encoding, "length_dependent", False):
     return encoding.rotate(q, k, geometry, positions, layer)
   return encoding.rotate(q, k, geometry, positions, layer, length=length, max_length=max_length)

@@ -17,7 +17,7 @@ the last generated token. Attention is causal, so the not-yet-generated slots
 (zeros) cannot change them: this is recomputing the sequence so far from scratch.
 
 Both are the same for every 1D encoding and option. A dynamic context extension
-(rope ``scaling="ntk"``, or ``"yarn"`` without ``factor``) follows the length of
+(rope ``scaling="ntk"``, ``"longrope"``, or ``"yarn"`` without ``factor``) follows the length of
 the sequence so far, prompt and generated tokens: recomputation runs each step
 at the frequencies (and YaRN attention factor) of that length, so tokens already
 cached were computed at those of an earlier one. Within ``original_length`` the
@@ -27,7 +27,9 @@ the rotation of the keys), the decoder recomputes the whole cache from the cache
 tokens at each such step (``posenc.encodings.rotary``): exact, and past
 ``original_length`` no cheaper than ``use_cache=False``. (HF's ``dynamic`` rope
 keeps its cached keys instead, and differs from its own full forward.) A fixed
-YaRN ``factor`` never changes the frequencies. Packed prompts (several sequences
+YaRN ``factor`` never changes the frequencies; ``longrope`` with a ``factor`` changes
+them once, when the sequence passes ``original_length``, and the cache is recomputed
+at that step only (HF drops its cache there). Packed prompts (several sequences
 in a row, with ``packing_ids``) are not supported: ``GPT.decode`` has no packing ids.
 
 Both are one ``jax.jit`` program per (model structure, shapes, ``max_new_tokens``),

@@ -14,8 +14,8 @@ token order; ``packing_ids`` additionally confine each token to its own packed
 sequence (pass ``positions`` that restart in each), ``padding_mask`` (True = real
 token) hides padded keys. ``posenc.models.generate`` decodes with the KV cache.
 
-An encoding whose frequencies depend on the sequence's length (rope's ``ntk``; ``yarn``
-without ``factor``) sees the number of tokens, or ``length``: how a fixed-size buffer
+An encoding whose frequencies depend on the sequence's length (rope's ``ntk``, ``longrope``;
+``yarn`` without ``factor``) sees the number of tokens, or ``length``: how a fixed-size buffer
 whose later slots are not yet written is the sequence of its first ``length`` tokens
 (causal attention keeps those slots out of the earlier ones). ``decode`` gives it
 ``cache.length + T`` and recomputes the cache when that changes its frequencies
