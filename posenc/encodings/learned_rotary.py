@@ -83,12 +83,13 @@ class BlockOptions(LearnedRotaryOptions):
 
 @dataclasses.dataclass(frozen=True)
 class StringOptions(BlockOptions):
+  block: int = option(8, "form='commuting': features per diagonal block of the generators (divides the head dim)",
+                      at_least(2), Rule(lambda v: v % 2 == 0, "even"))
   form: str = option("cayley", "'cayley': P RoPE P^T, learned orthogonal P and frequencies; 'commuting': "
                                 "learned commuting block generators (= comrope)", one_of(*FORMS))
 
   def check(self) -> None:
-    default = next(f.default for f in dataclasses.fields(self) if f.name == "block")
-    if self.form == "cayley" and self.block != default:
+    if self.form == "cayley" and self.block != BlockOptions.block:
       raise ConfigError(f"block is an option of form='commuting', not of form='cayley' (its P is dense); "
                         f"got block={self.block}.")
 
