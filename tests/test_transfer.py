@@ -92,7 +92,8 @@ def test_rel_bias_table_resamples_and_model_runs():
   assert bool(jnp.all(jnp.isfinite(nnx.jit(lambda m, x: m(x))(tgt, jnp.ones((1, 56, 56, 1))))))
 
 
-@pytest.mark.parametrize("posenc", ["sincos2d", "alibi", "cpe", "cpb", "rope", "rope_mixed", "none"])
+@pytest.mark.parametrize("posenc", ["sincos2d", "alibi", "cpe", "cpb", "rope", "rope_mixed", "string", "comrope", "liere",
+                                    "none"])
 def test_geometry_free_encodings_pass_unchanged(posenc):
   src = vit(posenc, 28)
   params = params_of(src)

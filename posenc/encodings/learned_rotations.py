@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 products on accelerators too (no TF32 / bf16 passes)
+
 
 def pair_order(head_dim: int, ndim: int) -> np.ndarray:
   """The permutation ``perm`` with ``x[..., perm]`` in pair order (see the module docstring)."""
@@ -78,7 +80,8 @@ def axis_partition_mask(head_dim: int, ndim: int, block: int) -> np.ndarray:
 def generator_rotations(generators: jax.Array, positions: jax.Array) -> jax.Array:
   """``expm(sum_a p_a S_a)``: generators ``[ndim, H, nb, b, b]`` (skew-symmetric), positions
   ``[B, N, ndim]`` -> rotations ``[B, N, H, nb, b, b]`` in float32."""
-  gen = jnp.einsum("bna,ahkij->bnhkij", positions.astype(jnp.float32), generators.astype(jnp.float32))
+  gen = jnp.einsum("bna,ahkij->bnhkij", positions.astype(jnp.float32), generators.astype(jnp.float32),
+                   precision=HIGHEST)
   return expm(gen)
 
 
@@ -97,11 +100,11 @@ def expm(a: jax.Array, order: int = 10) -> jax.Array:
   eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
   out, term = eye, eye
   for i in range(1, order + 1):
-    term = term @ a / i
+    term = jnp.matmul(term, a, precision=HIGHEST) / i
     out = out + term
 
   def square(i, r):
-    return jnp.where((i < squarings)[..., None, None], r @ r, r)
+    return jnp.where((i < squarings)[..., None, None], jnp.matmul(r, r, precision=HIGHEST), r)
 
   return jax.lax.fori_loop(0, MAX_SQUARINGS, square, out)
 
@@ -112,7 +115,7 @@ def apply_block_rotations(x: jax.Array, rotations: jax.Array, order: np.ndarray)
   *lead, head_dim = x.shape
   nb, b = rotations.shape[-3], rotations.shape[-1]
   y = x.astype(jnp.float32)[..., order].reshape(*lead, nb, b)
-  y = jnp.einsum("...kij,...kj->...ki", rotations, y).reshape(*lead, head_dim)
+  y = jnp.einsum("...kij,...kj->...ki", rotations, y, precision=HIGHEST).reshape(*lead, head_dim)
   return y[..., np.argsort(order)].astype(x.dtype)
 
 
