@@ -22,8 +22,8 @@ import posenc  # noqa: F401  (flax config)
 from posenc import models, transfer
 from posenc.config import load_config_file
 from posenc.encodings import Geometry
-from posenc.models import attention
-from posenc.models.block_stack import resolve_scan_layers
+from posenc.models import kernels
+from posenc.models.kernels import resolve_scan_layers
 from posenc.training import setup, sharding
 from posenc.training.checkpoint import Checkpointer
 
@@ -104,14 +104,14 @@ def test_fused_attention_equals_the_einsum_path_in_float32_and_bfloat16(case, po
 def test_auto_chooses_cudnn_on_gpus_only_where_it_applies_and_unrolls_layers_off_tpus():
   assert not resolve_scan_layers(None, "cpu") and not resolve_scan_layers(None, "gpu")  # measured faster
   assert resolve_scan_layers(None, "tpu") and not resolve_scan_layers(False, "tpu")
-  assert attention.resolve_attention_impl("auto", "gpu") == "dot_product_attention"
-  assert attention.resolve_attention_impl("auto", "cpu") == "per_head"
-  assert attention.fused_kernel(jnp.bfloat16, 64, "gpu") == "cudnn"
-  assert attention.fused_kernel(jnp.float16, 128, "gpu") == "cudnn"
-  assert attention.fused_kernel(jnp.float32, 64, "gpu") == "xla"   # cuDNN's flash kernel is 16-bit only
-  assert attention.fused_kernel(jnp.bfloat16, 12, "gpu") == "xla"  # not a multiple of 8
-  assert attention.fused_kernel(jnp.bfloat16, 64, "tpu") == "xla"
-  assert attention.fused_kernel(jnp.bfloat16, 64, "cpu") == "xla"
+  assert kernels.resolve_attention_impl("auto", "gpu") == "dot_product_attention"
+  assert kernels.resolve_attention_impl("auto", "cpu") == "per_head"
+  assert kernels.fused_kernel(jnp.bfloat16, 64, "gpu") == "cudnn"
+  assert kernels.fused_kernel(jnp.float16, 128, "gpu") == "cudnn"
+  assert kernels.fused_kernel(jnp.float32, 64, "gpu") == "xla"   # cuDNN's flash kernel is 16-bit only
+  assert kernels.fused_kernel(jnp.bfloat16, 12, "gpu") == "xla"  # not a multiple of 8
+  assert kernels.fused_kernel(jnp.bfloat16, 64, "tpu") == "xla"
+  assert kernels.fused_kernel(jnp.bfloat16, 64, "cpu") == "xla"
 
 
 @pytest.mark.parametrize("t,s,bias_batch,mask_shape", [(7, 7, 1, None), (5, 9, 2, (2, 5, 9)), (7, 7, None, (2, 1, 7)),
@@ -127,7 +127,7 @@ def test_odd_lengths_padded_for_the_fused_kernel_give_the_same_values_and_gradie
   argnums = tuple(range(len(args)))
 
   def loss(*a):
-    return jnp.sum(jnp.sin(attention.dot_product_attention(*a[:3], a[3] if len(a) > 3 else None, mask,
+    return jnp.sum(jnp.sin(kernels.dot_product_attention(*a[:3], a[3] if len(a) > 3 else None, mask,
                                                            jnp.float32)))
 
   with jax.default_matmul_precision("highest"):  # GPUs multiply float32 in TF32 by default

@@ -14,7 +14,7 @@ from flax import nnx
 
 import posenc  # noqa: F401  (flax config)
 from posenc import encodings, models
-from posenc.models.attention import ATTENTION_IMPLS, resolve_attention_impl
+from posenc.models.kernels import ATTENTION_IMPLS, resolve_attention_impl
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64)
 IMPLS = ("per_head", "xla", "dot_product_attention")

@@ -254,8 +254,6 @@ def test_clear_errors():
       build(name, Geometry.grid(2, 3))
     with pytest.raises(ValueError, match=r"num_heads must be a positive int"):
       make(name, num_heads=0, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"out of range for 3 per-layer"):
-      build(name, per_layer=True).attention_bias(SEQ, SEQ.positions(), 3)
   with pytest.raises(ValueError, match=r"'fire': hidden_dim must be an int >= 1, got 0"):
     build("fire", hidden_dim=0)
   with pytest.raises(ValueError, match=r"init_c must be a number > 0"):

@@ -148,8 +148,6 @@ def test_clear_errors():
     build("rel_bias").attention_bias(Geometry.grid(5, 4), Geometry.grid(5, 4).positions(), 0)
   with pytest.raises(ValueError, match=r"built for 2D 3x4.*cannot serve 1D"):
     build("rel_bias").attention_bias(SEQ, SEQ.positions(), 0)
-  with pytest.raises(ValueError, match=r"layer 3 is out of range for 3"):
-    build("rel_bias", per_layer=True).attention_bias(GRID, GRID.positions(), 3)
   with pytest.raises(ValueError, match=r"layers=\(5,\).*num_layers=3"):
     build("cpe", layers=(5,))
   with pytest.raises(ValueError, match=r"even num_buckets"):

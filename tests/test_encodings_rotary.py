@@ -239,8 +239,6 @@ def test_clear_errors():
     make_mixed(scale=0.5)
   with pytest.raises(ValueError, match=r"'rope': theta must be None \(10000 in 1D, 100 in 2D\) or a number > 1"):
     make_rope(theta=1.0)
-  with pytest.raises(ValueError, match="has 3 layers"):
-    make_mixed().rotate(q, k, Geometry.grid(2, 3), Geometry.grid(2, 3).positions(), 3)
 
 
 # ---------------------------------------------------------------- jit, grads, dtypes, scale

@@ -23,8 +23,8 @@ from flax import nnx
 import posenc  # noqa: F401  (flax config)
 from posenc import models, transfer
 from posenc.config import load_config_file
-from posenc.models import attention
-from posenc.models.block_stack import resolve_scan_layers
+from posenc.models import kernels
+from posenc.models.kernels import resolve_scan_layers
 from posenc.training import setup, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ SHARDING_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
 
 def run_for(name: str, posenc_name: str, platform: str, size: int = 1):
   backend = BACKEND[platform]
-  impl = attention.resolve_attention_impl("auto", backend)
+  impl = kernels.resolve_attention_impl("auto", backend)
   scan = resolve_scan_layers(None, backend)
   options = ",".join([SMALL, TASKS[name][0], TASKS[name][size], f"posenc={posenc_name}", f"attention_impl={impl}",
                       f"model_options.scan_layers={scan}"])
@@ -119,11 +119,11 @@ def test_kv_cache_decoding_lowers(posenc_name, platform):
 def test_cudnn_is_chosen_at_run_time_on_gpus():
   """What the GPU export above could not lower: on a GPU, ``auto`` hands bfloat16 attention of these
   head sizes to cuDNN's fused kernel, chosen when the program is traced on that backend."""
-  assert attention.resolve_attention_impl("auto", "gpu") == "dot_product_attention"
-  assert attention.resolve_attention_impl("auto", "tpu") == "dot_product_attention"
+  assert kernels.resolve_attention_impl("auto", "gpu") == "dot_product_attention"
+  assert kernels.resolve_attention_impl("auto", "tpu") == "dot_product_attention"
   head_dim = 32 // 2
-  assert attention.fused_kernel(jnp.bfloat16, head_dim, "gpu") == "cudnn"
-  assert attention.fused_kernel(jnp.bfloat16, head_dim, "cpu") == "xla"  # what the export here lowered
-  assert attention.fused_kernel(jnp.bfloat16, head_dim, "tpu") == "xla"
+  assert kernels.fused_kernel(jnp.bfloat16, head_dim, "gpu") == "cudnn"
+  assert kernels.fused_kernel(jnp.bfloat16, head_dim, "cpu") == "xla"  # what the export here lowered
+  assert kernels.fused_kernel(jnp.bfloat16, head_dim, "tpu") == "xla"
   assert resolve_scan_layers(None, "tpu") and not resolve_scan_layers(None, "gpu")
   np.testing.assert_equal(jax.default_backend(), "cpu")

@@ -82,7 +82,7 @@ def test_conv_stem_matches_torch(extra):
   then ``extra`` times the same with stride 1, and maps H x W to the patchify grid H/4 x W/4."""
   torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
 
-  from posenc.models.vit import ConvStem
+  from posenc.models.stems import ConvStem
 
   stem = ConvStem(4, 3, 16, 1e-6, jnp.float32, jnp.float32, nnx.Rngs(0), extra_convs=extra)
   rng = np.random.default_rng(0)

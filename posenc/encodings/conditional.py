@@ -13,7 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from posenc.encodings.base import Encoding, Geometry, split_prefix
@@ -105,9 +104,8 @@ class ConditionalPositionEncoding(Encoding):
   def after_block(self, x: jax.Array, geometry: Geometry, positions: jax.Array, layer) -> jax.Array:
     self.check(geometry)
     params = (self.kernel[...], self.bias[...])
-    if isinstance(layer, (int, np.integer)):  # static: no branch in the graph
-      return self._peg(x, geometry, *params) if int(layer) in self.layers else x
-    # Traced layer (blocks under nnx.scan): the conv only runs in the active blocks.
+    # The model's layer index is an int32 array: the conv runs only in the active blocks (a
+    # constant index, as in unrolled layers, leaves one branch once compiled).
     active = jnp.any(jnp.asarray(layer) == jnp.asarray(self.layers))
     return jax.lax.cond(active, lambda v, p: self._peg(v, geometry, *p),
                         lambda v, p: v, x, params)

@@ -245,10 +245,9 @@ class RoPEMixed(_Rotary):
 
   def _frequencies(self, geometry, layer, head_dim, num_heads, length=None):
     freqs = self.freqs[...]
-    num_layers, _, heads, half = freqs.shape
+    _, _, heads, half = freqs.shape
     if (heads, 2 * half) != (num_heads, head_dim):
       raise ValueError(f"position encoding 'rope_mixed' was built for {heads} heads of dim "
                        f"{2 * half}; got q/k with {num_heads} heads of dim {head_dim}.")
-    if isinstance(layer, (int, np.integer)) and not 0 <= layer < num_layers:
-      raise ValueError(f"position encoding 'rope_mixed' has {num_layers} layers; got layer={layer}.")
+    # One path for every layer index (the model's are int32 arrays): clamped to range.
     return jax.lax.dynamic_index_in_dim(freqs, jnp.asarray(layer, jnp.int32), 0, keepdims=False)

@@ -23,7 +23,8 @@ from posenc.models.block_stack import KVCache
 from posenc.models.bert import BERT, BERT_SIZES
 from posenc.models.generate import generate
 from posenc.models.gpt import GPT, GPT_SIZES
-from posenc.models.vit import STEMS, VIT_SIZES, ConvStem, PatchStem, ViT, make_stem, vit_with_stem
+from posenc.models.stems import STEMS, ConvStem, PatchStem, make_stem
+from posenc.models.vit import VIT_SIZES, ViT, vit_with_stem
 
 # family -> (sizes, what create calls, then the class it hands its other keywords to, if any)
 _FAMILIES = {"vit": (VIT_SIZES, vit_with_stem, ViT), "bert": (BERT_SIZES, BERT), "gpt": (GPT_SIZES, GPT)}

@@ -7,19 +7,18 @@ maps them to a mesh by the config's rules. ``dtype`` is the compute dtype,
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from posenc.encodings.base import Encoding, Geometry
+from posenc.models.kernels import apply_dropout, attend, dense, resolve_attention_impl
 
 Initializer = Callable[..., jax.Array]
-# Where a mask is False the logit becomes this; exp() of it (after the row max is
-# subtracted) is exactly 0 in float32, so masked keys get exactly zero weight.
-MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def param(init: Initializer, rngs: nnx.Rngs, shape: tuple[int, ...], dtype, names: tuple) -> nnx.Param:
@@ -32,20 +31,6 @@ def layer_norm(dim: int, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.
   names = {"out_sharding": ("embed",)}
   return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=True,
                        scale_metadata=names, bias_metadata=names, rngs=rngs)
-
-
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, in_dims: int = 1) -> jax.Array:
-  """Contract the last ``in_dims`` axes of ``x`` with the first ones of ``kernel`` as ONE 2D matmul.
-
-  XLA:CPU runs dots on 3D operands (and their gradients) more slowly than the
-  same dot on operands flattened to 2D (benchmarks/speed.py); reshapes of
-  contiguous arrays are free.
-  """
-  lead, k_in, k_out = x.shape[:x.ndim - in_dims], kernel.shape[:in_dims], kernel.shape[in_dims:]
-  y = x.reshape(-1, math.prod(k_in)) @ kernel.reshape(math.prod(k_in), -1)
-  if bias is not None:
-    y = y + bias.reshape(-1)
-  return y.reshape(*lead, *k_out)
 
 
 def attention_mask(padding_mask: jax.Array | None, packing_ids: jax.Array | None, *,
@@ -85,85 +70,68 @@ def rotate(encoding: Encoding, q: jax.Array, k: jax.Array, geometry: Geometry, p
   return encoding.rotate(q, k, geometry, positions, layer, length=length, max_length=max_length)
 
 
-def apply_dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Inverted dropout; the identity when ``key`` is None (evaluation) or ``rate`` is 0."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def apply_drop_path(x: jax.Array, rate, key: jax.Array | None) -> jax.Array:
-  """Stochastic depth: drop a whole residual branch per example. ``rate`` may be traced."""
+def apply_drop_path(x: jax.Array, keep, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: keep a whole residual branch per example with probability ``keep`` (may be
+  traced), scaled by ``1 / keep``; the identity when ``key`` is None."""
   if key is None:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  kept = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(kept, x / jnp.asarray(keep, x.dtype), 0).astype(x.dtype)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "per_head", "dot_product_attention")
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """What every block of a model is built from (hashable: blocks keep it as static data).
 
+  Initialisers as numbers: kernels N(0, ``init_std``^2), or Glorot-uniform (over fan-in and
+  fan-out) where None; biases N(0, ``bias_std``^2), zeros where 0; the two projections that write
+  into the residual stream (attention output, second MLP layer) N(0, ``residual_std``^2), or as
+  the other kernels where None (GPT-2 scales theirs by 1/sqrt(2 depth)). ``drop_path`` is the
+  last block's stochastic-depth rate; it grows linearly from 0 at the first (DeiT / timm).
+  """
 
-def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
-  """``"auto"`` -> the implementation for ``backend`` (default: JAX's): per-head on CPU (the
-  fastest measured there, benchmarks/speed.py), ``jax.nn.dot_product_attention`` elsewhere
-  (cuDNN's fused kernel on GPUs where it applies: ``fused_kernel``; XLA's on TPU)."""
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl {impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
-  if impl != "auto":
-    return impl
-  return "per_head" if (backend or jax.default_backend()) == "cpu" else "dot_product_attention"
+  dim: int
+  num_heads: int
+  mlp_dim: int
+  num_layers: int
+  pre_ln: bool = True
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = True
+  init_std: float | None = None
+  bias_std: float = 0.0
+  residual_std: float | None = None
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  attention_impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    if self.dim % self.num_heads:
+      raise ValueError(f"width {self.dim} is not divisible by num_heads {self.num_heads}; pick a width "
+                       f"that is a multiple of num_heads.")
+    for name in ("dropout", "attention_dropout", "drop_path"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+    resolve_attention_impl(self.attention_impl)  # a clear error for an unknown name
 
-def fused_kernel(dtype, head_dim: int, backend: str | None = None) -> str:
-  """The ``implementation`` that ``dot_product_attention`` hands to ``jax.nn.dot_product_attention``:
-  ``"cudnn"`` on a GPU for 16-bit inputs with a head dimension that cuDNN's flash attention takes
-  (a multiple of 8, at most 128), else ``"xla"``. Chosen here, at trace time, because JAX's own
-  default (``implementation=None``) runs XLA's unfused attention on every backend."""
-  if (backend or jax.default_backend()) != "gpu":
-    return "xla"
-  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or head_dim > 128:
-    return "xla"
-  return "cudnn"
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
 
+  def kernel_init(self, default, residual: bool = False):
+    """The init of a kernel; ``default`` where the config names none."""
+    std = self.residual_std if residual and self.residual_std is not None else self.init_std
+    return default if std is None else jax.nn.initializers.normal(std)
 
-def _pad_axis(x: jax.Array, axis: int, extra: int, full: int, **kwargs) -> jax.Array:
-  """``x`` with ``extra`` more entries at the end of ``axis``, where that axis is ``full`` long
-  (a broadcast axis of size 1 stays as it is)."""
-  if not extra or x.shape[axis] != full:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, **kwargs)
+  def bias_init(self):
+    return jax.nn.initializers.normal(self.bias_std) if self.bias_std else jax.nn.initializers.zeros
 
-
-def dot_product_attention(q, k, v, bias, mask, dtype) -> jax.Array:
-  """``jax.nn.dot_product_attention`` with the kernel of ``fused_kernel``; queries already scaled.
-
-  cuDNN takes the mask and bias as one additive bias (and returns its gradient). Its flash kernel
-  trains a bias only on even lengths, so odd ones (a ViT's 196 patches + the class token) are
-  padded by one masked key and one discarded query. Where cuDNN's own checks still refuse the
-  inputs, XLA's kernel runs."""
-  bias = None if bias is None else bias.astype(jnp.float32 if dtype == jnp.float32 else dtype)
-  mask = None if mask is None else mask[:, None]  # [B or 1, 1, T or 1, S]
-  if fused_kernel(dtype, q.shape[-1]) == "cudnn":
-    t, s = q.shape[1], k.shape[1]
-    pt, ps = t % 2, s % 2
-    qp, kp, vp, bp, mp = q, k, v, bias, mask
-    if pt or ps:
-      qp, kp, vp = _pad_axis(q, 1, pt, t), _pad_axis(k, 1, ps, s), _pad_axis(v, 1, ps, s)
-      bp = None if bias is None else _pad_axis(_pad_axis(bias, 2, pt, t), 3, ps, s)
-      keys = jnp.arange(s + ps) < s  # the padded key is masked out
-      mp = keys[None, None, None] if mask is None else \
-          _pad_axis(_pad_axis(mask, 2, pt, t, mode="edge"), 3, ps, s, mode="edge") & keys
-    if mp is not None:  # cuDNN broadcasts a bias over batch and heads only
-      mp = jnp.broadcast_to(mp, mp.shape[:2] + (t + pt, s + ps))
-    try:
-      out = jax.nn.dot_product_attention(qp, kp, vp, bias=bp, mask=mp, scale=1.0, implementation="cudnn")
-      return out[:, :t]
-    except (NotImplementedError, ValueError, RuntimeError):
-      pass
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation="xla")
+  def path_keep(self, layer) -> jax.Array:
+    """The probability that block ``layer`` (int32, may be traced) keeps its residual branches."""
+    rates = self.drop_path * np.arange(self.num_layers) / max(self.num_layers - 1, 1)
+    return jnp.asarray((1.0 - rates).astype(np.float32))[layer]
 
 
 class Attention(nnx.Module):
@@ -172,41 +140,28 @@ class Attention(nnx.Module):
   The query scale ``1/sqrt(head_dim)`` is folded into the query weights at
   compute time (a ``[D, D]`` multiply instead of a ``[B, H, T, T]`` one). The
   encoding's ``rotate`` therefore sees a scaled query; rotations are linear, so
-  this changes nothing. ``attention_impl`` (``resolve_attention_impl``) chooses how
-  scores are computed, all with float32 logits and the same result:
-  ``"per_head"`` attends one head at a time (on CPU, per-head ``[B, T, T]``
-  matmuls and softmaxes beat one batched einsum, whose operands XLA must
-  transpose); ``"xla"`` is one batched einsum over heads;
-  ``"dot_product_attention"`` is ``jax.nn.dot_product_attention`` with the
-  encoding's bias and the mask passed to the (on GPU, fused) kernel. Attention
-  dropout in training is applied by the einsum paths (the fused kernel has none).
-  ``out_init``: the output projection's kernel init (default: ``kernel_init``'s).
+  this changes nothing. How the scores are computed (``config.attention_impl``)
+  is ``posenc.models.kernels.attend``'s business.
   """
 
-  def __init__(self, dim: int, num_heads: int, *, kernel_init: Initializer, bias_init: Initializer,
-               dtype, param_dtype, rngs: nnx.Rngs, attention_dropout: float = 0.0,
-               attention_impl: str = "auto", out_init: Initializer | None = None):
-    if dim % num_heads:
-      raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}; pick a width that is "
-                       f"a multiple of num_heads.")
-    head_dim = dim // num_heads
-    self.num_heads, self.head_dim = num_heads, head_dim
-    self.dtype, self.attention_dropout = dtype, attention_dropout
-    self.attention_impl = resolve_attention_impl(attention_impl)
+  def __init__(self, config: BlockConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config, self.num_heads, self.head_dim = c, c.num_heads, c.head_dim
     # Kernels [in, heads, 3 (q/k/v), head_dim] and [heads, head_dim, out]: heads lead the flattened
     # output / input axis, so a "heads"-sharded kernel stays sharded when dense() flattens it.
-    qkv_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 3),
-                                                    batch_axis=(2,)) if kernel_init is None else kernel_init
-    self.qkv = param(qkv_init, rngs, (dim, num_heads, 3, head_dim), param_dtype, ("embed", "heads", None, "kv"))
-    self.qkv_bias = param(bias_init, rngs, (num_heads, 3, head_dim), param_dtype, ("heads", None, "kv"))
-    out_init = out_init or kernel_init or jax.nn.initializers.variance_scaling(
-        1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
-    self.out = param(out_init, rngs, (num_heads, head_dim, dim), param_dtype, ("heads", "kv", "embed"))
-    self.out_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
+    qkv_init = c.kernel_init(jax.nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 3), batch_axis=(2,)))
+    self.qkv = param(qkv_init, rngs, (c.dim, c.num_heads, 3, c.head_dim), c.param_dtype,
+                     ("embed", "heads", None, "kv"))
+    self.qkv_bias = param(c.bias_init(), rngs, (c.num_heads, 3, c.head_dim), c.param_dtype, ("heads", None, "kv"))
+    out_init = c.kernel_init(jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
+                                                                  out_axis=2), residual=True)
+    self.out = param(out_init, rngs, (c.num_heads, c.head_dim, c.dim), c.param_dtype, ("heads", "kv", "embed"))
+    self.out_bias = param(c.bias_init(), rngs, (c.dim,), c.param_dtype, ("embed",))
 
   def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``x [B, T, D]`` -> q (scaled), k, v, each ``[B, T, H, Dh]``."""
-    dt = self.dtype
+    dt = self.config.dtype
     scale = jnp.array([self.head_dim ** -0.5, 1.0, 1.0], dt)[:, None]
     w = self.qkv[...].astype(dt) * scale
     b = self.qkv_bias[...].astype(dt) * scale
@@ -214,43 +169,17 @@ class Attention(nnx.Module):
     return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
 
   def _attend(self, q, k, v, bias, mask, key) -> jax.Array:
-    """Queries ``[B, T, H, Dh]`` over keys/values ``[B, S, H, Dh]``; ``bias [B or 1, H, T, S]``;
-    ``mask`` broadcastable to ``[B, T, S]``."""
-    dt, impl = self.dtype, self.attention_impl
-    if impl == "dot_product_attention" and (key is None or not self.attention_dropout):
-      out = dot_product_attention(q, k, v, bias, mask, dt)
-      return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
-    if impl != "per_head":  # one batched einsum over heads (also the dropout path of the fused kernel)
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-      if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-      if mask is not None:
-        logits = jnp.where(mask[:, None], logits, MASKED_LOGIT)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      if key is not None:
-        probs = apply_dropout(probs, self.attention_dropout, key)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-      return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
-    heads = []
-    for h in range(self.num_heads):
-      logits = jnp.einsum("bqk,btk->bqt", q[:, :, h], k[:, :, h], preferred_element_type=jnp.float32)
-      if bias is not None:
-        logits = logits + bias[:, h].astype(jnp.float32)
-      if mask is not None:
-        logits = jnp.where(mask, logits, MASKED_LOGIT)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      if key is not None:
-        probs = apply_dropout(probs, self.attention_dropout, jax.random.fold_in(key, h))
-      heads.append(jnp.einsum("bqt,btk->bqk", probs, v[:, :, h]))
-    out = jnp.stack(heads, axis=2)
-    return dense(out, self.out[...].astype(dt), self.out_bias[...].astype(dt), in_dims=2)
+    c = self.config
+    out = attend(q, k, v, bias, mask, impl=c.attention_impl, dtype=c.dtype, dropout=c.attention_dropout, key=key)
+    return dense(out, self.out[...].astype(c.dtype), self.out_bias[...].astype(c.dtype), in_dims=2)
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
                mask: jax.Array | None, key: jax.Array | None = None, shared_bias: jax.Array | None = None,
                length=None):
-    """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``mask`` broadcastable to ``[B, T, T]``
-    (True = may attend) or None; ``shared_bias``: this layer's bias, computed once for all layers;
-    ``length``: the sequence's length for a length-dependent ``rotate`` (default: the geometry's)."""
+    """``x [B, T, D]``; ``positions [B or 1, N, ndim]``; ``layer`` int32; ``mask`` broadcastable to
+    ``[B, T, T]`` (True = may attend) or None; ``shared_bias``: this layer's bias, computed once for
+    all layers; ``length``: the sequence's length for a length-dependent ``rotate`` (default: the
+    geometry's)."""
     q, k, v = self._qkv(x)
     q, k = rotate(encoding, q, k, geometry, positions, layer, length, geometry.num_positions)
     bias = encoding.attention_bias(geometry, positions, layer) if shared_bias is None else shared_bias
@@ -275,8 +204,8 @@ class Attention(nnx.Module):
     if bias is not None:
       bias = jax.lax.dynamic_slice_in_dim(bias, cache.start, num_new, axis=2)
     mask = causal_cache_mask(cache.start, num_new, num_slots)
-    return self._attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), bias, mask, None), (
-        k_cache, v_cache)
+    dt = self.config.dtype
+    return self._attend(q, k_cache.astype(dt), v_cache.astype(dt), bias, mask, None), (k_cache, v_cache)
 
 
 class LayerCache(NamedTuple):
@@ -293,77 +222,66 @@ class LayerCache(NamedTuple):
 
 
 class Mlp(nnx.Module):
-  """Dense -> GELU -> Dense (GELU exact/erf or tanh-approximate). ``out_init``: the second
-  layer's kernel init (default: ``kernel_init``)."""
+  """Dense -> GELU -> Dense (GELU exact/erf or tanh-approximate, ``config.gelu_approximate``)."""
 
-  def __init__(self, dim: int, mlp_dim: int, *, kernel_init: Initializer, bias_init: Initializer,
-               gelu_approximate: bool, dtype, param_dtype, rngs: nnx.Rngs, out_init: Initializer | None = None):
-    init = jax.nn.initializers.xavier_uniform() if kernel_init is None else kernel_init
-    self.fc1 = param(init, rngs, (dim, mlp_dim), param_dtype, ("embed", "mlp"))
-    self.fc1_bias = param(bias_init, rngs, (mlp_dim,), param_dtype, ("mlp",))
-    self.fc2 = param(out_init or init, rngs, (mlp_dim, dim), param_dtype, ("mlp", "embed"))
-    self.fc2_bias = param(bias_init, rngs, (dim,), param_dtype, ("embed",))
-    self.dtype, self.gelu_approximate = dtype, gelu_approximate
+  def __init__(self, config: BlockConfig, *, rngs: nnx.Rngs):
+    c = config
+    init = c.kernel_init(jax.nn.initializers.xavier_uniform())
+    self.fc1 = param(init, rngs, (c.dim, c.mlp_dim), c.param_dtype, ("embed", "mlp"))
+    self.fc1_bias = param(c.bias_init(), rngs, (c.mlp_dim,), c.param_dtype, ("mlp",))
+    self.fc2 = param(c.kernel_init(init, residual=True), rngs, (c.mlp_dim, c.dim), c.param_dtype, ("mlp", "embed"))
+    self.fc2_bias = param(c.bias_init(), rngs, (c.dim,), c.param_dtype, ("embed",))
+    self.config = c
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dt = self.dtype
+    dt = self.config.dtype
     h = dense(x.astype(dt), self.fc1[...].astype(dt), self.fc1_bias[...].astype(dt))
-    h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+    h = jax.nn.gelu(h, approximate=self.config.gelu_approximate)
     return dense(h, self.fc2[...].astype(dt), self.fc2_bias[...].astype(dt))
 
 
 class Block(nnx.Module):
-  """Attention + MLP with residuals; pre-LN (ViT) or post-LN (original BERT). ``residual_init``: the
-  kernel init of the two projections that write into the residual stream (the attention output and
-  the MLP's second layer; GPT-2 scales theirs by 1/sqrt(2 depth)); default ``kernel_init``'s."""
+  """Attention + MLP with residuals; pre-LN (ViT, GPT) or post-LN (original BERT), by ``config``."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
-               gelu_approximate: bool, kernel_init: Initializer | None, bias_init: Initializer,
-               dropout: float, attention_dropout: float, drop_path: float, num_layers: int,
-               dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "auto",
-               residual_init: Initializer | None = None):
-    self.attn = Attention(dim, num_heads, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
-                          param_dtype=param_dtype, attention_dropout=attention_dropout,
-                          attention_impl=attention_impl, rngs=rngs, out_init=residual_init)
-    self.mlp = Mlp(dim, mlp_dim, kernel_init=kernel_init, bias_init=bias_init,
-                   gelu_approximate=gelu_approximate, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                   out_init=residual_init)
-    self.ln1 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
-    self.ln2 = layer_norm(dim, ln_eps, dtype, param_dtype, rngs)
-    self.pre_ln, self.dropout, self.drop_path = pre_ln, dropout, drop_path
-    self.num_layers = num_layers
+  def __init__(self, config: BlockConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.attn = Attention(c, rngs=rngs)
+    self.mlp = Mlp(c, rngs=rngs)
+    self.ln1 = layer_norm(c.dim, c.ln_eps, c.dtype, c.param_dtype, rngs)
+    self.ln2 = layer_norm(c.dim, c.ln_eps, c.dtype, c.param_dtype, rngs)
+    self.config = c
 
   def __call__(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer, mask, key,
                shared_bias=None, length=None):
-    attend = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k, shared_bias, length)
-    return self._residuals(x, attend, encoding, geometry, positions, layer, key)
+    attend_ = lambda y, k: self.attn(y, encoding, geometry, positions, layer, mask, k, shared_bias, length)
+    return self._residuals(x, attend_, encoding, geometry, positions, layer, key)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer,
              cache: LayerCache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """New tokens ``x`` through the block with a KV cache (inference: no dropout)."""
     updated = []
 
-    def attend(y, _):
+    def attend_(y, _):
       out, kv = self.attn.decode(y, encoding, geometry, positions, layer, cache)
       updated.append(kv)
       return out
 
-    x = self._residuals(x, attend, encoding, geometry, positions, layer, None)
+    x = self._residuals(x, attend_, encoding, geometry, positions, layer, None)
     return x, updated[0]
 
-  def _residuals(self, x, attend, encoding: Encoding, geometry: Geometry, positions, layer, key):
+  def _residuals(self, x, attend_, encoding: Encoding, geometry: Geometry, positions, layer, key):
+    c = self.config
     keys = [None] * 5 if key is None else list(jax.random.split(key, 5))
-    # Stochastic depth grows linearly with depth, 0 at the first block (as in DeiT / timm).
-    path_rate = self.drop_path * layer / max(self.num_layers - 1, 1)
-    path_keys = keys[3:] if self.drop_path else [None, None]
+    path_keys = keys[3:] if c.drop_path else [None, None]
+    keep = c.path_keep(layer) if c.drop_path and key is not None else 1.0
 
     def branch(y, k_drop, k_path):
-      return apply_drop_path(apply_dropout(y, self.dropout, k_drop), path_rate, k_path)
+      return apply_drop_path(apply_dropout(y, c.dropout, k_drop), keep, k_path)
 
-    if self.pre_ln:
-      x = x + branch(attend(self.ln1(x), keys[0]), keys[1], path_keys[0])
+    if c.pre_ln:
+      x = x + branch(attend_(self.ln1(x), keys[0]), keys[1], path_keys[0])
       x = x + branch(self.mlp(self.ln2(x)), keys[2], path_keys[1])
     else:
-      x = self.ln1(x + branch(attend(x, keys[0]), keys[1], path_keys[0]))
+      x = self.ln1(x + branch(attend_(x, keys[0]), keys[1], path_keys[0]))
       x = self.ln2(x + branch(self.mlp(x), keys[2], path_keys[1]))
     return encoding.after_block(x, geometry, positions, layer)

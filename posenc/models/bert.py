@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from posenc import encodings
-from posenc.encodings.base import Geometry, forward_coordinates
-from posenc.models.attention import apply_dropout, attention_mask, dense, layer_norm, param
-from posenc.models.block_stack import BlockStack
+from posenc.encodings.base import Geometry
+from posenc.models.attention import BlockConfig, attention_mask, layer_norm, param
+from posenc.models.kernels import dense
+from posenc.models.trunk import Trunk
 
 # Turc et al. 2019 ("Well-Read Students Learn Better") sizes and BERT-base.
 BERT_SIZES = {
@@ -39,7 +39,7 @@ BERT_SIZES = {
 }
 
 
-class BERT(nnx.Module):
+class BERT(Trunk):
   """Token + segment embeddings, position via the encoding hooks, LayerNorm, blocks, MLM head.
 
   ``pre_ln=False`` is BERT's post-LN block; ``pre_ln=True`` moves each
@@ -57,30 +57,21 @@ class BERT(nnx.Module):
                ln_eps: float = 1e-12, gelu_approximate: bool = False, scan_layers: bool | None = None,
                attention_impl: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32):
-    for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
-      if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {rate}.")
     if type_vocab_size < 1:
       raise ValueError(f"type_vocab_size must be >= 1, got {type_vocab_size}.")
+    block = BlockConfig(width, num_heads, mlp_dim, depth, pre_ln=pre_ln, ln_eps=ln_eps,
+                        gelu_approximate=gelu_approximate, init_std=0.02, dropout=dropout,
+                        attention_dropout=attention_dropout, attention_impl=attention_impl, dtype=dtype,
+                        param_dtype=param_dtype)
     init = jax.nn.initializers.normal(0.02)  # BERT's initializer_range
     zeros = jax.nn.initializers.zeros
     self.vocab_size, self.type_vocab_size, self.max_len = vocab_size, type_vocab_size, max_len
-    self.dtype, self.dropout, self.pre_ln = dtype, dropout, pre_ln
-    self.any_dropout = bool(dropout or attention_dropout)
-    self.geometry = Geometry.seq(max_len)
+    self.pre_ln = pre_ln
 
     self.token_embed = param(init, rngs, (vocab_size, width), param_dtype, ("vocab", "embed"))
     self.segment_embed = param(init, rngs, (type_vocab_size, width), param_dtype, (None, "embed"))
-    self.posenc = encodings.make(posenc, dim=width, num_heads=num_heads, num_layers=depth,
-                                 geometry=self.geometry, param_dtype=param_dtype, rngs=rngs,
-                                 **(posenc_options or {}))
-    self.embed_norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs)
-    self.blocks = BlockStack(
-        depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=pre_ln, ln_eps=ln_eps,
-        gelu_approximate=gelu_approximate, kernel_init=init, bias_init=zeros, dropout=dropout,
-        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers,
-        attention_impl=attention_impl, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
+    self._build_trunk(block, posenc=posenc, posenc_options=posenc_options, geometry=Geometry.seq(max_len),
+                      rngs=rngs, scan_layers=scan_layers, embed_norm=True)
     self.final_norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs) if pre_ln else None
     # MLM head (the decoder matrix is token_embed, transposed).
     self.mlm_dense = param(init, rngs, (width, width), param_dtype, (None, "embed"))
@@ -88,7 +79,7 @@ class BERT(nnx.Module):
     self.mlm_norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs)
     self.mlm_bias = param(zeros, rngs, (vocab_size,), param_dtype, ("vocab",))
     self.gelu_approximate = gelu_approximate
-    self.rngs = nnx.Rngs(dropout=rngs.dropout())
+    self._build_dropout_stream(rngs)
 
   def _check(self, input_ids, segment_ids, padding_mask, packing_ids) -> None:
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -105,18 +96,12 @@ class BERT(nnx.Module):
     """Last hidden states ``[B, L, D]`` (compute dtype)."""
     self._check(input_ids, segment_ids, padding_mask, packing_ids)
     geometry = Geometry.seq(input_ids.shape[1])
-    positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
-    key = self.rngs.dropout() if train and self.any_dropout else None
-    embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
-
+    positions, key = self._start(positions, geometry, input_ids.shape[0], train)
     dt = self.dtype
     x = jnp.take(self.token_embed[...], input_ids, axis=0).astype(dt)
     segments = jnp.zeros_like(input_ids) if segment_ids is None else segment_ids
     x = x + jnp.take(self.segment_embed[...], segments, axis=0).astype(dt)
-    x = self.embed_norm(self.posenc.embed(x, geometry, positions))
-    x = apply_dropout(x, self.dropout, embed_key)
-    mask = attention_mask(padding_mask, packing_ids)
-    x = self.blocks(x, self.posenc, geometry, positions, mask, blocks_key)
+    x = self._encode(x, geometry, positions, attention_mask(padding_mask, packing_ids), key)
     return x if self.final_norm is None else self.final_norm(x)
 
   def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,

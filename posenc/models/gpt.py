@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from posenc import encodings
-from posenc.encodings.base import Geometry, check_positions, forward_coordinates
-from posenc.models.attention import apply_dropout, attention_mask, dense, layer_norm, param
-from posenc.models.block_stack import BlockStack, KVCache
+from posenc.encodings.base import Geometry, check_positions
+from posenc.models.attention import BlockConfig, attention_mask, layer_norm, param
+from posenc.models.block_stack import KVCache
+from posenc.models.kernels import dense
+from posenc.models.trunk import Trunk
 
 # nano/mini are CPU sizes; small is GPT-2 small (124M parameters at vocab 50257, max_len 1024).
 GPT_SIZES = {
@@ -40,7 +41,7 @@ GPT_SIZES = {
 }
 
 
-class GPT(nnx.Module):
+class GPT(Trunk):
   """Token embedding, position via the encoding hooks, pre-LN blocks, final LayerNorm, tied head.
 
   As GPT-2: GELU tanh approximation, LayerNorm eps 1e-5, weights N(0, 0.02^2)
@@ -55,27 +56,18 @@ class GPT(nnx.Module):
                num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0, attention_dropout: float = 0.0,
                scan_layers: bool | None = None, attention_impl: str = "auto", dtype=jnp.float32,
                param_dtype=jnp.float32):
-    for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
-      if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {rate}.")
-    init = jax.nn.initializers.normal(0.02)
-    self.vocab_size, self.max_len, self.dtype, self.dropout = vocab_size, max_len, dtype, dropout
-    self.any_dropout = bool(dropout or attention_dropout)
-    self.geometry = Geometry.seq(max_len)
-
-    self.token_embed = param(init, rngs, (vocab_size, width), param_dtype, ("vocab", "embed"))
-    self.posenc = encodings.make(posenc, dim=width, num_heads=num_heads, num_layers=depth,
-                                 geometry=self.geometry, causal=True, param_dtype=param_dtype, rngs=rngs,
-                                 **(posenc_options or {}))
-    self.blocks = BlockStack(
-        depth, dim=width, num_heads=num_heads, mlp_dim=mlp_dim, pre_ln=True, ln_eps=1e-5,
-        gelu_approximate=True, kernel_init=init, bias_init=jax.nn.initializers.zeros, dropout=dropout,
-        attention_dropout=attention_dropout, drop_path=0.0, scan_layers=scan_layers,
-        attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        # GPT-2 scales the init of the projections that write into the residual stream.
-        residual_init=jax.nn.initializers.normal(0.02 * (2 * depth) ** -0.5))
+    # GPT-2 scales the init of the projections that write into the residual stream.
+    block = BlockConfig(width, num_heads, mlp_dim, depth, pre_ln=True, ln_eps=1e-5, gelu_approximate=True,
+                        init_std=0.02, residual_std=0.02 * (2 * depth) ** -0.5, dropout=dropout,
+                        attention_dropout=attention_dropout, attention_impl=attention_impl, dtype=dtype,
+                        param_dtype=param_dtype)
+    self.vocab_size, self.max_len = vocab_size, max_len
+    self.token_embed = param(jax.nn.initializers.normal(0.02), rngs, (vocab_size, width), param_dtype,
+                             ("vocab", "embed"))
+    self._build_trunk(block, posenc=posenc, posenc_options=posenc_options, geometry=Geometry.seq(max_len),
+                      rngs=rngs, scan_layers=scan_layers, causal=True)
     self.final_norm = layer_norm(width, 1e-5, dtype, param_dtype, rngs)
-    self.rngs = nnx.Rngs(dropout=rngs.dropout())
+    self._build_dropout_stream(rngs)
 
   def _check(self, input_ids, padding_mask, packing_ids) -> None:
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -85,9 +77,8 @@ class GPT(nnx.Module):
       if arr is not None and arr.shape != input_ids.shape:
         raise ValueError(f"{name} has shape {arr.shape} but input_ids has {input_ids.shape}; they must match.")
 
-  def _embed(self, input_ids, geometry, positions) -> jax.Array:
-    x = jnp.take(self.token_embed[...], input_ids, axis=0).astype(self.dtype)
-    return self.posenc.embed(x, geometry, positions)
+  def _tokens(self, input_ids) -> jax.Array:
+    return jnp.take(self.token_embed[...], input_ids, axis=0).astype(self.dtype)
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
@@ -100,13 +91,9 @@ class GPT(nnx.Module):
     (int or traced int32, at most L): the sequence's length a length-dependent encoding sees."""
     self._check(input_ids, padding_mask, packing_ids)
     geometry = Geometry.seq(input_ids.shape[1])
-    positions = forward_coordinates(self.posenc, positions, geometry, input_ids.shape[0], self.rngs, train)
-    key = self.rngs.dropout() if train and self.any_dropout else None
-    embed_key, blocks_key = (None, None) if key is None else jax.random.split(key)
-
-    x = apply_dropout(self._embed(input_ids, geometry, positions), self.dropout, embed_key)
+    positions, key = self._start(positions, geometry, input_ids.shape[0], train)
     mask = attention_mask(padding_mask, packing_ids, causal=True, length=input_ids.shape[1])
-    x = self.blocks(x, self.posenc, geometry, positions, mask, blocks_key, length)
+    x = self._encode(self._tokens(input_ids), geometry, positions, mask, key, length)
     return self._logits(x)
 
   def init_cache(self, batch_size: int, length: int, *, positions_dtype=jnp.int32) -> KVCache:
@@ -144,13 +131,13 @@ class GPT(nnx.Module):
     length = start + geometry.num_positions
 
     def new_tokens(model):  # the new tokens over the cached ones
-      x = model._embed(input_ids, geometry, positions)
+      x = model._embed_positions(model._tokens(input_ids), geometry, positions)
       x, k, v = model.blocks.decode(x, model.posenc, geometry, positions, cache)
       return model._logits(x), k, v
 
     def every_slot(model):  # every slot again, at the new length (later, unwritten slots are causally unseen)
       everything = Geometry.seq(num_slots)
-      x = model._embed(tokens, everything, slots)
+      x = model._embed_positions(model._tokens(tokens), everything, slots)
       empty = cache._replace(length=jnp.zeros_like(start))
       x, k, v = model.blocks.decode(x, model.posenc, everything, slots, empty, length)
       return model._logits(jax.lax.dynamic_slice_in_dim(x, start, geometry.num_positions, axis=1)), k, v

@@ -1,0 +1,92 @@
+"""The same train step built from two source trees (git worktrees), timed in interleaved rounds.
+
+    git worktree add /tmp/before <commit>
+    python -m benchmarks.compare_trees /tmp/before . --rounds 30
+    python -m benchmarks.compare_trees /tmp/before . --config "configs/bert_small.py:batch_size=32"
+
+Each tree runs in its own process (two versions of ``posenc`` cannot share one), imports
+``posenc`` from that tree only, builds ``setup(config)``'s jitted train step on one synthetic
+batch and compiles it. The parent then asks them in turn (A B A B ...) for ``--steps`` steps
+each round, so a load spike from other jobs hits both alike, and prints per tree: compile
+seconds, XLA's FLOPs and instruction count of the compiled step, and the median step time;
+then after/before. Only ``posenc``'s public setup API is used, so any two commits compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = ("configs/vit_tiny.py:full,model=vit-ti,patch_size=4,image_size=32,batch_size=128,"
+           "dataset=synthetic,posenc=learned")
+
+WORKER = r"""
+import json, sys, time
+import jax
+from posenc.config import load_config_file
+from posenc.training import setup, sharding
+
+run = setup(load_config_file(sys.argv[1]))
+state = run.spec.init()
+batch = sharding.global_batch(next(iter(run.loader("train", train=True))), run.batch_sharding)
+start = time.perf_counter()
+compiled = run.train_step.lower(state, batch).compile()
+compile_s = time.perf_counter() - start
+cost = compiled.cost_analysis()
+cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+ops = sum(" = " in line for line in compiled.as_text().splitlines())
+state, metrics = compiled(state, batch)
+jax.block_until_ready(metrics)
+print(json.dumps(dict(compile_s=compile_s, flops=cost.get("flops"), hlo_ops=ops)), flush=True)
+for line in sys.stdin:
+  start = time.perf_counter()
+  for _ in range(int(line)):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  print(time.perf_counter() - start, flush=True)
+"""
+
+
+def start(tree: str, config: str) -> tuple[subprocess.Popen, dict]:
+  """A worker on ``tree`` with its compiled step, and what it reported about it."""
+  env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+  proc = subprocess.Popen([sys.executable, "-c", WORKER, config], cwd=os.path.abspath(tree), env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  line = proc.stdout.readline()
+  if not line:
+    raise RuntimeError(f"the worker on {tree} exited with {proc.wait()} before compiling its step")
+  return proc, json.loads(line)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("before", help="source tree (a git worktree) of the baseline")
+  parser.add_argument("after", help="source tree of the change")
+  parser.add_argument("--config", default=DEFAULT, help=f"config[:preset,field=value,...] (default {DEFAULT})")
+  parser.add_argument("--rounds", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=5, help="train steps per tree and round")
+  args = parser.parse_args(argv)
+
+  workers = {name: start(tree, args.config) for name, tree in (("before", args.before), ("after", args.after))}
+  times = {name: [] for name in workers}
+  for _ in range(args.rounds):
+    for name, (proc, _) in workers.items():
+      proc.stdin.write(f"{args.steps}\n")
+      proc.stdin.flush()
+      times[name].append(float(proc.stdout.readline()) / args.steps)
+  for name, (proc, info) in workers.items():
+    proc.stdin.close()
+    proc.wait()
+    print(f"{name:6s} {getattr(args, name)}: compile {info['compile_s']:.1f} s, {info['flops']:.4g} FLOPs, "
+          f"{info['hlo_ops']} HLO instructions, median step {1e3 * statistics.median(times[name]):.1f} ms")
+  ratio = statistics.median(times["after"]) / statistics.median(times["before"])
+  print(f"after / before step time: {ratio:.3f} (median of {args.rounds} interleaved rounds of {args.steps} steps)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
