@@ -221,7 +221,7 @@ def test_clear_errors():
     build("string", Geometry.seq(4), form="dense")
   with pytest.raises(ConfigError, match=r"'string': block is an option of form='commuting'"):
     build("string", Geometry.seq(4), block=4)
-  with pytest.raises(ConfigError, match=r"'liere': block must be an int >= 2 even, got 3"):
+  with pytest.raises(ConfigError, match=r"'liere': block must be an int >= 2 and even, got 3"):
     build("liere", Geometry.seq(4), block=3)
   with pytest.raises(ValueError, match=r"'comrope': block=32 must divide the head dimension 16"):
     build("comrope", Geometry.seq(4), block=32)

@@ -19,7 +19,7 @@ from posenc.config import ConfigError, did_you_mean
 from posenc import config_fields
 from posenc.config_fields import (BOOL, DICT, INT, NUMBER, STR, TUPLE, Field, Rule, at_least, check, greater,
                                   known, one_of, unknown_and_missing)
-from posenc.models.attention import ATTENTION_IMPLS
+from posenc.models.kernels import ATTENTION_IMPLS
 
 MESH_AXES = ("data", "fsdp", "model")
 DTYPES = ("float32", "bfloat16")
