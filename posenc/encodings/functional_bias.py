@@ -27,7 +27,7 @@ from flax import nnx
 from posenc.encodings.base import Encoding, pad_prefix_bias, pair_offsets
 from posenc.encodings.options import SharedBiasOptions, at_least, greater, option
 from posenc.encodings.registry import register
-from posenc.encodings.relative import _layer_params, pair_mlp
+from posenc.encodings.relative import layer_params, pair_mlp
 
 FIRE_EPS = 1e-6  # added to FIRE's normaliser (the paper's eps)
 # FIRE's MLP activations ([rows, N, hidden] float32) are built in query-row chunks of about
@@ -100,7 +100,7 @@ class Kerple(Encoding):
 
   def coefficients(self, layer) -> tuple[jax.Array, jax.Array]:
     """``(r1, r2)``, each ``(H,)`` float32, of ``layer``."""
-    return tuple(jax.nn.softplus(_layer_params(p[...], self.per_layer, layer)
+    return tuple(jax.nn.softplus(layer_params(p[...], self.per_layer, layer)
                                  .astype(jnp.float32)) for p in (self.raw_r1, self.raw_r2))
 
   def attention_bias(self, geometry, positions, layer):
@@ -196,13 +196,13 @@ class FIRE(Encoding):
 
   def threshold(self, layer) -> jax.Array:
     """``L = |threshold_scale| * threshold_init`` of ``layer``, float32."""
-    scale, base = (_layer_params(p[...], self.per_layer, layer).astype(jnp.float32)
+    scale, base = (layer_params(p[...], self.per_layer, layer).astype(jnp.float32)
                    for p in (self.threshold_scale, self.threshold_init))
     return jnp.abs(scale) * jax.lax.stop_gradient(base)
 
   def normalized_distance(self, positions, layer) -> jax.Array:
     """``psi(|i - j|) / psi(max(L, i))``, ``[B, N, N]`` float32: the MLP's input."""
-    c = jnp.abs(_layer_params(self.c[...], self.per_layer, layer).astype(jnp.float32))
+    c = jnp.abs(layer_params(self.c[...], self.per_layer, layer).astype(jnp.float32))
     query = positions[..., 0].astype(jnp.float32)  # [B, N]
     # log1p, not log(c x + 1): a multiply-add XLA may fuse or not gives other bits per program.
     normaliser = jnp.log1p(c * jnp.maximum(query, self.threshold(layer))) + FIRE_EPS
@@ -210,7 +210,7 @@ class FIRE(Encoding):
 
   def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
-    w1, b1, w2, b2 = (_layer_params(p[...], self.per_layer, layer).astype(jnp.float32)
+    w1, b1, w2, b2 = (layer_params(p[...], self.per_layer, layer).astype(jnp.float32)
                       for p in (self.w1, self.b1, self.w2, self.b2))
     x = self.normalized_distance(positions, layer)  # [B, N, N]
 

@@ -92,7 +92,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   return np.asarray(slopes, np.float32)
 
 
-def _layer_params(value: jax.Array, per_layer: bool, layer) -> jax.Array:
+def layer_params(value: jax.Array, per_layer: bool, layer) -> jax.Array:
   """``layer``'s slice of a per-layer parameter (``layer``: an int32 array from the model, clamped
   to range; a constant one, as in unrolled layers, is a static slice once compiled)."""
   if not per_layer:
@@ -179,7 +179,7 @@ class RelativeBias(Encoding):
     self.check(geometry)
     relative = self.built.ndim == 2
     positions = table_positions(self, positions, self.built.shape if relative else None, relative=True)
-    table = _layer_params(self.table[...], self.per_layer, layer).astype(jnp.float32)
+    table = layer_params(self.table[...], self.per_layer, layer).astype(jnp.float32)
     offsets = pair_offsets(positions)  # [B, N, N, ndim], query - key
     if relative:
       bias = lookup(table, *table_index(offsets, self.built.shape))  # [B, N, N, H]
@@ -249,7 +249,7 @@ class ContinuousPositionBias(Encoding):
 
   def attention_bias(self, geometry, positions, layer):
     self.check(geometry)
-    params = [_layer_params(p[...], self.per_layer, layer).astype(jnp.float32)
+    params = [layer_params(p[...], self.per_layer, layer).astype(jnp.float32)
               for p in (self.w1, self.b1, self.w2)]
     offsets = pair_offsets(positions)  # [B, N, N, 2]
     if jnp.issubdtype(positions.dtype, jnp.integer):
