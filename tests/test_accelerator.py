@@ -139,7 +139,7 @@ def test_odd_lengths_padded_for_the_fused_kernel_give_the_same_values_and_gradie
     seen.append((implementation, a[0].shape))
     return real(*a, implementation="xla", **kw)
 
-  monkeypatch.setattr(attention, "fused_kernel", lambda *a, **kw: "cudnn")
+  monkeypatch.setattr(kernels, "fused_kernel", lambda *a, **kw: "cudnn")
   monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
   with jax.default_matmul_precision("highest"):
     got = jax.value_and_grad(loss, argnums)(*args)
