@@ -6,8 +6,8 @@
 Columns: `data b/s` = batches/s of the loader alone; `step b/s` = train steps/s of
 the model on a fixed batch (no input pipeline); `loop b/s` = steps/s when the
 loader feeds the step (grain prefetches in a background thread). The step is posenc's real
-one (``posenc.training.setup(config).train_step`` on configs/vit_tiny.py or
-configs/bert_small.py at the case's model, size and batch, learned positions). Training is not
+one and the loader the task's (``posenc.training.setup(config)`` on each case's config, learned
+positions; ``--workers`` sets ``data_workers``). Training is not
 input-bound when `loop b/s` is close to `step b/s`, i.e. `data b/s` is well above it.
 `first s` = seconds to create the loader and get its first batch (in this process;
 TFDS data already prepared).
@@ -21,69 +21,56 @@ import time
 import jax
 
 from benchmarks.timing import rate
-from configs import bert_small, vit_tiny
-from posenc.data import Batching, images, masked_lm
+from posenc.config import load_config_file
 from posenc.training import setup, sharding
 
-# (dataset, split, train, batch size, image size / max_len, model)
+# (config with overrides, split, train); each run's task builds its loader and train step
 CASES = [
-    ("fashion_mnist", "train", True, 128, 28, "vit-mu"),
-    ("fashion_mnist", "train", True, 128, 56, "vit-mu"),
-    ("fashion_mnist", "train", True, 128, (28, 40), "vit-mu"),
-    ("fashion_mnist", "test", False, 256, 28, "vit-mu"),
-    ("text", "train", True, 64, 128, "bert-mini"),
-    ("text", "validation", False, 16, 512, "bert-mini"),
+    ("configs/vit_tiny.py:model=vit-mu,image_size=28,batch_size=128", "train", True),
+    ("configs/vit_tiny.py:model=vit-mu,image_size=56,batch_size=128", "train", True),
+    ("configs/vit_tiny.py:model=vit-mu,image_size=(28,40),batch_size=128", "train", True),
+    ("configs/vit_tiny.py:model=vit-mu,image_size=28,eval_batch_size=256", "test", False),
+    ("configs/bert_small.py:model=bert-mini,max_len=128,batch_size=64", "train", True),
+    ("configs/bert_small.py:model=bert-mini,max_len=512,eval_batch_size=16", "validation", False),
 ]
 
 
-def batches_for(dataset, split, train, batch_size, size, workers, seed=0):
+def setup_case(spec: str, train: bool, workers: int):
+  """The run of config ``spec`` with learned positions and ``workers`` grain workers; training and
+  evaluation batches the same size (the step is timed on the loader's batches)."""
+  config = load_config_file(spec)
+  config.posenc, config.data_workers = "learned", workers
+  config.batch_size = config.eval_batch_size = config.batch_size if train else config.eval_batch_size
+  return setup(config)
+
+
+def batches_for(run, split, train):
   """Endless batches (an eval loader is one pass: it starts again when exhausted)."""
-  batching = Batching(batch_size, train, seed, worker_count=workers)
   while True:
-    if dataset == "text":
-      yield from masked_lm.loader(dataset, split, batching, max_len=size)
-    else:
-      yield from images.loader(dataset, split, batching, images.ImageOptions(image_size=size))
+    yield from run.loader(split, train=train)
 
 
-def make_step(model_name, size, batch):
-  """posenc's train step (``setup(config).train_step``) of ``model_name`` with learned positions,
-  compiled on ``batch``; returns (step on a host batch, its state)."""
-  if model_name.startswith("vit"):
-    config = vit_tiny.get_config()
-    with config.ignore_type():  # the field is an int; a (h, w) size is valid too
-      config.image_size, config.patch_size = size, 4
-  else:
-    config = bert_small.get_config()
-    config.max_len = size
-  config.model, config.posenc = model_name, "learned"
-  config.batch_size = config.eval_batch_size = len(next(iter(batch.values())))
-  run = setup(config)
+def run_case(case, workers, n, train_steps):
+  spec, split, train = case
+  run = setup_case(spec, train, workers)
+  start = time.perf_counter()
+  it = batches_for(run, split, train)
+  batch = next(it)
+  first = time.perf_counter() - start
+  data = rate(lambda: next(it), n)
 
   def train_step(state, host_batch):
     return run.train_step(state, sharding.global_batch(host_batch, run.batch_sharding))
 
-  state, metrics = train_step(run.spec.init(), batch)  # compile
-  jax.block_until_ready(metrics)
-  return train_step, state
-
-
-def run(case, workers, n, train_steps):
-  dataset, split, train, batch_size, size, model_name = case
-  start = time.perf_counter()
-  it = batches_for(dataset, split, train, batch_size, size, workers)
-  batch = next(it)
-  first = time.perf_counter() - start
-  data = rate(lambda: next(it), n)
-  train_step, state = make_step(model_name, size, batch)
-  holder = {"state": state}
+  holder = {"state": run.spec.init()}
 
   def fixed_step():
     holder["state"], metrics = train_step(holder["state"], batch)
     jax.block_until_ready(metrics)
 
+  fixed_step()  # compile
   step = rate(fixed_step, train_steps)
-  it = batches_for(dataset, split, train, batch_size, size, workers, seed=1)
+  it = batches_for(run, split, train)
   next(it)
 
   def fed_step():
@@ -91,10 +78,11 @@ def run(case, workers, n, train_steps):
     jax.block_until_ready(metrics)
 
   loop = rate(fed_step, train_steps)
-  mode = "train" if train else "eval"
-  size_text = "x".join(map(str, size)) if isinstance(size, tuple) else str(size)
-  return (f"| {dataset} | {split} ({mode}) | {batch_size} | {size_text} | {workers} | "
-          f"{first:.1f} | {data:.1f} | {model_name} | {step:.2f} | {loop:.2f} |")
+  config = run.config
+  size = config.get("image_size", config.get("max_len"))
+  size_text = "x".join(map(str, size)) if isinstance(size, tuple | list) else str(size)
+  return (f"| {config.dataset} | {split} ({'train' if train else 'eval'}) | {config.batch_size} | {size_text} | "
+          f"{workers} | {first:.1f} | {data:.1f} | {config.model} | {step:.2f} | {loop:.2f} |")
 
 
 def main():
@@ -112,7 +100,7 @@ def main():
   print("|---|---|---|---|---|---|---|---|---|---|")
   for case in (CASES[i] for i in args.cases):
     for workers in args.workers:
-      print(run(case, workers, args.batches, args.train_steps), flush=True)
+      print(run_case(case, workers, args.batches, args.train_steps), flush=True)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ def at_least(low: float) -> Rule:
   return Rule(lambda v: v >= low, f">= {low:g}")
 
 
+def at_most(high: float) -> Rule:
+  return Rule(lambda v: v <= high, f"<= {high:g}")
+
+
 def one_of(*choices) -> Rule:
   return Rule(lambda v: v in choices, f"one of {choices}")
 

@@ -237,5 +237,3 @@ def test_clear_errors():
   geometry, positions = flat3d(1, 2, 2)
   with pytest.raises(ValueError, match=r"'liere' was built for positions of 2 coordinates .* shape \(1, 4, 3\)"):
     build("liere", axes=2).rotate(*qk(geometry), geometry, positions, 0)
-  with pytest.raises(ValueError, match=r"'string' has 3 layers; got layer=3"):
-    build("string", Geometry.seq(4)).rotate(*qk(Geometry.seq(4)), Geometry.seq(4), Geometry.seq(4).positions(), 3)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from benchmarks import presets
+from benchmarks import presets, presets_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32,"
@@ -39,7 +39,7 @@ def recorded(tmp_path_factory):
 def test_run_appends_one_complete_record_per_seed(recorded):
   tmp, _ = recorded
   head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-  records = presets.read_ledger(str(tmp / "ledger.jsonl"))
+  records = presets_report.read_ledger(str(tmp / "ledger.jsonl"))
   assert [r["seed"] for r in records] == [0, 1]
   for r in records:
     assert r["config"] == SPEC and r["config_file"] == "configs/vit_tiny.py" and r["presets"] == []
@@ -71,14 +71,14 @@ def test_a_used_workdir_is_refused_unless_fresh(recorded):
 
 def test_resume_continues_the_workdir_and_says_where_it_started(recorded):
   tmp, _ = recorded
-  first = presets.read_ledger(str(tmp / "ledger.jsonl"))[0]
+  first = presets_report.read_ledger(str(tmp / "ledger.jsonl"))[0]
   proc = command(tmp, "--seeds", "0", "--resume")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  again = presets.read_ledger(str(tmp / "ledger.jsonl"))[-1]
+  again = presets_report.read_ledger(str(tmp / "ledger.jsonl"))[-1]
   assert first["start_step"] == 0 and again["start_step"] == 3 and again["timed_steps"] == 0
   assert again["metrics"]["test"] == pytest.approx(first["metrics"]["test"])  # the same checkpoint, evaluated
-  assert presets.time_cell([again]).startswith("— (every run was resumed")
-  assert presets.time_cell([first, again]) == presets.time_cell([first])
+  assert presets_report.time_cell([again]).startswith("— (every run was resumed")
+  assert presets_report.time_cell([first, again]) == presets_report.time_cell([first])
 
 
 def record(presets, spec: str, seed: int, role: str, metrics: dict, minutes: float, load: float = 0.2, **change):
@@ -88,7 +88,7 @@ def record(presets, spec: str, seed: int, role: str, metrics: dict, minutes: flo
   for key, value in change.items():
     config[key] = value
   return {"config": spec, "config_file": file, "presets": [preset] if preset else [], "overrides": {},
-          "resolved": presets.resolved(config), "seed": seed, "role": role, "commit": "abcdef0123", "dirty": False,
+          "resolved": presets_report.resolved(config), "seed": seed, "role": role, "commit": "abcdef0123", "dirty": False,
           "metrics": metrics, "train_seconds": 60 * minutes, "timed_steps": config.total_steps - 1,
           "wall_seconds": 60 * minutes + 30, "load_start": load, "load_end": 0.1,
           "machine": {"cores": 2, "cpu": "Test CPU"}}
@@ -132,7 +132,7 @@ def test_report_writes_the_ledgers_means_into_the_marked_blocks_only(tmp_path):
   assert rows["`:full`"][3] == rows["`:full`"][4] == "not yet recorded"
   assert "`:hybrid` was chosen with seeds 0, 1, 2" in block and "1 record(s) of an earlier recipe set aside" in block
 
-  p_stem, p_all, f_stem, f_all = presets.stem_share("configs/vit_tiny.py", "hybrid")
+  p_stem, p_all, f_stem, f_all = presets_report.stem_share("configs/vit_tiny.py", "hybrid")
   assert p_stem == 9 * (1 * 64 + 64 * 128 + 2 * 128 * 128) + 2 * (64 + 3 * 128)  # 3x3 kernels + LayerNorms
   convs = conv_flops(28, (1, 64, 128, 128, 128), (2, 2, 1, 1))
   assert convs <= f_stem <= 1.05 * convs and f_stem < f_all  # + LayerNorm and GELU

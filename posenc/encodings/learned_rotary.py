@@ -36,6 +36,7 @@ from posenc.encodings import learned_rotations as lr
 from posenc.encodings.base import Encoding, Geometry
 from posenc.encodings.options import Options, Rule, at_least, greater, one_of, option
 from posenc.encodings.registry import register
+from posenc.encodings.relative import layer_params
 from posenc.encodings.rotation import cos_sin, turn
 
 FORMS = ("cayley", "commuting")
@@ -125,12 +126,7 @@ class _LearnedRotary(Encoding):
 
   def _at(self, param: nnx.Param, layer) -> jax.Array:
     """``layer``'s slice of ``param`` (float32)."""
-    value = param[...].astype(jnp.float32)
-    if not self.options.per_layer:
-      return value
-    if isinstance(layer, int | np.integer) and not 0 <= layer < self.num_layers:
-      raise ValueError(f"position encoding '{self.name}' has {self.num_layers} layers; got layer={layer}.")
-    return jax.lax.dynamic_index_in_dim(value, jnp.asarray(layer, jnp.int32), 0, keepdims=False)
+    return layer_params(param[...].astype(jnp.float32), self.options.per_layer, jnp.asarray(layer, jnp.int32))
 
   def check(self, geometry: Geometry) -> None:
     super().check(geometry)

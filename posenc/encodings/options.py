@@ -18,36 +18,11 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from posenc.config import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """A check on one option's value (never None): ``holds(value)``, else it must be ``need``."""
-
-  holds: Callable[[Any], bool]
-  need: str
-
-
-def greater(low: float) -> Rule:
-  return Rule(lambda v: v > low, f"> {low:g}")
-
-
-def at_least(low: float) -> Rule:
-  return Rule(lambda v: v >= low, f">= {low:g}")
-
-
-def at_most(high: float) -> Rule:
-  return Rule(lambda v: v <= high, f"<= {high:g}")
-
-
-def one_of(*choices) -> Rule:
-  return Rule(lambda v: v in choices, f"one of {choices}")
+from posenc.config_fields import Rule, at_least, at_most, greater, one_of  # noqa: F401 (the rules options use)
 
 
 def option(default, doc: str, *rules: Rule, none: str = ""):

@@ -79,6 +79,13 @@ class Task(abc.ABC):
   def random_batch(self, config, rng: np.random.Generator, rows: int, *, train: bool, size=None) -> dict:
     """``rows`` random rows with the keys, shapes and dtypes of ``loader``'s (dataset 'synthetic')."""
 
+  @staticmethod
+  def batching(config, batch_size: int, train: bool):
+    """How ``loader`` batches: ``batch_size`` rows, shuffled and augmented when ``train``, read in
+    ``config.data_workers`` grain workers."""
+    from posenc.data import Batching
+    return Batching(batch_size, train, config.seed, worker_count=config.data_workers)
+
   def splits(self, config) -> dict[str, int]:
     """The split names of ``config.dataset`` and their sizes (examples)."""
     return dict(dataset_info(config, "splits", "").splits)

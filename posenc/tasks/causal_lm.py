@@ -83,12 +83,12 @@ class CausalLM(Task):
     return min(fits, cap)
 
   def loader(self, config, split, *, train, batch_size, size=None):
-    from posenc.data import Batching, lm
+    from posenc.data import lm
     if train:
-      return lm.loader(split, Batching(batch_size, True, config.seed), max_len=config.max_len,
+      return lm.loader(split, self.batching(config, batch_size, True), max_len=config.max_len,
                        vocab_size=config.vocab_size, dataset=config.dataset)
     length, stride = (config.max_len, None) if size is None else size
-    return lm.loader(split, Batching(batch_size, False), max_len=length, vocab_size=config.vocab_size,
+    return lm.loader(split, self.batching(config, batch_size, False), max_len=length, vocab_size=config.vocab_size,
                      scored_tokens=self.scored_tokens(config, split), stride=stride, dataset=config.dataset)
 
   def random_batch(self, config, rng, rows, *, train, size=None):

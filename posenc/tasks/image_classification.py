@@ -117,7 +117,7 @@ class ImageClassification(Task):
                        patch_size=config.patch_size, image_size=as_hw(config.image_size if size is None else size))
 
   def loader(self, config, split, *, train, batch_size, size=None):
-    from posenc.data import Batching, images
+    from posenc.data import images
     split = config.train_split if train and split == "train" else split  # the training role
     sizes = tuple(config.train_image_sizes) if train and size is None else ()
     options = images.ImageOptions(
@@ -126,7 +126,7 @@ class ImageClassification(Task):
         object_size=self.object_size(config), augment=train and config.augment,
         crop_scale=tuple(config.crop_scale), flip=train and config.flip,
         translate=config.translate if train else 0, random_erasing=config.random_erasing if train else 0.0)
-    return images.loader(config.dataset, split, Batching(batch_size, train, config.seed), options)
+    return images.loader(config.dataset, split, self.batching(config, batch_size, train), options)
 
   def random_batch(self, config, rng, rows, *, train, size=None):
     h, w = as_hw(config.image_size if size is None else size)

@@ -40,8 +40,8 @@ class MaskedLM(Task):
     return build_model(config, vocab_size=info.vocab_size, max_len=config.max_len if size is None else size)
 
   def loader(self, config, split, *, train, batch_size, size=None):
-    from posenc.data import Batching, masked_lm
-    return masked_lm.loader(config.dataset, split, Batching(batch_size, train, config.seed),
+    from posenc.data import masked_lm
+    return masked_lm.loader(config.dataset, split, self.batching(config, batch_size, train),
                             max_len=config.max_len if size is None else size)
 
   def random_batch(self, config, rng, rows, *, train, size=None):

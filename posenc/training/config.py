@@ -54,6 +54,8 @@ COMMON = {
     "posenc_lr_mult": Field(1.0, "learning-rate multiplier for position-encoding parameters", NUMBER,
                             at_least(0)),
     "seed": Field(0, "seeds parameters, dropout, augmentation/masking and data order", *_COUNT),
+    "data_workers": Field(0, "grain worker processes per host that read and augment (0 = in the main process)",
+                          *_COUNT),
     # --- loop, logging, checkpoints
     "log_every": Field(50, "steps between train-metric logs (console, TensorBoard, JSONL)", *_COUNT),
     "eval_every": Field(500, "steps between evaluations (0 = only at the end)", *_COUNT),
