@@ -38,6 +38,11 @@ def load_records(results_dir: str = RESULTS) -> dict:
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         records[name] = json.load(f)
+  records["tree_compare"] = []
+  compare = os.path.join(results_dir, "tree_compare.jsonl")
+  if os.path.exists(compare):
+    with open(compare, encoding="utf-8") as f:
+      records["tree_compare"] = [json.loads(line) for line in f if line.strip()]
   ledger = os.path.join(results_dir, "presets.jsonl")
   records["presets"] = []
   if os.path.exists(ledger):
@@ -104,6 +109,23 @@ def namespace(records: dict) -> dict:
     goals = speed_report.device_goal_lines(data) if data.get("peak_flops") else []
     return "\n".join(lines[start:end + 1] + [""] + goals).strip()
 
+  def tree_compare():
+    """One row per ``benchmarks.compare_trees --record`` line: the same step built from two commits."""
+    rows = records.get("tree_compare", [])
+    if not rows:
+      return "(no `results/tree_compare.jsonl` recorded)"
+    lines = ["| step (config overrides) | before | after | median step before / after (ms) | after / before "
+             "[95 % CI] | rounds × steps | load (start, end) |", "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+      before, after = r["trees"]["before"], r["trees"]["after"]
+      what = r["config"].partition(":")[2].replace(",", ", ")
+      lines.append(f"| {what} | `{before['commit']}` | `{after['commit']}` | "
+                   f"{1e3 * statistics.median(before['seconds']):.0f} / {1e3 * statistics.median(after['seconds']):.0f} | "
+                   f"{r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}] | {r['rounds']} × {r['steps']} | "
+                   f"{r['load_start']:.1f}, {r['load_end']:.1f} |")
+    cpus = sorted({f"{r['cpu']}, {r['cores']} cores" for r in rows})
+    return "\n".join(lines) + f"\n\nMachine: {'; '.join(cpus)}."
+
   def seeds(family, label=None):
     found = sorted({c["seed"] for c in cells if c["family"] == family and label in (None, c["posenc"])})
     return ", ".join(map(str, found))
@@ -131,7 +153,7 @@ def namespace(records: dict) -> dict:
     return "\n".join(lines).strip()
 
   return dict(mean=mean, diff=diff, resolved=resolved, compare=compare, order=order, seeds=seeds, tables=tables,
-              speed_summary=speed_summary,
+              speed_summary=speed_summary, tree_compare=tree_compare,
               baseline=baseline, protocol_table=protocol_table, records=records, statistics=statistics)
 
 
