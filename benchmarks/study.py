@@ -46,6 +46,7 @@ from benchmarks.study_family import StudyFamily
 from benchmarks.study_lm import LMFamily
 from benchmarks.study_vit import ImageFamily
 from configs import algo_tiny, bert_small, gpt_tiny, vit_tiny
+from posenc.encodings import rope_scaling
 from posenc.training import train
 
 
@@ -53,7 +54,8 @@ from posenc.training import train
 # CAPE; `none` as the control); the rest of the registry (factorized, rel_bias, cpb, alibi) is left
 # out of the full profile to keep the ViT half near 2 h at 3 seeds (--encodings runs any label).
 VIT_ENCODINGS = ("learned", "factorized", "rope", "rope_mixed", "cpe", "cpb", "sincos2d", "cape", "none",
-                 "rope+dinov3", "learned+multires", "rope+multires", "rope_mixed+multires")
+                 "rope+dinov3", "learned+multires", "rope+multires", "rope_mixed+multires",
+                 "string", "comrope", "liere")  # the learned rotations at their papers' defaults
 MULTIRES = "train_image_sizes=(24,32,40)"  # FlexiViT / RoPE-ViT: one size per step
 VIT_VARIANTS = (("learned+multires", f"posenc=learned,posenc_options.resample=True,{MULTIRES}"),
                 ("rope+multires", f"posenc=rope,{MULTIRES}"),
@@ -94,16 +96,37 @@ SCALED_SINCOS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0
 # trained at N = 4 and evaluated at 4 and 8). Its numbers mean nothing.
 QUICK_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
 GPT_ENCODINGS = ("learned", "learned+copy", "sinusoidal", "sinusoidal_scaled", "rope", "rope+pi", "rope+ntk",
-                 "rope+yarn", "alibi", "rel_bias", "fire", "kerple", "none")
+                 "rope+yarn", "rope+llama3", "rope+longrope", "p-rope", "alibi", "rel_bias", "fire", "kerple",
+                 "string", "liere", "none")
+# p-RoPE at the fraction Barbero et al. (2025) recommend: the fastest 75 % of the frequencies rotate.
+P_ROPE = (("p-rope", "posenc=rope,posenc_options.frequency_fraction=0.75"),)
 
 
-def gpt_variants(length: int) -> tuple:
-  """Evaluated from another encoding's run, without training: (label, trained label, overrides)."""
+def longrope_long_factor(head_dim: int, length: int, factor: float) -> tuple[float, ...]:
+  """LongRoPE's long-range divisors without its evolutionary search: the per-pair divisors of static YaRN
+  at ``factor`` (1 for the fast pairs, ``factor`` for the slow ones, YaRN's ramp between), the search's
+  own starting point. ``rope_frequencies`` gives the frequencies; their ratio is the divisor."""
+  theta = 10000.0
+  plain, _ = rope_scaling.rope_frequencies(head_dim, theta, length)
+  yarn, _ = rope_scaling.rope_frequencies(head_dim, theta, length, "yarn", original_length=length, factor=factor)
+  return tuple(round(float(d), 6) for d in plain / yarn)
+
+
+def gpt_variants(length: int, longest: int, head_dim: int) -> tuple:
+  """Evaluated from another encoding's run, without training: (label, trained label, overrides).
+  Llama 3.1's and LongRoPE's extensions are set for the longest evaluated length (``factor``)."""
   rope = f"posenc_options.original_length={length}"
+  factor = longest // length
+  short = ",".join(["1.0"] * (head_dim // 2))
+  long = ",".join(str(d) for d in longrope_long_factor(head_dim, length, factor))
   return (("learned+copy", "learned", "transfer.extend=copy"),
           ("rope+pi", "rope", "transfer.interpolate_positions=True"),
           ("rope+ntk", "rope", f"posenc_options.scaling=ntk,{rope}"),
-          ("rope+yarn", "rope", f"posenc_options.scaling=yarn,{rope}"))
+          ("rope+yarn", "rope", f"posenc_options.scaling=yarn,{rope}"),
+          ("rope+llama3", "rope", f"posenc_options.scaling=llama3,{rope},posenc_options.factor={factor},"
+                                  "posenc_options.low_freq_factor=1,posenc_options.high_freq_factor=4"),
+          ("rope+longrope", "rope", f"posenc_options.scaling=longrope,{rope},"
+                                    f"posenc_options.short_factor=({short}),posenc_options.long_factor=({long})"))
 
 PROFILES = {
     # The default models of configs/vit_tiny.py and configs/bert_small.py (at length 128) with shorter
@@ -135,8 +158,9 @@ PROFILES = {
                  overrides="vocab_size=512,max_len=64,total_steps=2000,warmup_steps=100,eval_every=0,"
                            "checkpoint_every=0",
                  base=64, factors=(1, 2, 4, 8, 16), stride=64, eval_tokens=32768, encodings=GPT_ENCODINGS,
-                 variants=gpt_variants(64),
-                 trained_variants=SCALED_SINCOS + (("rel_bias", "posenc=rel_bias,posenc_options.max_distance=64"),),
+                 variants=gpt_variants(64, 1024, 32),
+                 trained_variants=SCALED_SINCOS + P_ROPE
+                 + (("rel_bias", "posenc=rel_bias,posenc_options.max_distance=64"),),
                  seeds=(0, 1, 2), failed=("sinusoidal",),
                  superseded=(("fire@512", "FIRE with init_threshold = 512 > L (the old default): the normaliser "
                                           "never moves in training"),
@@ -160,7 +184,7 @@ PROFILES = {
                  overrides=QUICK_TINY + ",max_len=16,vocab_size=512,total_steps=2,warmup_steps=1,batch_size=8,"
                                         "eval_batch_size=8,eval_every=0",
                  base=16, factors=(1, 2), stride=8, eval_tokens=64, encodings=("rope", "rope+yarn"),
-                 variants=gpt_variants(16)),
+                 variants=gpt_variants(16, 32, 8)),
         study_algo.family(algo_tiny, quick=True))),  # lookup, rope, N = 4 at 4 and 8: two runs
 }
 

@@ -371,3 +371,19 @@ def test_image_plot_draws_variants_in_their_own_row_beside_their_base():
   assert study_report.plot_rows(dict(image, encodings=["learned", "none"])) == [["learned", "none"]]
   text = dict(kind="lm", encodings=["rope", "rope+yarn"])  # text variants share the one row
   assert study_report.plot_rows(text) == [["rope", "rope+yarn"]]
+
+
+def test_longrope_row_past_the_trained_length_has_static_yarns_frequencies():
+  from benchmarks import study
+  import numpy as np
+  from posenc.encodings import rope_scaling
+  long = study.longrope_long_factor(32, 64, 16)
+  assert long[0] == 1.0 and long[-1] == 16.0 and list(long) == sorted(long)  # fast pairs kept, slow ones / 16
+  short = (1.0,) * 16
+  for n, want in ((64, rope_scaling.rope_frequencies(32, 1e4, 64)[0]),
+                  (256, rope_scaling.rope_frequencies(32, 1e4, 256, "yarn", original_length=64, factor=16)[0])):
+    got, _ = rope_scaling.rope_frequencies(32, 1e4, n, "longrope", original_length=64, short_factor=short,
+                                           long_factor=long)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  variants = {label: args for label, _, args in study.gpt_variants(64, 1024, 32)}
+  assert "posenc_options.factor=16" in variants["rope+llama3"] and "long_factor=(1.0," in variants["rope+longrope"]
