@@ -43,6 +43,10 @@ TYPES = {
     "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
     "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 2048,
              "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.2},
+    "yarn-deepseek": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                      "mscale": 1.0, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+    "yarn-no-truncate": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "truncate": False,
+                         "original_max_position_embeddings": 4096},
     "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0],
                  "factor": 8.0, "original_max_position_embeddings": 4096, "attention_factor": 1.1,
                  "partial_rotary_factor": 0.25},
@@ -149,7 +153,7 @@ def test_per_layer_types_as_transformers_reads_them():
 def test_unknown_types_and_keys_are_clear_errors_never_dropped():
   with pytest.raises(ConfigError, match="'su'.*choose one of"):
     hf_rope.from_hf({"rope_scaling": {"type": "su", "factor": 2.0}})
-  with pytest.raises(ConfigError, match=r"\['mscale'\]"):
-    hf_rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}})
+  with pytest.raises(ConfigError, match=r"\['mrope_section'\]"):
+    hf_rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mrope_section": [2, 2]}})
   with pytest.raises(ConfigError, match="only in the 'rope_parameters' dialect"):
     hf_rope.to_hf(hf_rope.from_hf(PER_LAYER), "legacy")

@@ -18,7 +18,8 @@ back ``c``'s rope keys exactly. The types map as:
 | ``default`` | ``none`` | |
 | ``linear`` | ``linear`` | ``factor`` |
 | ``dynamic`` | ``ntk`` | ``factor``, ``original_max_position_embeddings`` -> ``original_length`` |
-| ``yarn`` | ``yarn`` | ``factor``, ``original_length``, ``beta_fast``, ``beta_slow``, ``attention_factor`` |
+| ``yarn`` | ``yarn`` | ``factor``, ``original_length``, ``beta_fast``, ``beta_slow``, ``attention_factor``,
+  ``mscale``, ``mscale_all_dim``, ``truncate`` |
 | ``longrope`` | ``longrope`` | ``short_factor``, ``long_factor``, ``factor``, ``original_length``,
   ``attention_factor`` |
 | ``llama3`` | ``llama3`` | ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_length`` |
@@ -28,8 +29,7 @@ back ``c``'s rope keys exactly. The types map as:
 ``rope_theta`` is ``theta``; elsewhere HF's ``partial_rotary_factor`` (rotate the first fraction of
 each head over the whole spectrum) keeps its name. ``proportional`` options always hold the key
 ``frequency_fraction`` (None where HF's ``partial_rotary_factor`` is missing, HF's 1.0), which is
-how ``to_hf`` knows the type. Keys posenc does not implement (e.g. YaRN's ``mscale``) are a clear
-error, never dropped; so are options ``to_hf`` cannot write.
+how ``to_hf`` knows the type. Keys posenc does not implement are a clear error, never dropped; so are options ``to_hf`` cannot write.
 
 HF fills some keys from the model's config: a missing ``original_max_position_embeddings`` is
 ``max_position_embeddings`` (Phi-3 keeps it top-level, and that wins), and a missing yarn or
@@ -51,7 +51,8 @@ KEYS = {  # HF key -> posenc option, per type (rope_theta and partial_rotary_fac
     "linear": {"factor": "factor"},
     "dynamic": {"factor": "factor", "original_max_position_embeddings": "original_length"},
     "yarn": {"factor": "factor", "original_max_position_embeddings": "original_length", "beta_fast": "beta_fast",
-             "beta_slow": "beta_slow", "attention_factor": "attention_factor"},
+             "beta_slow": "beta_slow", "attention_factor": "attention_factor", "mscale": "mscale",
+             "mscale_all_dim": "mscale_all_dim", "truncate": "truncate"},
     "longrope": {"short_factor": "short_factor", "long_factor": "long_factor", "factor": "factor",
                  "original_max_position_embeddings": "original_length", "attention_factor": "attention_factor"},
     "llama3": {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",

@@ -123,6 +123,11 @@ class RoPEOptions(Options):
                                                  "original_length", _POSITIVE)
   attention_factor: float | None = option(None, "yarn, longrope: what cos and sin are multiplied by",
                                           greater(0), none="from factor, as HF")
+  mscale: float | None = option(None, "yarn: DeepSeek-V3's attention factor m(s, mscale) / m(s, mscale_all_dim), "
+                                "m(s, a) = 0.1 a ln s + 1 (with mscale_all_dim)", greater(0), none="0.1 ln s + 1")
+  mscale_all_dim: float | None = option(None, "yarn: the denominator's multiplier (with mscale)", greater(0),
+                                        none="0.1 ln s + 1")
+  truncate: bool = option(True, "yarn: round the correction range out to whole pairs (HF's truncate)")
   frequency_fraction: float | None = option(None, "p-RoPE (HF's proportional), 1D: keep the fastest fraction "
                                             "of the head's frequencies, zero the rest", at_least(0), at_most(1),
                                             none="all")
