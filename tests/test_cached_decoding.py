@@ -3,7 +3,8 @@
 Cases come from the registry (every encoding that supports 1D, with its defaults) plus the options
 that move positions: rope's scalings (every HF rope type: ``linear``, ``ntk``, ``yarn``, ``llama3``,
 ``longrope``; ``ntk``, ``yarn`` and ``longrope`` with a fixed factor and a dynamic one) past
-``original_length``, p-RoPE and partial rotation, fire's threshold and shared layers, kerple per
+``original_length``, p-RoPE and partial rotation, a RoPE/NoPE layer schedule with Llama 4's temperature
+tuning (every query scaled by its own position), fire's threshold and shared layers, kerple per
 layer, and position interpolation (``position_scale``: real-valued positions). ``longrope`` with a
 factor switches from its short to its long factors once, past ``original_length``: its prefill stops
 short of it, so one single-token step crosses it. One program per case (XLA
@@ -34,7 +35,8 @@ OPTIONS = {
         dict(scaling="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_length=ORIGINAL),
         dict(LONGROPE, factor=4.0), LONGROPE,
         dict(scaling="yarn", original_length=ORIGINAL, attention_factor=1.3),
-        dict(frequency_fraction=0.5), dict(scaling="ntk", original_length=ORIGINAL, partial_rotary_factor=0.5)],
+        dict(frequency_fraction=0.5), dict(scaling="ntk", original_length=ORIGINAL, partial_rotary_factor=0.5),
+        dict(nope_every=2, nope_temperature=True, nope_floor_scale=3.0, nope_attn_scale=0.5)],  # Llama 4's iRoPE
     "fire": [dict(per_layer=False, init_threshold=3.0)],
     "kerple": [dict(per_layer=True)],
 }

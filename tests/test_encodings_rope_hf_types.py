@@ -54,6 +54,14 @@ TYPES = [
                                   "partial_rotary_factor": 0.35, "factor": 2.0}),
     ("proportional-none", 16, 64, {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.0}),
     ("proportional-all", 16, 64, {"rope_type": "proportional", "rope_theta": 10000.0}),
+    ("yarn-deepseek", 64, 4096, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+                                 "original_max_position_embeddings": 1024}),
+    ("yarn-no-truncate", 64, 4096, {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "truncate": False,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}),
+    ("yarn-mscale-no-factor", 16, 256, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": None, "mscale": 1.0,
+                                        "mscale_all_dim": 0.5, "truncate": False,
+                                        "original_max_position_embeddings": 64}),
 ]
 PARTIAL = [(f"{name}-partial", dh, max_len, {**params, "partial_rotary_factor": 0.5,
                                              **({"short_factor": SHORT8, "long_factor": LONG8}
@@ -201,6 +209,12 @@ def test_clear_errors_name_the_option():
   fails(r"short_factor must be None or a tuple of numbers of at least one entry, every one > 0, got \[1.0, -1.0\]",
         short_factor=[1.0, -1.0])
   fails(r"attention_factor is not an option of scaling='linear'", scaling="linear", factor=2.0, attention_factor=1.2)
+  fails(r"yarn's mscale and mscale_all_dim set the attention factor together.*give both or neither",
+        scaling="yarn", original_length=8, mscale=1.0)
+  fails(r"attention_factor=1.2 and mscale/mscale_all_dim both set yarn's attention factor; give one",
+        scaling="yarn", original_length=8, attention_factor=1.2, mscale=1.0, mscale_all_dim=0.5)
+  fails(r"truncate is not an option of scaling='linear'", scaling="linear", factor=2.0, truncate=False)
+  fails(r"mscale, mscale_all_dim are not options of RoPE on the integer grid", mscale=1.0, mscale_all_dim=0.5)
   fails(r"frequency_fraction must be None \(all\) or a number >= 0 and <= 1, got 1.5", frequency_fraction=1.5)
   fails(r"partial_rotary_factor must be None \(all\) or a number > 0 and <= 1, got 0", partial_rotary_factor=0)
   fails(r"give one", frequency_fraction=0.5, partial_rotary_factor=0.5)

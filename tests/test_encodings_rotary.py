@@ -232,8 +232,9 @@ def test_clear_errors():
   q, k = qk(Geometry.grid(2, 3))
   with pytest.raises(ValueError, match=r"7 tokens"):
     make_rope().rotate(q, k, Geometry.grid(2, 3, num_prefix=1), Geometry.grid(2, 3, num_prefix=1).positions(), 0)
-  # ``scale`` is gone (position interpolation scales the positions): a clear error naming it.
-  with pytest.raises(ValueError, match=r"'rope' has no option\(s\) \['scale'\] \(did you mean 'scaling'\?\); its options are .*theta"):
+  # ``scale`` is gone (position interpolation scales the positions): a clear error naming it (the closest
+  # name is now yarn's ``mscale``; the list of options names ``scaling`` too).
+  with pytest.raises(ValueError, match=r"'rope' has no option\(s\) \['scale'\] \(did you mean 'mscale'\?\); its options are .*theta.*'scaling'"):
     make_rope(scale=0.5)
   with pytest.raises(ValueError, match=r"'rope_mixed' has no option\(s\) \['scale'\]"):
     make_mixed(scale=0.5)

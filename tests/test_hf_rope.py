@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from posenc.config import ConfigError
-from posenc.encodings import hf_rope
+from posenc.encodings import hf_rope, make
 
 LLAMA31 = {"rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
@@ -43,6 +43,10 @@ TYPES = {
     "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
     "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 2048,
              "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.2},
+    "yarn-deepseek": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                      "mscale": 1.0, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096},
+    "yarn-no-truncate": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "truncate": False,
+                         "original_max_position_embeddings": 4096},
     "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0],
                  "factor": 8.0, "original_max_position_embeddings": 4096, "attention_factor": 1.1,
                  "partial_rotary_factor": 0.25},
@@ -149,7 +153,54 @@ def test_per_layer_types_as_transformers_reads_them():
 def test_unknown_types_and_keys_are_clear_errors_never_dropped():
   with pytest.raises(ConfigError, match="'su'.*choose one of"):
     hf_rope.from_hf({"rope_scaling": {"type": "su", "factor": 2.0}})
-  with pytest.raises(ConfigError, match=r"\['mscale'\]"):
-    hf_rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": 0.7}})
+  with pytest.raises(ConfigError, match=r"\['mrope_section'\]"):
+    hf_rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mrope_section": [2, 2]}})
   with pytest.raises(ConfigError, match="only in the 'rope_parameters' dialect"):
     hf_rope.to_hf(hf_rope.from_hf(PER_LAYER), "legacy")
+
+
+SCHEDULE_KEYS = ("rope_parameters", "no_rope_layers", "no_rope_layer_interval", "attn_temperature_tuning",
+                 "floor_scale", "attn_scale")
+
+
+def _hf_config(cls, **kwargs) -> dict:
+  """The rope and layer-schedule keys of an HF config class's ``to_dict``."""
+  logging.getLogger("transformers").setLevel(logging.ERROR)
+  config = getattr(transformers, cls)(**kwargs).to_dict()
+  return {k: config[k] for k in SCHEDULE_KEYS if k in config}
+
+
+@pytest.mark.parametrize("cls,kwargs,schedule", [
+    ("Llama4TextConfig", dict(num_hidden_layers=6), dict(nope_every=4, nope_temperature=True)),
+    ("Llama4TextConfig", dict(num_hidden_layers=5, no_rope_layer_interval=2, attn_temperature_tuning=False),
+     dict(nope_every=2, nope_temperature=False)),
+    ("SmolLM3Config", dict(num_hidden_layers=8), dict(nope_every=4)),
+    ("SmolLM3Config", dict(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 1]), dict(rotate_layers=[0, 2, 3])),
+], ids=["llama4", "llama4-every-2", "smollm3", "smollm3-list"])
+def test_layer_schedules_read_as_hf_builds_its_layers_and_round_trip(cls, kwargs, schedule):
+  config = _hf_config(cls, **kwargs)
+  options = hf_rope.from_hf(copy.deepcopy(config))
+  assert {k: options[k] for k in schedule} == schedule
+  num_layers = len(config["no_rope_layers"])
+  enc = make("rope", dim=32, num_heads=2, num_layers=num_layers, **options)
+  # HF: layer i uses RoPE iff config.no_rope_layers[i] (Llama4TextAttention, SmolLM3Attention)
+  assert [bool(enc.options.rotates(i)) for i in range(num_layers)] == [bool(f) for f in config["no_rope_layers"]]
+  back = hf_rope.to_hf(options, "rope_parameters", num_layers=num_layers)
+  if "rotate_layers" in schedule:  # the interval HF does not use beside its own list is not read
+    config.pop("no_rope_layer_interval")
+  assert back == config
+  for dialect in ("legacy", "rope_type"):
+    written = hf_rope.to_hf(options, dialect, num_layers=num_layers)
+    assert hf_rope.to_hf(hf_rope.from_hf(written), dialect, num_layers=num_layers) == written
+  assert hf_rope.from_hf(back) == options
+
+
+def test_layer_schedules_hf_cannot_hold_are_clear_errors():
+  with pytest.raises(ConfigError, match=r"rotate_layers=\[0, 2\] is written as HF's no_rope_layers.*pass num_layers"):
+    hf_rope.to_hf({"scaling": "none", "rotate_layers": [0, 2]})
+  with pytest.raises(ConfigError, match=r"got num_layers=2"):
+    hf_rope.to_hf({"scaling": "none", "rotate_layers": [0, 2]}, num_layers=2)
+  with pytest.raises(ConfigError, match=r"per-layer-type rope_parameters beside the layer schedule keys"):
+    hf_rope.from_hf({**PER_LAYER, "no_rope_layer_interval": 4})
+  assert hf_rope.to_hf({"scaling": "none", "nope_every": 3}) == {"rope_parameters": {"rope_type": "default"},
+                                                                 "no_rope_layer_interval": 3}

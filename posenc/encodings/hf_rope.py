@@ -18,7 +18,8 @@ back ``c``'s rope keys exactly. The types map as:
 | ``default`` | ``none`` | |
 | ``linear`` | ``linear`` | ``factor`` |
 | ``dynamic`` | ``ntk`` | ``factor``, ``original_max_position_embeddings`` -> ``original_length`` |
-| ``yarn`` | ``yarn`` | ``factor``, ``original_length``, ``beta_fast``, ``beta_slow``, ``attention_factor`` |
+| ``yarn`` | ``yarn`` | ``factor``, ``original_length``, ``beta_fast``, ``beta_slow``, ``attention_factor``,
+  ``mscale``, ``mscale_all_dim``, ``truncate`` |
 | ``longrope`` | ``longrope`` | ``short_factor``, ``long_factor``, ``factor``, ``original_length``,
   ``attention_factor`` |
 | ``llama3`` | ``llama3`` | ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_length`` |
@@ -28,8 +29,15 @@ back ``c``'s rope keys exactly. The types map as:
 ``rope_theta`` is ``theta``; elsewhere HF's ``partial_rotary_factor`` (rotate the first fraction of
 each head over the whole spectrum) keeps its name. ``proportional`` options always hold the key
 ``frequency_fraction`` (None where HF's ``partial_rotary_factor`` is missing, HF's 1.0), which is
-how ``to_hf`` knows the type. Keys posenc does not implement (e.g. YaRN's ``mscale``) are a clear
-error, never dropped; so are options ``to_hf`` cannot write.
+how ``to_hf`` knows the type. Keys posenc does not implement are a clear error, never dropped; so are options ``to_hf`` cannot write.
+
+Layer schedules (``posenc.encodings.layer_schedule``) are top-level keys in every dialect: SmolLM3's and
+Llama 4's ``no_rope_layers`` (one flag per layer, 1 = RoPE) -> ``rotate_layers``, or ``nope_every`` where
+``no_rope_layer_interval`` gives that very list (HF: layer ``i`` is NoPE when ``(i + 1) % interval == 0``; a
+list wins over the interval, so an interval beside a list it does not give is not read); an interval alone
+-> ``nope_every``; Llama 4's ``attn_temperature_tuning``, ``attn_scale``, ``floor_scale`` -> ``nope_temperature``,
+``nope_attn_scale``, ``nope_floor_scale``. ``to_hf(..., num_layers=n)`` writes the list of ``n`` flags
+(``rotate_layers`` needs it; ``nope_every`` writes the interval and, given ``n``, the list too).
 
 HF fills some keys from the model's config: a missing ``original_max_position_embeddings`` is
 ``max_position_embeddings`` (Phi-3 keeps it top-level, and that wins), and a missing yarn or
@@ -42,6 +50,7 @@ they stay missing, and HF's ``dynamic``, which takes its trained length from
 from __future__ import annotations
 
 from posenc.config import ConfigError
+from posenc.encodings.layer_schedule import SCHEDULE_OPTIONS
 
 SCALING_OF = {"default": "none", "linear": "linear", "dynamic": "ntk", "yarn": "yarn", "longrope": "longrope",
               "llama3": "llama3"}  # and "proportional": "none", or "linear" with a factor
@@ -51,7 +60,8 @@ KEYS = {  # HF key -> posenc option, per type (rope_theta and partial_rotary_fac
     "linear": {"factor": "factor"},
     "dynamic": {"factor": "factor", "original_max_position_embeddings": "original_length"},
     "yarn": {"factor": "factor", "original_max_position_embeddings": "original_length", "beta_fast": "beta_fast",
-             "beta_slow": "beta_slow", "attention_factor": "attention_factor"},
+             "beta_slow": "beta_slow", "attention_factor": "attention_factor", "mscale": "mscale",
+             "mscale_all_dim": "mscale_all_dim", "truncate": "truncate"},
     "longrope": {"short_factor": "short_factor", "long_factor": "long_factor", "factor": "factor",
                  "original_max_position_embeddings": "original_length", "attention_factor": "attention_factor"},
     "llama3": {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
@@ -60,6 +70,44 @@ KEYS = {  # HF key -> posenc option, per type (rope_theta and partial_rotary_fac
 }
 COMMON = {"rope_theta": "theta", "partial_rotary_factor": "partial_rotary_factor"}
 DIALECTS = ("legacy", "rope_type", "rope_parameters")
+TEMPERATURE = {"attn_temperature_tuning": "nope_temperature", "attn_scale": "nope_attn_scale",
+               "floor_scale": "nope_floor_scale"}  # Llama 4's top-level keys -> posenc's schedule options
+
+
+def interval_flags(interval: int, num_layers: int) -> list[int]:
+  """HF's ``no_rope_layers`` from ``no_rope_layer_interval``: 1 (RoPE) unless ``(i + 1) % interval == 0``."""
+  return [int((i + 1) % interval != 0) for i in range(num_layers)]
+
+
+def _schedule_options(config: dict) -> dict:
+  """The layer-schedule options of an HF config's top-level keys (HF: a list of flags wins over the interval)."""
+  flags, interval = config.get("no_rope_layers"), config.get("no_rope_layer_interval")
+  options = {}
+  if flags:
+    if interval and list(flags) == interval_flags(interval, len(flags)):
+      options["nope_every"] = interval
+    else:
+      options["rotate_layers"] = [i for i, flag in enumerate(flags) if flag]
+  elif interval is not None:
+    options["nope_every"] = interval
+  options.update({option: config[key] for key, option in TEMPERATURE.items() if key in config})
+  return options
+
+
+def _schedule_keys(options: dict, num_layers: int | None) -> dict:
+  """HF's top-level keys of posenc's layer-schedule ``options`` (``num_layers``: the length of ``no_rope_layers``)."""
+  keys = {key: options[option] for key, option in TEMPERATURE.items() if option in options}
+  if options.get("nope_every") is not None:
+    keys["no_rope_layer_interval"] = options["nope_every"]
+    if num_layers is not None:
+      keys["no_rope_layers"] = interval_flags(options["nope_every"], num_layers)
+  elif options.get("rotate_layers") is not None:
+    layers = list(options["rotate_layers"])
+    if num_layers is None or any(i >= num_layers for i in layers):
+      raise ConfigError(f"rotate_layers={layers} is written as HF's no_rope_layers, one flag per layer: pass "
+                        f"num_layers (more than every index), got num_layers={num_layers}.")
+    keys["no_rope_layers"] = [int(i in layers) for i in range(num_layers)]
+  return keys
 
 
 def dialect_of(config: dict) -> str:
@@ -105,19 +153,22 @@ def from_hf(config: dict, max_position_embeddings: int | None = None) -> dict:
   """posenc ``rope`` options from an HF config dict (``config.json``'s contents): one options dict,
   or ``{layer_type: options or None}`` for per-layer-type ``rope_parameters``. With
   ``max_position_embeddings``, keys HF would fill in are filled in (module docstring)."""
-  kind = dialect_of(config)
+  kind, schedule = dialect_of(config), _schedule_options(config)
   if kind == "rope_parameters":
     params = config["rope_parameters"]
     if _layer_types(params):
+      if schedule:
+        raise ConfigError(f"per-layer-type rope_parameters beside the layer schedule keys {sorted(schedule)}: "
+                          f"posenc reads one or the other.")
       return {t: None if p is None else _options(p, f"rope_parameters[{t!r}]", max_position_embeddings)
               for t, p in params.items()}
-    return _options(params, "rope_parameters", max_position_embeddings)
+    return _options(params, "rope_parameters", max_position_embeddings) | schedule
   rope = dict(config.get("rope_scaling") or {})
   for key in COMMON:
     if key in config:
       rope[key] = config[key]
   original_max = config.get("original_max_position_embeddings") if max_position_embeddings else None
-  return _options(rope, "rope_scaling", max_position_embeddings, original_max)
+  return _options(rope, "rope_scaling", max_position_embeddings, original_max) | schedule
 
 
 def _hf_keys(options: dict) -> dict:
@@ -138,8 +189,17 @@ def _hf_keys(options: dict) -> dict:
   out = {"rope_type": rope_type}
   out.update({names[k]: v for k, v in options.items() if k in names and (v is not None or k != "frequency_fraction")})
   return out
-def to_hf(options: dict, dialect: str = "rope_parameters") -> dict:
-  """The HF config keys for posenc ``rope`` options (the inverse of ``from_hf``), in ``dialect``."""
+
+
+def to_hf(options: dict, dialect: str = "rope_parameters", num_layers: int | None = None) -> dict:
+  """The HF config keys for posenc ``rope`` options (the inverse of ``from_hf``), in ``dialect``; ``num_layers``
+  writes a layer schedule's ``no_rope_layers`` (one flag per layer; ``rotate_layers`` needs it)."""
+  rope = {k: v for k, v in options.items() if k not in SCHEDULE_OPTIONS}
+  schedule = {k: v for k, v in options.items() if k in SCHEDULE_OPTIONS}
+  return _rope_keys(rope, dialect) | _schedule_keys(schedule, num_layers)
+
+
+def _rope_keys(options: dict, dialect: str) -> dict:
   if dialect not in DIALECTS:
     raise ConfigError(f"dialect {dialect!r} is unknown; choose one of {DIALECTS}.")
   per_layer = all(v is None or isinstance(v, dict) for v in options.values()) and options and \

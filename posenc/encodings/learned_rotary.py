@@ -19,7 +19,8 @@ At initialisation each equals RoPE-Axial (RoFormer in 1D) with ``theta``. Positi
 ``(t, h, w)`` become ``(w, h, t)``. posenc's ``Geometry`` has no 3D grid yet: with ``axes=3`` the
 encoding serves a flattened 1D geometry of ``t*h*w`` tokens whose positions carry three coordinates
 (called directly; the models' position checks still allow only 1D and 2D). No tables: a new grid or
-length needs no parameter change (``transfer``). Prefix tokens are not turned.
+length needs no parameter change (``transfer``). Prefix tokens are not turned. Each takes a RoPE/NoPE
+layer schedule (``posenc.encodings.layer_schedule``); a NoPE layer's parameters are then unused.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from flax import nnx
 from posenc.config import ConfigError
 from posenc.encodings import learned_rotations as lr
 from posenc.encodings.base import Encoding, Geometry
-from posenc.encodings.options import Options, Rule, at_least, greater, one_of, option
+from posenc.encodings.layer_schedule import ScheduleOptions
+from posenc.encodings.options import Rule, at_least, greater, one_of, option
 from posenc.encodings.registry import register
 from posenc.encodings.relative import layer_params
 from posenc.encodings.rotation import cos_sin, turn
@@ -66,8 +68,8 @@ def free_entries(head_dim: int, ndim: int, block: int, commuting: bool) -> np.nd
 
 
 @dataclasses.dataclass(frozen=True)
-class LearnedRotaryOptions(Options):
-  """Options every learned-generator encoding has."""
+class LearnedRotaryOptions(ScheduleOptions):
+  """Options every learned-generator encoding has, the layer schedule (``ScheduleOptions``) among them."""
 
   theta: float | None = option(None, "base of the initial RoPE-Axial frequencies", greater(1),
                                none="10000 in 1D, 100 in 2D and 3D")
@@ -90,6 +92,7 @@ class StringOptions(BlockOptions):
                                 "learned commuting block generators (= comrope)", one_of(*FORMS))
 
   def check(self) -> None:
+    super().check()
     if self.form == "cayley" and self.block != BlockOptions.block:
       raise ConfigError(f"block is an option of form='commuting', not of form='cayley' (its P is dense); "
                         f"got block={self.block}.")
@@ -117,6 +120,7 @@ class _LearnedRotary(Encoding):
                        f"(whole feature pairs for each of the {self.ndim} axes); got head_dim={self.head_dim}. "
                        f"Choose width and num_heads so that width / num_heads is a multiple of {2 * self.ndim}.")
     self.theta = options.theta or (10000.0 if self.ndim == 1 else 100.0)
+    options.check_layers(num_layers, self.name)
 
   def _param(self, init: np.ndarray, names: tuple) -> nnx.Param:
     """A parameter ``init`` (broadcast over the layers with ``per_layer``) with logical ``names``."""
@@ -133,6 +137,7 @@ class _LearnedRotary(Encoding):
     if geometry.ndim != self.ndim and geometry.ndim != 1:
       raise ValueError(f"position encoding '{self.name}' was built for {self.ndim}D positions, not {geometry}; "
                        f"build it at this geometry (its parameters depend on the number of axes).")
+    self.options.check_geometry(geometry, self.name, self.ndim)
 
   def rotate(self, q, k, geometry, positions, layer):
     self.check(geometry)
@@ -144,7 +149,7 @@ class _LearnedRotary(Encoding):
       raise ValueError(f"position encoding '{self.name}' was built for positions of {self.ndim} coordinates "
                        f"(axes={self.ndim}); got positions of shape {tuple(positions.shape)}.")
     pos = positions[..., ::-1].astype(jnp.float32)  # (row, col) -> (x, y), as rope; (t, h, w) -> (w, h, t)
-    return self._turn(q, k, pos, geometry.num_prefix, layer)
+    return self.options.select(q, k, self._turn(q, k, pos, geometry.num_prefix, layer), geometry, positions, layer)
 
   def _turn(self, q, k, pos, num_prefix: int, layer):
     raise NotImplementedError  # abstract: each form says how it turns q and k

@@ -8,9 +8,12 @@ For a sequence of ``N`` tokens (below) trained at ``original_length`` ``L``, wit
 - ``"ntk"`` (``dynamic``): NTK-aware base ``theta' = theta * a**(Dh/(Dh-2))``,
   ``a = factor * max(N, L) / L - (factor - 1)``; ``factor=None`` means 1, so ``a = max(1, N / L)`` and
   nothing changes while ``N <= L``.
-- ``"yarn"`` (``yarn``; correction range truncated to whole dimensions): frequencies blend ``f / s``
-  (interpolation) and ``f`` (extrapolation) along a ramp over the pairs set by ``beta_fast``/``beta_slow``
-  rotations in ``L``; attention factor ``0.1 ln s + 1`` (1 if ``s <= 1``) unless ``attention_factor``.
+- ``"yarn"`` (``yarn``): frequencies blend ``f / s`` (interpolation) and ``f`` (extrapolation) along a ramp
+  over the pairs set by ``beta_fast``/``beta_slow`` rotations in ``L`` (the range rounded out to whole pairs
+  unless ``truncate=False``, HF's ``truncate``); attention factor ``m(s, 1)``, ``m(s, a) = 0.1 a ln s + 1``
+  (1 if ``s <= 1``), or DeepSeek-V3's ``m(s, mscale) / m(s, mscale_all_dim)`` given both, unless
+  ``attention_factor``. (DeepSeek-V3's attention also multiplies its softmax scale by ``m(s, mscale_all_dim)**2``:
+  that is the model's, not the rope's, as in HF.)
 - ``"llama3"`` (``llama3``): pairs whose wavelength ``2 pi / f`` exceeds ``L / low_freq_factor`` are
   divided by ``factor``, those below ``L / high_freq_factor`` kept, and between them
   ``f ((1 - c) / factor + c)``, ``c = (L f / (2 pi) - low) / (high - low)``.
@@ -56,16 +59,18 @@ DEFAULT_THETA = 10000.0
 NEEDS = {"linear": ("factor",), "ntk": ("original_length",), "yarn": ("original_length",),
          "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_length"),
          "longrope": ("short_factor", "long_factor", "original_length")}
-TAKES = {"linear": (), "ntk": ("factor",), "yarn": ("factor", "beta_fast", "beta_slow", "attention_factor"),
+TAKES = {"linear": (), "ntk": ("factor",),
+         "yarn": ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"),
          "llama3": (), "longrope": ("factor", "attention_factor")}
-UNSET = {"beta_fast": 32.0, "beta_slow": 1.0}  # the declared defaults of the options not None by default
+UNSET = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}  # the declared defaults of the options not None by default
 
 
 def rope_frequencies(head_dim: int, theta: float, length: int, scaling: str = "none",
                      original_length: int | None = None, factor: float | None = None, beta_fast: float = 32.0,
                      beta_slow: float = 1.0, *, low_freq_factor: float | None = None,
                      high_freq_factor: float | None = None, short_factor: tuple | None = None,
-                     long_factor: tuple | None = None, attention_factor: float | None = None
+                     long_factor: tuple | None = None, attention_factor: float | None = None,
+                     mscale: float | None = None, mscale_all_dim: float | None = None, truncate: bool = True
                      ) -> tuple[np.ndarray, float]:
   """1D RoPE inverse frequencies ``[Dh/2]`` (float64) and the attention factor for a sequence of
   ``length`` positions (see the module docstring for ``scaling``)."""
@@ -91,10 +96,16 @@ def rope_frequencies(head_dim: int, theta: float, length: int, scaling: str = "n
   def correction_dim(rotations):  # the pair index that turns ``rotations`` times in L positions
     return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-  low = max(math.floor(correction_dim(beta_fast)), 0)
-  high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
   ramp = np.clip((np.arange(head_dim // 2) - low) / ((high - low) or 0.001), 0.0, 1.0)
-  default = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+
+  def m(scale):  # YaRN's attention factor with DeepSeek's multiplier
+    return 0.1 * scale * math.log(s) + 1.0 if s > 1 else 1.0
+
+  default = m(mscale) / m(mscale_all_dim) if mscale and mscale_all_dim else m(1.0)
   return freqs / s * ramp + freqs * (1.0 - ramp), default if attention_factor is None else attention_factor
 
 
@@ -123,6 +134,9 @@ class Scaled(FewerRotated):
   short_factor: tuple | None
   long_factor: tuple | None
   attention_factor: float | None
+  mscale: float | None
+  mscale_all_dim: float | None
+  truncate: bool
 
   def __post_init__(self):
     super().__post_init__()
@@ -139,6 +153,12 @@ class Scaled(FewerRotated):
       raise ConfigError(f"scaling={scaling!r} needs {', '.join(missing)}" + (
           ", original_length the trained sequence length (a positive int)" if "original_length" in missing else "")
                         + ".")
+    if (self.mscale is None) != (self.mscale_all_dim is None):
+      raise ConfigError(f"yarn's mscale and mscale_all_dim set the attention factor together (DeepSeek-V3); give "
+                        f"both or neither, got mscale={self.mscale}, mscale_all_dim={self.mscale_all_dim}.")
+    if self.mscale is not None and self.attention_factor is not None:
+      raise ConfigError(f"attention_factor={self.attention_factor} and mscale/mscale_all_dim both set yarn's "
+                        f"attention factor; give one.")
     if not self.beta_fast > self.beta_slow:
       raise ConfigError(f"needs beta_fast > beta_slow > 0; got beta_fast={self.beta_fast}, "
                         f"beta_slow={self.beta_slow}.")
@@ -179,7 +199,7 @@ class Scaled(FewerRotated):
     """Frequencies ``[R/2]`` (float64, p-RoPE applied) and attention factor at ``length`` tokens."""
     rotated = self.rotated_dim(head_dim)
     names = ("original_length", "factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor",
-             "short_factor", "long_factor", "attention_factor")
+             "short_factor", "long_factor", "attention_factor", "mscale", "mscale_all_dim", "truncate")
     freqs, factor = rope_frequencies(rotated, self.theta or DEFAULT_THETA, length, self.scaling,
                                      **{n: getattr(self, n) for n in names})
     return self.kept(freqs, rotated), factor

@@ -18,7 +18,8 @@ conventions: ``posenc.encodings.rotation``.
   pair's frequency, so a pair can turn along any direction of the grid.
 
 No tables: both work at any sequence length or grid size. Prefix tokens (class
-token, registers) are not rotated.
+token, registers) are not rotated. Both take a RoPE/NoPE layer schedule
+(``posenc.encodings.layer_schedule``).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from flax import nnx
 from posenc.config import ConfigError
 from posenc.encodings import coordinates as coords_lib
 from posenc.encodings.base import Encoding, Geometry
-from posenc.encodings.options import Options, Rule, at_least, at_most, greater, one_of, option
+from posenc.encodings.layer_schedule import SCHEDULE_OPTIONS, ScheduleOptions
+from posenc.encodings.options import Rule, at_least, at_most, greater, one_of, option
 from posenc.encodings.registry import register
 from posenc.encodings.rope_normalized import Augmented, Normalized
 from posenc.encodings.rope_scaling import SCALINGS, Scaled
@@ -93,16 +95,16 @@ class _Rotary(Encoding):
     angles = jnp.sum(pos[..., None, None] * freqs, axis=-3)  # [B, N, H or 1, Dh/2]
     # One cos/sin for q and k; prefix tokens turn by nothing, so q and k are never split apart.
     cos, sin = cos_sin(angles, self._attention_factor(geometry, head_dim, length), geometry.num_prefix)
-    return turn(q, cos, sin), turn(k, cos, sin)
+    return self.options.select(q, k, (turn(q, cos, sin), turn(k, cos, sin)), geometry, positions, layer)
 
 
 _POSITIVE = Rule(lambda v: len(v) > 0 and min(v) > 0, "of at least one entry, every one > 0")
 
 
 @dataclasses.dataclass(frozen=True)
-class RoPEOptions(Options):
+class RoPEOptions(ScheduleOptions):
   """``rope``'s options. Which are set chooses the variant (``variant``); an option of another
-  variant is an error naming it."""
+  variant is an error naming it. The layer schedule (``ScheduleOptions``) goes with every variant."""
 
   theta: float | None = option(None, "frequency base on the integer grid", greater(1),
                                none="10000 in 1D, 100 in 2D")
@@ -123,6 +125,11 @@ class RoPEOptions(Options):
                                                  "original_length", _POSITIVE)
   attention_factor: float | None = option(None, "yarn, longrope: what cos and sin are multiplied by",
                                           greater(0), none="from factor, as HF")
+  mscale: float | None = option(None, "yarn: DeepSeek-V3's attention factor m(s, mscale) / m(s, mscale_all_dim), "
+                                "m(s, a) = 0.1 a ln s + 1 (with mscale_all_dim)", greater(0), none="0.1 ln s + 1")
+  mscale_all_dim: float | None = option(None, "yarn: the denominator's multiplier (with mscale)", greater(0),
+                                        none="0.1 ln s + 1")
+  truncate: bool = option(True, "yarn: round the correction range out to whole pairs (HF's truncate)")
   frequency_fraction: float | None = option(None, "p-RoPE (HF's proportional), 1D: keep the fastest fraction "
                                             "of the head's frequencies, zero the rest", at_least(0), at_most(1),
                                             none="all")
@@ -141,6 +148,7 @@ class RoPEOptions(Options):
                                         none="off")
 
   def check(self) -> None:
+    super().check()
     self.variant()
 
   def check_run(self, config) -> None:
@@ -154,7 +162,8 @@ class RoPEOptions(Options):
     else:
       chosen = Scaled if self.scaling != "none" else Axial
     own = {f.name for f in dataclasses.fields(chosen)}
-    stray = [f.name for f in dataclasses.fields(self) if f.name not in own and getattr(self, f.name) != f.default]
+    stray = [f.name for f in dataclasses.fields(self) if f.name not in own and f.name not in SCHEDULE_OPTIONS
+             and getattr(self, f.name) != f.default]
     if stray:
       owners = [v.what for v in (Axial, Scaled, Normalized, Augmented)
                 if any(f.name in stray for f in dataclasses.fields(v))]
@@ -171,8 +180,10 @@ class RoPE(_Rotary):
 
   Options = RoPEOptions
 
-  def __init__(self, options: RoPEOptions, *, dim: int | None = None, num_heads: int | None = None):
+  def __init__(self, options: RoPEOptions, *, dim: int | None = None, num_heads: int | None = None,
+               num_layers: int | None = None):
     super().__init__(options)
+    options.check_layers(num_layers, self.name)
     self.variant = options.variant()
     self.head_dim = dim // num_heads if dim and num_heads else None
     if self.head_dim is not None:
@@ -194,6 +205,7 @@ class RoPE(_Rotary):
   def check(self, geometry: Geometry) -> None:
     super().check(geometry)
     self.variant.check(geometry)
+    self.options.check_geometry(geometry, self.name)
     if self.head_dim is not None:
       self._check_head_dim(self.head_dim, geometry.ndim)
 
@@ -211,7 +223,7 @@ class RoPE(_Rotary):
 
 
 @dataclasses.dataclass(frozen=True)
-class RoPEMixedOptions(Options):
+class RoPEMixedOptions(ScheduleOptions):
   theta: float = option(10.0, "base of the initial frequency magnitudes (rope-vit's 10)", greater(0))
 
 
@@ -233,6 +245,7 @@ class RoPEMixed(_Rotary):
     if dim % num_heads:
       raise ValueError(f"position encoding 'rope_mixed': dim={dim} is not divisible by "
                        f"num_heads={num_heads}.")
+    options.check_layers(num_layers, self.name)
     self.head_dim = dim // num_heads
     self._check_head_dim(self.head_dim, 2)
     init = random_mixed_frequencies(rngs.params(), num_layers, num_heads, self.head_dim, options.theta)
@@ -242,6 +255,7 @@ class RoPEMixed(_Rotary):
     if geometry.ndim != 2:
       raise ValueError(f"position encoding 'rope_mixed' learns 2D (x, y) frequencies and supports "
                        f"only 2D grids, not {geometry}; use 'rope' for 1D sequences.")
+    self.options.check_geometry(geometry, self.name)
 
   def _frequencies(self, geometry, layer, head_dim, num_heads, length=None):
     freqs = self.freqs[...]
