@@ -2,8 +2,10 @@
 (interleaved) rotary embeddings, its 1D form against rope, relative positions, its sections."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from rotary_helpers import H, logits, qk, rotate
 
 from posenc.config import ConfigError
@@ -132,4 +134,8 @@ def test_bad_sections_are_one_clear_error():
     make_mrope(mrope_section=(8, 0))
   with pytest.raises(ValueError, match=r"'mrope' needs an even head dimension >= 6"):
     make("mrope", dim=8, num_heads=2)
-  assert make("mrope").rotate  # without dim, the sections are checked at the first rotate
+  assert make("mrope").head_dim is None  # without dim, the sections are checked at the first rotate
+
+
+def test_no_parameters():
+  assert jax.tree.leaves(nnx.state(make_mrope(), nnx.Param)) == []

@@ -48,3 +48,7 @@ def test_a_2d_only_encoding_refuses_a_3d_geometry_by_name():
   with pytest.raises(ValueError, match=r"'sincos2d' supports 2D inputs, not 3D 2x2x2; choose an encoding "
                                        r"that supports 3D"):
     encodings.make("sincos2d", dim=16, geometry=Geometry.grid3d(2, 2, 2))
+
+
+def test_the_encodings_that_take_3d_grids():
+  assert encodings.names(ndim=3) == ["comrope", "learned", "liere", "mrope", "none", "sincos3d", "string"]

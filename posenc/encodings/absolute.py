@@ -364,3 +364,5 @@ class CAPE(_SinCos):
 @register("none")
 class NoPosition(Encoding):
   """No position information at all (every hook is the identity): a baseline."""
+
+  supported_ndims = (1, 2, 3)
