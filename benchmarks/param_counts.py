@@ -3,7 +3,8 @@
     python benchmarks/param_counts.py      # prints the README's comparison table
 
 Counts come from ``nnx.eval_shape`` (no memory, no compute) at ViT-B/16 224px
-(14x14 grid, D=768, 12 heads, 12 layers) and BERT-base (512 positions).
+(14x14 grid, D=768, 12 heads, 12 layers), BERT-base (512 positions) and a video ViT-B
+(16 frames of 224px in 2x16x16 tubelets: an 8x14x14 grid).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from posenc.encodings import Geometry
 
 D, HEADS, LAYERS = 768, 12, 12
 GEOMETRIES = {"2D 14x14 (ViT-B/16, 224px)": Geometry.grid(14, 14, num_prefix=1),
-              "1D 512 (BERT-base)": Geometry.seq(512)}
+              "1D 512 (BERT-base)": Geometry.seq(512),
+              "3D 8x14x14 (16 frames, 2x16x16 tubelets)": Geometry.grid3d(8, 14, 14, num_prefix=1)}
 
 
 def count(name: str, geometry: Geometry) -> int | None:

@@ -1,5 +1,5 @@
-"""Token geometry, low enough for every layer: ``Geometry`` (a 1D sequence or a 2D grid, plus prefix
-tokens), ``as_hw`` (an image size as ``(h, w)``) and ``patch_grid`` (the geometry of images cut into
+"""Token geometry, low enough for every layer: ``Geometry`` (a 1D sequence, a 2D grid or a 3D
+``(t, h, w)`` grid such as video frames, plus prefix tokens), ``as_hw`` (an image size as ``(h, w)``) and ``patch_grid`` (the geometry of images cut into
 patches: the one place a ViT's token grid is computed, for the task and the model alike).
 
 Nothing here imports the encodings, the models or the data: they import this.
@@ -25,7 +25,8 @@ def as_hw(size) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """What a token sequence is: a 1D sequence ``(L,)`` or a 2D grid ``(h, w)``.
+  """What a token sequence is: a 1D sequence ``(L,)``, a 2D grid ``(h, w)`` or a 3D grid ``(t, h, w)``
+  (frames of ``h x w`` patches), all row-major.
 
   Hashable, so it can be a static argument of ``jax.jit``.
   """
@@ -36,8 +37,8 @@ class Geometry:
   def __post_init__(self):
     shape = tuple(int(s) for s in self.shape)
     object.__setattr__(self, "shape", shape)
-    if len(shape) not in (1, 2) or any(s < 1 for s in shape) or self.num_prefix < 0:
-      raise ValueError(f"Geometry needs a shape (L,) or (h, w) of positive sizes and "
+    if len(shape) not in (1, 2, 3) or any(s < 1 for s in shape) or self.num_prefix < 0:
+      raise ValueError(f"Geometry needs a shape (L,), (h, w) or (t, h, w) of positive sizes and "
                        f"num_prefix >= 0; got shape={shape}, num_prefix={self.num_prefix}.")
 
   @classmethod
@@ -47,6 +48,11 @@ class Geometry:
   @classmethod
   def grid(cls, h: int, w: int, num_prefix: int = 0) -> "Geometry":
     return cls((h, w), num_prefix)
+
+  @classmethod
+  def grid3d(cls, t: int, h: int, w: int, num_prefix: int = 0) -> "Geometry":
+    """``t`` frames of ``h x w`` tokens (video), row-major ``(t, h, w)``."""
+    return cls((t, h, w), num_prefix)
 
   @property
   def ndim(self) -> int:
@@ -61,7 +67,8 @@ class Geometry:
     return self.num_prefix + self.num_positions
 
   def coords(self) -> jnp.ndarray:
-    """Integer coordinates of the positions, ``[num_positions, ndim]``, row-major (row, col)."""
+    """Integer coordinates of the positions, ``[num_positions, ndim]``, row-major: (row, col) in 2D,
+    (t, row, col) in 3D."""
     axes = [jnp.arange(s) for s in self.shape]
     return jnp.stack([a.reshape(-1) for a in jnp.meshgrid(*axes, indexing="ij")], axis=-1)
 

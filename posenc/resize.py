@@ -1,8 +1,9 @@
-"""Resampling of position tables: the one place interpolation lives.
+"""Resampling of position tables: the one place interpolation lives (2D grids, 3D (t, h, w) grids,
+1D tables, Swin bias tables).
 
 Every resize is separable: one interpolation matrix per spatial axis
 (``new x old``, float32, built with numpy from the static sizes, so it is a
-constant under ``jax.jit``), applied to the array with two einsums. The array
+constant under ``jax.jit``), applied to the array with one einsum per axis. The array
 math is pure ``jnp``: it traces under ``jax.jit`` with any
 ``in_shardings``/``out_shardings`` and never leaves the device.
 
@@ -172,18 +173,44 @@ def _check_method(method: str, antialias: bool) -> None:
 # Public API
 # ----------------------------------------------------------------------------
 
-def _resample(grid: jax.Array, old_hw, new_hw, method: str, antialias: bool) -> jax.Array:
-  """Resamples ``grid`` of shape ``(..., h, w, C)`` to ``(..., nh, nw, C)``."""
+def _resample(grid: jax.Array, old: tuple[int, ...], new: tuple[int, ...], method: str,
+              antialias: bool) -> jax.Array:
+  """Resamples ``grid`` of shape ``(..., *old, C)`` to ``(..., *new, C)``, one axis at a time."""
   dtype = grid.dtype
   x = grid.astype(jnp.promote_types(dtype, jnp.float32))
   hi = jax.lax.Precision.HIGHEST  # full float32 matmuls on TPU/GPU too
-  if old_hw[0] != new_hw[0]:
-    rows = jnp.asarray(_matrix(old_hw[0], new_hw[0], method, bool(antialias)), x.dtype)
-    x = jnp.einsum("oh,...hwc->...owc", rows, x, precision=hi)
-  if old_hw[1] != new_hw[1]:
-    cols = jnp.asarray(_matrix(old_hw[1], new_hw[1], method, bool(antialias)), x.dtype)
-    x = jnp.einsum("ow,...hwc->...hoc", cols, x, precision=hi)
+  letters = "thw"[-len(old):]  # 2D: "oh,...hwc->...owc" (rows, then columns), as before
+  for axis, (o, n) in enumerate(zip(old, new)):
+    if o != n:
+      m = jnp.asarray(_matrix(o, n, method, bool(antialias)), x.dtype)
+      out = letters[:axis] + "o" + letters[axis + 1:]
+      x = jnp.einsum(f"o{letters[axis]},...{letters}c->...{out}c", m, x, precision=hi)
   return x.astype(dtype)
+
+
+def _resize_rows(emb: jax.Array, old: tuple[int, ...], new: tuple[int, ...], method: str, antialias: bool,
+                 num_prefix_tokens, name: str) -> jax.Array:
+  """``resize_grid``'s work for a grid of ``len(old)`` axes (checked sizes); ``name`` for errors."""
+  _check_method(method, antialias)
+  try:
+    prefix = operator.index(num_prefix_tokens)
+  except TypeError:
+    prefix = -1
+  if prefix < 0:
+    raise ValueError(f"num_prefix_tokens must be a Python int >= 0; got {num_prefix_tokens!r}.")
+  size = int(np.prod(old))
+  if emb.shape[-2] != prefix + size:
+    grid = "x".join(map(str, old))
+    raise ValueError(
+        f"{name}: emb of shape {tuple(emb.shape)} has {emb.shape[-2]} rows on axis -2, but "
+        f"num_prefix_tokens={prefix} + old grid {grid} needs {prefix + size}. Pass the grid "
+        f"and prefix count the table was built with.")
+  if old == new:
+    return emb
+  lead, dim = emb.shape[:-2], emb.shape[-1]
+  grid = emb[..., prefix:, :].reshape(*lead, *old, dim)
+  out = _resample(grid, old, new, method, antialias).reshape(*lead, int(np.prod(new)), dim)
+  return jnp.concatenate([emb[..., :prefix, :], out], axis=-2) if prefix else out
 
 
 def resize_grid(emb: jax.Array, old_hw: Sequence[int], new_hw: Sequence[int], *,
@@ -204,25 +231,19 @@ def resize_grid(emb: jax.Array, old_hw: Sequence[int], new_hw: Sequence[int], *,
     in float32); ``emb`` itself when the geometry does not change.
   """
   _check_array(emb, "resize_grid: emb", 2)
-  _check_method(method, antialias)
-  (h, w), (nh, nw) = _sizes(old_hw, "old_hw", 2), _sizes(new_hw, "new_hw", 2)
-  try:
-    prefix = operator.index(num_prefix_tokens)
-  except TypeError:
-    prefix = -1
-  if prefix < 0:
-    raise ValueError(f"num_prefix_tokens must be a Python int >= 0; got {num_prefix_tokens!r}.")
-  if emb.shape[-2] != prefix + h * w:
-    raise ValueError(
-        f"resize_grid: emb of shape {tuple(emb.shape)} has {emb.shape[-2]} rows on axis -2, but "
-        f"num_prefix_tokens={prefix} + old_hw {h}x{w} needs {prefix + h * w}. Pass the grid "
-        f"(h, w) and prefix count the table was built with.")
-  if (h, w) == (nh, nw):
-    return emb
-  lead, dim = emb.shape[:-2], emb.shape[-1]
-  grid = emb[..., prefix:, :].reshape(*lead, h, w, dim)
-  out = _resample(grid, (h, w), (nh, nw), method, antialias).reshape(*lead, nh * nw, dim)
-  return jnp.concatenate([emb[..., :prefix, :], out], axis=-2) if prefix else out
+  old, new = _sizes(old_hw, "old_hw", 2), _sizes(new_hw, "new_hw", 2)
+  return _resize_rows(emb, old, new, method, antialias, num_prefix_tokens, "resize_grid")
+
+
+def resize_grid3d(emb: jax.Array, old_thw: Sequence[int], new_thw: Sequence[int], *,
+                  method: str = "bicubic", antialias: bool = True,
+                  num_prefix_tokens: int = 0) -> jax.Array:
+  """``resize_grid`` for a row-major ``(t, h, w)`` grid (video): ``emb (..., prefix + t*h*w, D)``
+  to ``(..., prefix + new_t*new_h*new_w, D)``, each axis resampled with ``method``'s 1D kernel
+  (separable: a grid constant in ``t`` resizes as ``resize_grid`` of each frame)."""
+  _check_array(emb, "resize_grid3d: emb", 2)
+  old, new = _sizes(old_thw, "old_thw", 3), _sizes(new_thw, "new_thw", 3)
+  return _resize_rows(emb, old, new, method, antialias, num_prefix_tokens, "resize_grid3d")
 
 
 def resize_table(table: jax.Array, old_hw: Sequence[int], new_hw: Sequence[int], *,

@@ -234,7 +234,7 @@ def test_learned_resample_options_and_the_transfer_error_without_it():
   other = Geometry.grid(5, 6, num_prefix=1)
   with pytest.raises(ValueError, match=r"'learned' was built for the 3x4 grid.*posenc\.transfer"):
     embed(build("learned", GRID, resample=False), tokens(other), other)
-  with pytest.raises(ValueError, match=r"resample=True resamples a 2D grid table"):
+  with pytest.raises(ValueError, match=r"resample=True resamples a 2D or 3D grid table"):
     build("learned", SEQ, resample=True)
   with pytest.raises(ValueError, match=r"resample_method must be one of .*'cubic'"):
     build("learned", GRID, resample=True, resample_method="cubic")

@@ -96,27 +96,34 @@ def _shift_changes(enc, geometry, positions, seed):
   return np.abs(moved - base).max() / np.abs(base).max()
 
 
-GEOMETRIES = {"2D": lambda: (Geometry.grid(3, 4, num_prefix=1), None), "3D": lambda: flat3d(2, 2, 3, num_prefix=1)}
+# "3D": a flattened 1D geometry with axes=3; "3D grid": Geometry.grid3d (the parameters learn from its axes).
+GEOMETRIES = {"2D": lambda: (Geometry.grid(3, 4, num_prefix=1), None), "3D": lambda: flat3d(2, 2, 3, num_prefix=1),
+              "3D grid": lambda: (Geometry.grid3d(2, 2, 3, num_prefix=1), None)}
 
 
-@pytest.mark.parametrize("ndim", ["2D", "3D"])
+def build_at(name, ndim, geometry, **kw):
+  """``name`` built for the ``GEOMETRIES[ndim]`` case."""
+  if ndim == "3D":
+    return build(name, dh=DH3, axes=3, **kw)
+  return build(name, geometry, dh=DH if ndim == "2D" else DH3, **kw)
+
+
+@pytest.mark.parametrize("ndim", list(GEOMETRIES))
 @pytest.mark.parametrize("case", RELATIVE, ids=_id)
 def test_string_and_comrope_logits_depend_on_offsets_only(case, ndim):
   name, kw = case
   geometry, positions = GEOMETRIES[ndim]()
-  extra = dict(dh=DH3, axes=3) if ndim == "3D" else dict(dh=DH)
-  enc = build(name, geometry if ndim == "2D" else None, **extra, **kw)
+  enc = build_at(name, ndim, geometry, **kw)
   randomise(enc, seed=1)
   axes = 2 if ndim == "2D" else 3
   positions = np.random.default_rng(2).uniform(-5, 5, (2, geometry.num_positions, axes)).astype(np.float32)
   assert _shift_changes(enc, geometry, jnp.asarray(positions), seed=3) < 1e-4
 
 
-@pytest.mark.parametrize("ndim", ["2D", "3D"])
+@pytest.mark.parametrize("ndim", list(GEOMETRIES))
 def test_liere_is_not_relative_beyond_1d_so_the_shift_test_can_fail(ndim):
   geometry, positions = GEOMETRIES[ndim]()
-  extra = dict(dh=DH3, axes=3) if ndim == "3D" else dict(dh=DH)
-  enc = build("liere", geometry if ndim == "2D" else None, **extra)
+  enc = build_at("liere", ndim, geometry)
   randomise(enc, seed=1)
   positions = geometry.positions() if positions is None else positions
   assert _shift_changes(enc, geometry, positions.astype(jnp.float32), seed=3) > 1e-2
@@ -197,7 +204,7 @@ def test_parameter_counts_in_closed_form():
   """Per layer and head: Cayley ``Dh(Dh-1)/2 + ndim Dh/2``; liere ``ndim (Dh/b) b(b-1)/2``; comrope
   keeps, per block and axis, the ``n(n-1)/2`` entries among the ``n = b/ndim`` features of that axis."""
   import benchmarks.param_counts as pc  # the README's measured columns
-  grid, seq = pc.GEOMETRIES.values()
+  grid, seq, *_ = pc.GEOMETRIES.values()
   dh, per = pc.D // pc.HEADS, pc.HEADS * pc.LAYERS
   assert pc.count("string", grid) == per * (dh * (dh - 1) // 2 + 2 * dh // 2) == 299_520
   assert pc.count("string", seq) == per * (dh * (dh - 1) // 2 + dh // 2) == 294_912
@@ -212,6 +219,9 @@ def test_transfer_keeps_parameters_and_refuses_another_number_of_axes():
   cls = type(build("string", Geometry.grid(2, 2)))
   params = {"skew": jnp.ones((2, 3)), "freqs": jnp.ones((2, 2, 4))}
   assert cls.transfer(params, Geometry.grid(7, 7, 1), Geometry.grid(14, 9, 1), None) is params
+  assert cls.transfer(params, Geometry.grid3d(2, 7, 7, 1), Geometry.grid3d(4, 14, 9, 1), None) is params
+  with pytest.raises(ValueError, match=r"'string' has generators for 2D positions; they cannot serve 3D 2x3x3"):
+    cls.transfer(params, Geometry.grid(3, 3), Geometry.grid3d(2, 3, 3), None)
   with pytest.raises(ValueError, match=r"'string' has generators for 1D positions; they cannot serve 2D 3x3"):
     cls.transfer(params, Geometry.seq(8), Geometry.grid(3, 3), None)
 

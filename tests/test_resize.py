@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from posenc.resize import METHODS, resize_1d, resize_grid, resize_table
+from posenc.resize import METHODS, resize_1d, resize_grid, resize_grid3d, resize_table
 
 scipy = pytest.importorskip("scipy", reason="no scipy (pip install -e .[test])")
 torch = pytest.importorskip("torch", reason="no torch (pip install -e .[test])")
@@ -201,6 +201,43 @@ def test_factorized_tables_resize_like_their_grid(method):
   expected = resize_grid(jnp.asarray(grid), (7, 5), (11, 3), method=method)
   np.testing.assert_allclose((new_rows[:, None] + new_cols[None, :]).reshape(33, 4), expected,
                              rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# 3D (t, h, w) grids
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,mode", [("bilinear", "trilinear"), ("nearest", "nearest")])
+@pytest.mark.parametrize("old,new", [((3, 4, 5), (5, 2, 7)), ((2, 3, 3), (2, 6, 3))])
+def test_grid3d_matches_torch_trilinear_and_nearest(method, mode, old, new):
+  dim, prefix = 3, 1
+  emb = _random((2, prefix + int(np.prod(old)), dim))
+  out = np.asarray(resize_grid3d(jnp.asarray(emb), old, new, method=method, antialias=False,
+                                 num_prefix_tokens=prefix))
+  np.testing.assert_array_equal(out[:, :prefix], emb[:, :prefix])
+  grid = torch.from_numpy(emb[:, prefix:].reshape(2, *old, dim)).permute(0, 4, 1, 2, 3)
+  kwargs = {} if mode == "nearest" else {"align_corners": False}
+  expected = F.interpolate(grid, size=new, mode=mode, **kwargs).permute(0, 2, 3, 4, 1).numpy()
+  np.testing.assert_allclose(out[:, prefix:].reshape(2, *new, dim), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_grid3d_is_separable_frames_resize_like_2d_grids(method):
+  frame = _random((4 * 5, 3))
+  video = np.tile(frame, (3, 1))  # three equal frames: constant along t
+  out = resize_grid3d(jnp.asarray(video), (3, 4, 5), (2, 6, 3), method=method)
+  expected = resize_grid(jnp.asarray(frame), (4, 5), (6, 3), method=method)
+  np.testing.assert_allclose(np.asarray(out).reshape(2, 18, 3), np.stack([expected] * 2), rtol=0, atol=1e-5)
+  same = jnp.asarray(video)
+  assert resize_grid3d(same, (3, 4, 5), (3, 4, 5), method=method) is same
+
+
+def test_grid3d_clear_errors():
+  emb = jnp.zeros((25, 4), jnp.float32)
+  with pytest.raises(ValueError, match=r"resize_grid3d: emb of shape \(25, 4\) .*old grid 2x3x4 needs 24"):
+    resize_grid3d(emb, (2, 3, 4), (2, 2, 2))
+  with pytest.raises(ValueError, match=r"old_thw must be 3 positive Python ints"):
+    resize_grid3d(emb, (5, 5), (2, 2, 2))
 
 
 # ----------------------------------------------------------------------------

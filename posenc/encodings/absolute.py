@@ -3,10 +3,11 @@
 =============  =====  ========================================  ===========================
 name           dims   what is added to position (i[, j])        parameters
 =============  =====  ========================================  ===========================
-learned        1D/2D  trainable table row (BERT / ViT)          max_len*D (1D), h*w*D (2D)
+learned        1D-3D  trainable table row (BERT / ViT / video)  max_len*D, h*w*D, t*h*w*D
 factorized     2D     row_table[i] + col_table[j] (NaViT)       (h+w)*D
 sinusoidal     1D     fixed sin/cos of Vaswani et al. (2017)    0
 sincos2d       2D     fixed 2D sin/cos (MoCo v3 / big_vision)   0
+sincos3d       3D     sincos2d's form on (t, h, w), D/3 each        0
 cape           2D     CAPE: sin/cos of patch centres in [-1,1]  0
 none           any    nothing                                   0
 =============  =====  ========================================  ===========================
@@ -18,12 +19,12 @@ before the addition, so bf16 tokens stay bf16.
 Positions: tables (``learned``, ``factorized``) look integer positions up
 (``base.table_positions``: real-valued positions are a clear error, and so are
 concrete positions outside the table; under ``jit`` a position outside the
-table gives NaN, never a silent clamp). ``sinusoidal`` and ``sincos2d`` take
-any real positions.
+table gives NaN, never a silent clamp). ``sinusoidal``, ``sincos2d`` and ``sincos3d``
+take any real positions.
 
-Any grid size: ``learned`` (2D) with ``resample=True`` resamples its table from
-the built grid to the grid of each forward (FlexiViT-style; ``posenc.resize.resize_grid``,
-differentiable). ``cape`` works on patch centres normalised to [-1, 1], the same
+Any grid size: ``learned`` (2D or 3D) with ``resample=True`` resamples its table from
+the built grid to the grid of each forward (FlexiViT-style; ``posenc.resize.resize_grid``
+or ``resize_grid3d``, differentiable). ``cape`` works on patch centres normalised to [-1, 1], the same
 range on every grid, and augments them when training (global shift, local shift,
 global scaling; ``CAPE``).
 """
@@ -33,13 +34,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from posenc.encodings import coordinates as coords_lib
 from posenc.encodings.base import Encoding, Geometry, lookup, split_prefix, table_positions
 from posenc.encodings.options import Options, at_least, greater, one_of, option
 from posenc.encodings.registry import register
-from posenc.resize import METHODS, resize_1d, resize_grid
+from posenc.resize import METHODS, resize_1d, resize_grid, resize_grid3d
 
 _TABLE_AXES = ("posn", "embed")  # logical axis names of every table here
 
@@ -59,10 +61,15 @@ def _add_to_positions(enc: Encoding, x: jax.Array, geometry: Geometry, pe: jax.A
 
 
 def _transfer_hint(enc: Encoding, geometry: Geometry) -> str:
-  h, w = enc.built.shape
-  return (f"position encoding '{enc.name}' was built for the {h}x{w} grid and cannot serve {geometry}: "
+  grid = "x".join(map(str, enc.built.shape))
+  return (f"position encoding '{enc.name}' was built for the {grid} grid and cannot serve {geometry}: "
           f"transfer its parameters to the new grid with posenc.transfer (train.py: "
           f"--config.init_from=<run> at the new image_size).")
+
+
+def _resize(table: jax.Array, old: tuple[int, ...], new: tuple[int, ...], **kwargs) -> jax.Array:
+  """A row-major 2D ``(h, w)`` or 3D ``(t, h, w)`` grid table resampled per axis (``posenc.resize``)."""
+  return (resize_grid if len(old) == 2 else resize_grid3d)(table, old, new, **kwargs)
 
 
 def _normal_table(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
@@ -82,7 +89,7 @@ class TableOptions(Options):
 
 @dataclasses.dataclass(frozen=True)
 class LearnedOptions(TableOptions):
-  resample: bool = option(False, "2D: resample the table to each forward's grid (FlexiViT)")
+  resample: bool = option(False, "2D and 3D grids: resample the table to each forward's grid (FlexiViT)")
   resample_method: str = option("bicubic", "resample's kernel (posenc.resize)", one_of(*METHODS))
 
 
@@ -93,12 +100,14 @@ class Learned(Encoding):
   Built at a 1D geometry ``(L,)``: a BERT-style table ``[max_len=L, D]``;
   position ``p`` reads row ``p``, so any length ``<= max_len`` works.
   Built at a 2D geometry ``(h, w)``: a ViT grid table ``[h*w, D]`` (row-major),
-  usable only at that grid; other grids need ``posenc.transfer``.
+  usable only at that grid; other grids need ``posenc.transfer``. Built at a 3D
+  geometry ``(t, h, w)`` (video): the same, a table ``[t*h*w, D]`` (row-major ``t, h, w``);
+  transfer resamples each axis (``posenc.resize.resize_grid3d``).
   The default std 0.02 is BERT's and the original ViT's (vision_transformer:
   plain ``normal(0.02)``; BERT's TF code truncates at 2 std; today's
   big_vision uses ``normal(1/sqrt(D))``, i.e. ``init_std=D**-0.5``).
 
-  ``resample=True`` (2D; FlexiViT-style, for multi-resolution training): at a
+  ``resample=True`` (2D and 3D; FlexiViT-style, for multi-resolution training): at a
   grid other than the built one the table is resampled in the forward pass from
   the built grid (``posenc.resize.resize_grid`` with ``resample_method``, default
   ``"bicubic"`` = antialiased bicubic, as ``posenc.transfer``'s default), so
@@ -106,13 +115,14 @@ class Learned(Encoding):
   """
 
   Options = LearnedOptions
+  supported_ndims = (1, 2, 3)
   continuous = False
 
   def __init__(self, options: LearnedOptions, *, dim: int, geometry: Geometry, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     super().__init__(options)
-    if options.resample and geometry.ndim != 2:
-      raise ValueError(f"position encoding 'learned': resample=True resamples a 2D grid table; built at "
+    if options.resample and geometry.ndim == 1:
+      raise ValueError(f"position encoding 'learned': resample=True resamples a 2D or 3D grid table; built at "
                        f"{geometry} it has a 1D table (extend it with posenc.transfer instead).")
     self.built = geometry
     self.resample, self.resample_method = options.resample, options.resample_method
@@ -128,32 +138,31 @@ class Learned(Encoding):
       raise ValueError(f"position encoding '{self.name}' has max_len={built.shape[0]} positions "
                        f"but got {geometry}; raise max_len or extend the table with "
                        f"posenc.transfer.")
-    if built.ndim == 2 and geometry.shape != built.shape and not self.resample:
+    if built.ndim > 1 and geometry.shape != built.shape and not self.resample:
       raise ValueError(_transfer_hint(self, geometry))
 
   def embed(self, x, geometry, positions):
     self.check(geometry)
     table, extent = self.table[...], self.built.shape
-    if self.built.ndim == 2 and geometry.shape != extent:  # resample=True (check refuses otherwise)
-      table = resize_grid(table, extent, geometry.shape, method=self.resample_method)
+    if self.built.ndim > 1 and geometry.shape != extent:  # resample=True (check refuses otherwise)
+      table = _resize(table, extent, geometry.shape, method=self.resample_method)
       extent = geometry.shape
     positions = table_positions(self, positions, extent)
-    index = positions[..., 0]
-    if self.built.ndim == 2:
-      index = index * extent[1] + positions[..., 1]
+    strides = np.cumprod((*extent[1:], 1)[::-1])[::-1]  # row-major: (h*w, w, 1) in 3D
+    index = jnp.sum(positions * jnp.asarray(strides, positions.dtype), axis=-1)
     pe = lookup(table, index, _in_range(positions, extent))
     return _add_to_positions(self, x, geometry, pe)
 
   @classmethod
   def transfer(cls, params, source, target, options):
-    """2D grids resample; 1D tables are cut, or extended by interpolation or by
+    """2D and 3D grids resample each axis; 1D tables are cut, or extended by interpolation or by
     copying the trained table (``options.extend``: "interpolate" | "copy")."""
     table = params["table"]
     if source.ndim != target.ndim:
       raise ValueError(f"position encoding 'learned' cannot transfer a {source} table to {target}.")
-    if source.ndim == 2:
-      return {"table": resize_grid(table, source.shape, target.shape, method=options.method,
-                                   antialias=options.antialias)}
+    if source.ndim > 1:
+      return {"table": _resize(table, source.shape, target.shape, method=options.method,
+                               antialias=options.antialias)}
     old, new = source.shape[0], target.shape[0]
     if new <= old:
       return {"table": table[:new]}
@@ -276,6 +285,26 @@ class SinCos2D(_SinCos):
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
 
 
+@register("sincos3d")
+class SinCos3D(_SinCos):
+  """Fixed 3D sin/cos for ``(t, h, w)`` grids (video); ``scale`` multiplies it.
+
+  ``sincos2d``'s form with a third axis, ``D/3`` features per axis: ``omega_k = 1 / T^(k / (D/6 - 1))``
+  for ``k < D/6``; with ``x`` the column, ``y`` the row, features ``[sin(x*omega), cos(x*omega),
+  sin(y*omega), cos(y*omega), sin(t*omega), cos(t*omega)]``. So the first ``2D/3`` features are
+  ``sincos2d``'s at width ``2D/3`` for every frame. (An equal split; MAE-ST's
+  ``get_3d_sincos_pos_embed`` gives ``t`` a quarter of the features and space three quarters.)
+  """
+
+  supported_ndims = (3,)
+
+  def table(self, positions):
+    n = self.dim // 6
+    omega = 1.0 / self.temperature**(jnp.arange(n, dtype=jnp.float32) / (n - 1))
+    t, y, x = (positions[..., a:a + 1] * omega for a in range(3))
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y), jnp.sin(t), jnp.cos(t)], axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class CAPEOptions(Options):
   scale: float = option(1.0, "multiplies the table (amplitude)")
@@ -335,3 +364,5 @@ class CAPE(_SinCos):
 @register("none")
 class NoPosition(Encoding):
   """No position information at all (every hook is the identity): a baseline."""
+
+  supported_ndims = (1, 2, 3)

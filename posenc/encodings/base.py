@@ -10,8 +10,8 @@ every hook leaves them alone.
 
 ``positions`` are data: ``[B, N, ndim]`` coordinates of the ``N`` non-prefix
 tokens, ``B`` either the batch or 1 (one set shared by the batch). The default
-(``Geometry.positions()``) is the integer grid ``(row, col)`` in 2D and
-``0..L-1`` in 1D; callers may pass others: restarting per packed sequence,
+(``Geometry.positions()``) is the integer grid ``(row, col)`` in 2D, ``(t, row, col)``
+in 3D and ``0..L-1`` in 1D; callers may pass others: restarting per packed sequence,
 offset for incremental decoding, scaled for position interpolation, real-valued
 for continuous encodings. The static ``geometry`` still gives the shapes.
 Before any hook, a model passes its positions once through the encoding's
@@ -38,7 +38,7 @@ def check_positions(positions, geometry: Geometry) -> jax.Array:
     positions = positions[..., None]
   want = (geometry.num_positions, geometry.ndim)
   if positions.ndim != 3 or tuple(positions.shape[1:]) != want:
-    form = "[B, L] or [B, L, 1]" if geometry.ndim == 1 else "[B, h*w, 2]"
+    form = {1: "[B, L] or [B, L, 1]", 2: "[B, h*w, 2]", 3: "[B, t*h*w, 3]"}[geometry.ndim]
     raise ValueError(f"positions must be {form} with {want[0]} positions for {geometry}; got shape "
                      f"{tuple(positions.shape)}.")
   if not (jnp.issubdtype(positions.dtype, jnp.integer) or jnp.issubdtype(positions.dtype, jnp.floating)):

@@ -16,9 +16,9 @@ RoPE's form with learned generators (the maths: ``posenc.encodings.learned_rotat
 
 At initialisation each equals RoPE-Axial (RoFormer in 1D) with ``theta``. Positions are
 ``(row, col)`` as everywhere and turned into ``(x, y) = (col, row)`` as ``rope`` does; 3D positions
-``(t, h, w)`` become ``(w, h, t)``. posenc's ``Geometry`` has no 3D grid yet: with ``axes=3`` the
-encoding serves a flattened 1D geometry of ``t*h*w`` tokens whose positions carry three coordinates
-(called directly; the models' position checks still allow only 1D and 2D). No tables: a new grid or
+``(t, h, w)`` become ``(w, h, t)``, on a 3D geometry (``Geometry.grid3d``) or, with ``axes=3``, on a
+flattened 1D geometry of ``t*h*w`` tokens whose positions carry three coordinates (called directly;
+a model's position check wants one coordinate per axis of its geometry). No tables: a new grid or
 length needs no parameter change (``transfer``). Prefix tokens are not turned. Each takes a RoPE/NoPE
 layer schedule (``posenc.encodings.layer_schedule``); a NoPE layer's parameters are then unused.
 """
@@ -75,7 +75,7 @@ class LearnedRotaryOptions(ScheduleOptions):
                                none="10000 in 1D, 100 in 2D and 3D")
   per_layer: bool = option(True, "own parameters per layer (else one set shared by the layers)")
   axes: int | None = option(None, "coordinates per position", one_of(1, 2, 3),
-                            none="the geometry's; 3: (t, h, w) positions of a flattened 1D geometry")
+                            none="the geometry's; 3 on a 1D geometry: (t, h, w) positions of a flattened grid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,7 @@ class _LearnedRotary(Encoding):
   hook's checks and the prefix; subclasses say ``_turn``."""
 
   Options = LearnedRotaryOptions
+  supported_ndims = (1, 2, 3)
 
   def __init__(self, options, *, dim: int, num_heads: int, num_layers: int, geometry: Geometry | None = None,
                param_dtype=jnp.float32):
