@@ -1,6 +1,6 @@
 """Geometry, positions, and the base class every position encoding derives from.
 
-A model calls all four hooks of its encoding and never asks which encoding it
+A model calls all five hooks of its encoding and never asks which encoding it
 is; hooks an encoding does not need keep the defaults below (identity / None).
 
 Shapes: tokens ``x`` are ``[B, T, D]`` and ``q``/``k`` are ``[B, T, H, Dh]``
