@@ -94,17 +94,20 @@ class SpeedFamily:
   size_name: str    # what a size is
   ndim: int         # 2: images; 1: sequences
   config: Callable  # (profile, posenc, size, batch, model=None) -> the run's config
+  causal: bool = False  # a causal decoder: causal-only encodings are timed too
 
   def encodings(self, p: Profile) -> list[str]:
-    """The encodings timed: the profile's for this family, among those its inputs support."""
+    """The encodings timed: the profile's for this family, among those its inputs (and its attention's
+    direction) support."""
     chosen = p.models[self.name].encodings
-    return [n for n in encodings.names(self.ndim) if chosen is None or n in chosen]
+    usable = encodings.names(self.ndim, causal=None if self.causal else False)
+    return [n for n in usable if chosen is None or n in chosen]
 
 
 FAMILIES = {f.name: f for f in (
     SpeedFamily("vit", "ViT (configs/vit_tiny.py:full)", "img/s", "image side", 2, vit_config),
     SpeedFamily("bert", "BERT (configs/bert_small.py:full)", "tok/s", "max_len", 1, bert_config),
-    SpeedFamily("gpt", "GPT (configs/gpt_tiny.py)", "tok/s", "max_len", 1, gpt_config))}
+    SpeedFamily("gpt", "GPT (configs/gpt_tiny.py)", "tok/s", "max_len", 1, gpt_config, causal=True))}
 
 TINY = dict(width=16, depth=1, num_heads=2, mlp_dim=32)
 SECTIONS = ("headline", *FAMILIES, "eval", "restore")

@@ -99,7 +99,7 @@ def test_train_eval_and_transfer_lower_sharded_and_on_one_device(name, posenc_na
 
 
 @pytest.mark.parametrize("platform", sorted(BACKEND))
-@pytest.mark.parametrize("posenc_name", ("learned", "alibi", "rope"))
+@pytest.mark.parametrize("posenc_name", ("learned", "alibi", "rope", "forgetting"))  # forgetting: cache state
 def test_kv_cache_decoding_lowers(posenc_name, platform):
   run = run_for("gpt_tiny", posenc_name, platform)
   graphdef, state = run.spec.graphdef, run.spec.abstract

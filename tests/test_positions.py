@@ -29,7 +29,8 @@ def hooks(name: str) -> set[str]:
 
 # From the registry, so a new encoding is tested without editing this file. Relative: position enters
 # only through the attention (a bias or a rotation), never through the tokens.
-ENCODINGS_1D = encodings.names(ndim=1)
+# (The BERT below attends both ways: causal-only encodings are tested in a GPT, tests/test_gpt.py.)
+ENCODINGS_1D = encodings.names(ndim=1, causal=False)
 RELATIVE_1D = [n for n in ENCODINGS_1D if hooks(n) and hooks(n) <= {"attention_bias", "rotate"}]
 # LieRE's dense generators do not commute beyond 1D, so its 2D rotations are not relative
 # (tests/test_encodings_learned_rotary.py checks that a shift changes its logits).

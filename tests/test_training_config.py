@@ -180,7 +180,8 @@ def test_model_options_only_override_the_named_size():
     ("vit_tiny", "eval_image_sizes=((28, 28, 3),)", "'eval_image_sizes'"),
     ("bert_small", "max_len=0", "'max_len'"),
     ("gpt_tiny", "posenc=cpe", "'posenc'"),                 # 2D-only encodings on GPT
-    ("gpt_tiny", "posenc=ropee", r"'posenc'.*did you mean 'rope'\?\); choose one of the 1D encodings: alibi, comrope, fire"),
+    ("gpt_tiny", "posenc=ropee", r"'posenc'.*did you mean 'rope'\?\); choose one of the 1D encodings: alibi, comrope, cope, fire"),
+    ("bert_small", "posenc=forgetting", r"'posenc': 'forgetting' is causal only and task 'masked_lm' attends both ways"),
     ("gpt_tiny", "model=gpt-nan", r"'model'.*'gpt-nano'\?\); choose one of: gpt-nano, gpt-mini, gpt-small\."),
     ("gpt_tiny", "task=causal", r"'task'.*did you mean 'causal_lm'\?"),
     ("gpt_tiny", "max_len=0", "'max_len'"),

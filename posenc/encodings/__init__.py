@@ -12,8 +12,8 @@ from posenc.encodings.options import Options
 from posenc.encodings.registry import CONTEXT_KEYS, get, make, names, options, options_table, register
 
 # Importing the family modules registers their encodings.
-from posenc.encodings import (absolute, conditional, functional_bias, learned_rotary, mrope,  # noqa: E402,F401
-                              relative, rotary)
+from posenc.encodings import (absolute, conditional, content, functional_bias, learned_rotary,  # noqa: E402,F401
+                              mrope, relative, rotary)
 
 __all__ = ["CONTEXT_KEYS", "POSENC_KEY", "Encoding", "Geometry", "Options", "as_hw", "check_positions", "get",
            "make", "names", "options", "options_table", "register"]

@@ -1,6 +1,6 @@
 """Geometry, positions, and the base class every position encoding derives from.
 
-A model calls all four hooks of its encoding and never asks which encoding it
+A model calls all five hooks of its encoding and never asks which encoding it
 is; hooks an encoding does not need keep the defaults below (identity / None).
 
 Shapes: tokens ``x`` are ``[B, T, D]`` and ``q``/``k`` are ``[B, T, H, Dh]``
@@ -19,6 +19,8 @@ Before any hook, a model passes its positions once through the encoding's
 frame (e.g. normalised coordinates) and, when training, augment them.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,21 @@ def check_positions(positions, geometry: Geometry) -> jax.Array:
   return positions
 
 
+class ContentInputs(NamedTuple):
+  """What ``content_bias`` sees in one layer. ``x [B, T, D]``: the attention's input (its new tokens
+  when decoding); ``q [B, T, H, Dh]`` (scaled by ``1/sqrt(Dh)``, after ``rotate``) and ``k [B, S, H, Dh]``
+  (``S = T``, or the cache's slots); ``mask`` broadcastable to ``[B, T, S]`` (True = may attend) or None;
+  ``start``: the slot of the first query (0 without a cache); ``state``: this layer's cache state
+  (``content_state``), None without a cache."""
+
+  x: jax.Array
+  q: jax.Array
+  k: jax.Array
+  mask: jax.Array | None
+  start: Any
+  state: Any
+
+
 class Encoding(nnx.Module):
   """Base class: every hook is the identity / absent.
 
@@ -70,6 +87,7 @@ class Encoding(nnx.Module):
   continuous: bool = True
   augments: bool = False  # whether ``coordinates`` wants a PRNG key when training
   bias_shared_by_layers: bool = False  # attention_bias ignores ``layer``: models compute it once per forward
+  causal_only: bool = False  # only a causal model may use it (a bidirectional one is an error at build)
 
   def __init__(self, options: Options | None = None):
     self.options = self.Options() if options is None else options
@@ -104,6 +122,16 @@ class Encoding(nnx.Module):
   def rotate(self, q: jax.Array, k: jax.Array, geometry: Geometry, positions: jax.Array, layer):
     """Called on ``q, k`` ``[B, T, H, Dh]`` before q·k in ``layer``."""
     return q, k
+
+  def content_bias(self, inputs: ContentInputs, geometry: Geometry, positions: jax.Array, layer):
+    """``(bias [B, H, T, S] float32 or None, new state)`` from the content of ``layer``'s attention
+    (``ContentInputs``), added to the logits with ``attention_bias``. When decoding, ``geometry`` and
+    ``positions`` are the new tokens'. Default: nothing, at no cost."""
+    return None, inputs.state
+
+  def content_state(self, batch: int, slots: int):
+    """One layer's initial KV-cache state for ``content_bias`` (a pytree of arrays), or None."""
+    return None
 
   def after_block(self, x: jax.Array, geometry: Geometry, positions: jax.Array, layer) -> jax.Array:
     """Called on ``x`` ``[B, T, D]`` after block ``layer`` (0-based)."""

@@ -27,9 +27,11 @@ def register(name: str):
   return decorator
 
 
-def names(ndim: int | None = None) -> list[str]:
-  """The registered encodings (those whose ``supported_ndims`` include ``ndim``, if given)."""
-  return sorted(n for n, cls in _REGISTRY.items() if ndim is None or ndim in cls.supported_ndims)
+def names(ndim: int | None = None, *, causal: bool | None = None) -> list[str]:
+  """The registered encodings (those whose ``supported_ndims`` include ``ndim``, if given; with
+  ``causal=False`` only those a bidirectional model can use: not ``causal_only``)."""
+  return sorted(n for n, cls in _REGISTRY.items() if (ndim is None or ndim in cls.supported_ndims)
+                and (causal is not False or not cls.causal_only))
 
 
 def get(name: str, ndim: int | None = None) -> type[Encoding]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from posenc.encodings.base import Encoding, Geometry
+from posenc.encodings.base import ContentInputs, Encoding, Geometry
 from posenc.models.kernels import apply_dropout, attend, dense, resolve_attention_impl
 
 Initializer = Callable[..., jax.Array]
@@ -183,12 +183,14 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x)
     q, k = rotate(encoding, q, k, geometry, positions, layer, length, geometry.num_positions)
     bias = encoding.attention_bias(geometry, positions, layer) if shared_bias is None else shared_bias
-    return self._attend(q, k, v, bias, mask, key)
+    content, _ = encoding.content_bias(ContentInputs(x, q, k, mask, 0, None), geometry, positions, layer)
+    return self._attend(q, k, v, add_biases(bias, content), mask, key)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array, layer,
-             cache: "LayerCache") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+             cache: "LayerCache") -> tuple[jax.Array, tuple]:
     """Causal attention of ``T`` new tokens ``x [B, T, D]`` (at ``positions``, geometry ``(T,)``)
-    over a cache of ``S`` slots; returns the output and the updated ``(k, v)`` of this layer.
+    over a cache of ``S`` slots; returns the output and the updated ``(k, v, state)`` of this layer
+    (``state``: what ``content_bias`` keeps per layer, e.g. forget gates).
 
     The new k/v are rotated with the new positions (and, for a length-dependent ``rotate``, the
     sequence's length ``cache.length``), then written at ``cache.start``.
@@ -205,20 +207,30 @@ class Attention(nnx.Module):
       bias = jax.lax.dynamic_slice_in_dim(bias, cache.start, num_new, axis=2)
     mask = causal_cache_mask(cache.start, num_new, num_slots)
     dt = self.config.dtype
-    return self._attend(q, k_cache.astype(dt), v_cache.astype(dt), bias, mask, None), (k_cache, v_cache)
+    k_all = k_cache.astype(dt)
+    content, state = encoding.content_bias(ContentInputs(x, q, k_all, mask, cache.start, cache.state), geometry,
+                                           positions, layer)
+    out = self._attend(q, k_all, v_cache.astype(dt), add_biases(bias, content), mask, None)
+    return out, (k_cache, v_cache, state)
 
 
 class LayerCache(NamedTuple):
   """One layer's view of a KV cache: ``k``/``v`` ``[B, S, H, Dh]`` (k already rotated),
   the positions of all ``S`` slots ``[B or 1, S, ndim]`` (new ones included),
-  ``start``, the slot of the first new token, and ``length``, the tokens of the sequence
-  once the new ones are in (int32 scalars)."""
+  ``start``, the slot of the first new token, ``length``, the tokens of the sequence
+  once the new ones are in (int32 scalars), and the encoding's ``content_bias`` state."""
 
   k: jax.Array
   v: jax.Array
   positions: jax.Array
   start: jax.Array
   length: jax.Array
+  state: Any = None
+
+
+def add_biases(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+  """``a + b`` where either may be None (absent)."""
+  return b if a is None else a if b is None else a + b
 
 
 class Mlp(nnx.Module):
@@ -257,7 +269,7 @@ class Block(nnx.Module):
     return self._residuals(x, attend_, encoding, geometry, positions, layer, key)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions, layer,
-             cache: LayerCache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+             cache: LayerCache) -> tuple[jax.Array, tuple]:
     """New tokens ``x`` through the block with a KV cache (inference: no dropout)."""
     updated = []
 

@@ -3,7 +3,7 @@
 decoder carries through it."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,26 +44,32 @@ class BlockStack(nnx.Module):
 
     return iterate_layers(body, self.layers, x, keys, encoding, scan=self.scan_layers)[0]
 
-  def empty_cache(self, batch_size: int, positions: jax.Array, dtype) -> "KVCache":
-    """A KV cache of one empty slot per row of ``positions`` ``[1, S, ndim]``, k/v in ``dtype``."""
+  def empty_cache(self, batch_size: int, positions: jax.Array, dtype, encoding: Encoding) -> "KVCache":
+    """A KV cache of one empty slot per row of ``positions`` ``[1, S, ndim]``, k/v in ``dtype``, and
+    the encoding's ``content_state`` per layer."""
     attn, slots = self.layers.attn, positions.shape[1]
     zeros = jnp.zeros((self.num_layers, batch_size, slots, attn.num_heads, attn.head_dim), dtype)
-    return KVCache(zeros, zeros, positions, jnp.zeros((), jnp.int32), jnp.zeros((batch_size, slots), jnp.int32))
+    state = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)),
+                         encoding.content_state(batch_size, slots))
+    return KVCache(zeros, zeros, positions, jnp.zeros((), jnp.int32), jnp.zeros((batch_size, slots), jnp.int32),
+                   state)
 
   def decode(self, x: jax.Array, encoding: Encoding, geometry: Geometry, positions: jax.Array,
-             cache: "KVCache", length=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             cache: "KVCache", length=None) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
     """New tokens ``x [B, T, D]`` through every block with the KV cache ``cache``: its
     ``positions`` already hold the new tokens' at slot ``cache.length``, where their k/v go;
-    ``length`` is the sequence's (default ``cache.length + T``). Returns ``x`` and the new
-    ``k``, ``v`` ``[layers, B, S, H, Dh]``."""
+    ``length`` is the sequence's (default ``cache.length + T``). Returns ``x``, the new
+    ``k``, ``v`` ``[layers, B, S, H, Dh]`` and the encoding's new per-layer state."""
     length = cache.length + x.shape[1] if length is None else length
 
     def body(block, layer, x, kv, encoding):
-      view = LayerCache(*kv, cache.positions, cache.length, length)
+      k, v, state = kv
+      view = LayerCache(k, v, cache.positions, cache.length, length, state)
       return block.decode(x, encoding, geometry, positions, layer, view)
 
-    x, (k, v) = iterate_layers(body, self.layers, x, (cache.k, cache.v), encoding, scan=self.scan_layers)
-    return x, k, v
+    x, (k, v, state) = iterate_layers(body, self.layers, x, (cache.k, cache.v, cache.state), encoding,
+                                      scan=self.scan_layers)
+    return x, k, v, state
 
 
 class KVCache(NamedTuple):
@@ -71,7 +77,8 @@ class KVCache(NamedTuple):
   already rotated by the encoding), the positions of the ``S`` slots ``[B or 1, S, ndim]``
   (data: what ``attention_bias`` sees), ``length``, the slots filled (int32 scalar), and the
   token ids of the slots ``[B, S]`` int32 (to recompute k/v when a length-dependent encoding's
-  frequencies change). Decoding a step writes the new tokens' positions into ``positions``
+  frequencies change), and ``state``, what the encoding's ``content_bias`` keeps per layer
+  (leading ``layers`` axis; None for most encodings). Decoding a step writes the new tokens' positions into ``positions``
   at ``length`` and the blocks use that as ``start``."""
 
   k: jax.Array
@@ -79,3 +86,4 @@ class KVCache(NamedTuple):
   positions: jax.Array
   length: jax.Array
   tokens: jax.Array
+  state: Any = None

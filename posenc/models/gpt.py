@@ -102,7 +102,7 @@ class GPT(Trunk):
     as ``0..length-1``; ``decode`` overwrites them with the positions it is given."""
     geometry = Geometry.seq(length)
     self.posenc.check(geometry)
-    return self.blocks.empty_cache(batch_size, geometry.positions().astype(positions_dtype), self.dtype)
+    return self.blocks.empty_cache(batch_size, geometry.positions().astype(positions_dtype), self.dtype, self.posenc)
 
   def decode(self, input_ids: jax.Array, cache: KVCache, *,
              positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -132,22 +132,22 @@ class GPT(Trunk):
 
     def new_tokens(model):  # the new tokens over the cached ones
       x = model._embed_positions(model._tokens(input_ids), geometry, positions)
-      x, k, v = model.blocks.decode(x, model.posenc, geometry, positions, cache)
-      return model._logits(x), k, v
+      x, k, v, state = model.blocks.decode(x, model.posenc, geometry, positions, cache)
+      return model._logits(x), k, v, state
 
     def every_slot(model):  # every slot again, at the new length (later, unwritten slots are causally unseen)
       everything = Geometry.seq(num_slots)
       x = model._embed_positions(model._tokens(tokens), everything, slots)
       empty = cache._replace(length=jnp.zeros_like(start))
-      x, k, v = model.blocks.decode(x, model.posenc, everything, slots, empty, length)
-      return model._logits(jax.lax.dynamic_slice_in_dim(x, start, geometry.num_positions, axis=1)), k, v
+      x, k, v, state = model.blocks.decode(x, model.posenc, everything, slots, empty, length)
+      return model._logits(jax.lax.dynamic_slice_in_dim(x, start, geometry.num_positions, axis=1)), k, v, state
 
     enc = self.posenc
     if not (getattr(enc, "length_dependent", False) and bool(enc.rescales(1, num_slots))):
-      logits, k, v = new_tokens(self)  # the cache never needs recomputing
+      logits, k, v, state = new_tokens(self)  # the cache never needs recomputing
     else:  # NNX modules cross a lax.cond as (graphdef, state)
       graphdef, state = nnx.split(self)
-      logits, k, v = jax.lax.cond((start > 0) & enc.rescales(start, length),
+      logits, k, v, state = jax.lax.cond((start > 0) & enc.rescales(start, length),
                                   lambda state: every_slot(nnx.merge(graphdef, state)),
                                   lambda state: new_tokens(nnx.merge(graphdef, state)), state)
-    return logits, KVCache(k, v, slots, length, tokens)
+    return logits, KVCache(k, v, slots, length, tokens, state)

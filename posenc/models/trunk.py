@@ -34,6 +34,10 @@ class Trunk(nnx.Module):
     self.posenc = encodings.make(posenc, dim=c.dim, num_heads=c.num_heads, num_layers=c.num_layers,
                                  geometry=geometry, **({"causal": True} if causal else {}),
                                  param_dtype=c.param_dtype, rngs=rngs, **(posenc_options or {}))
+    if self.posenc.causal_only and not causal:
+      raise ValueError(f"position encoding '{posenc}' is causal only (it sums over the keys up to each query) "
+                       f"and this model attends both ways; use it in a causal decoder (GPT) or choose "
+                       f"one of: {', '.join(encodings.names(geometry.ndim, causal=False))}.")
     self.embed_norm = layer_norm(c.dim, c.ln_eps, c.dtype, c.param_dtype, rngs) if embed_norm else None
     self.blocks = BlockStack(c, rngs=rngs, scan_layers=scan_layers)
 

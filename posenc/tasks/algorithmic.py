@@ -40,6 +40,7 @@ class Algorithmic(Task):
                              INT, greater(0)),
   }
   NDIM = 1
+  CAUSAL = True
   ITEMS = "tokens"
 
   def validate(self, config) -> None:

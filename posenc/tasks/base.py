@@ -38,6 +38,7 @@ class Task(abc.ABC):
   name: str = "?"
   FIELDS: dict[str, Field] = {}  # this task's config fields, declared (posenc.config_fields)
   NDIM: int = 0                 # dimensionality of its positions (1: sequences, 2: image grids)
+  CAUSAL: bool = False          # its model is a causal decoder (it may use causal-only encodings)
   ITEMS: str = "items"          # what a batch counts, for throughput logs (images, tokens)
   # the eval metric that picks the best checkpoint, and whether its best is its "max" or its "min"
   BEST_METRIC: tuple[str, str] = ("accuracy", "max")

@@ -36,6 +36,7 @@ class CausalLM(Task):
                            INT, at_least(0)),
   }
   NDIM = 1
+  CAUSAL = True
   ITEMS = "tokens"
   BEST_METRIC = ("loss", "min")  # lower loss (and perplexity) is better
 

@@ -159,6 +159,9 @@ def _check_encoding(config, task) -> None:
   if task.NDIM not in cls.supported_ndims:
     raise ConfigError(f"config field 'posenc': '{config.posenc}' does not support the {task.NDIM}D "
                       f"inputs of task '{config.task}'; choose one of: {', '.join(encodings.names(task.NDIM))}.")
+  if cls.causal_only and not task.CAUSAL:
+    raise ConfigError(f"config field 'posenc': '{config.posenc}' is causal only and task '{config.task}' attends "
+                      f"both ways; choose one of: {', '.join(encodings.names(task.NDIM, causal=False))}.")
   try:
     options = encodings.options(config.posenc, **dict(config.posenc_options))
   except ConfigError as e:
