@@ -7,7 +7,7 @@ one of two layouts:
 
 - chunked (Qwen2-VL, the default): contiguous, the first ``s_t`` pairs to ``t``, the next ``s_h``
   to ``h``, the last ``s_w`` to ``w``; so ``h`` and ``w`` get only the slower frequencies.
-- interleaved (Qwen3-VL, ``mrope_interleaved=True``; timm's and MaxText's): pairs go round
+- interleaved (Qwen3-VL, ``mrope_interleaved=True``): pairs go round
   ``t, h, w, t, h, w, ...`` while ``h`` and ``w`` have pairs left (pair ``i`` is ``h`` if
   ``i % 3 == 1`` and ``i < 3 s_h``, ``w`` if ``i % 3 == 2`` and ``i < 3 s_w``), the rest to ``t``;
   every axis sees fast and slow frequencies. It needs ``3 s_h - 2`` and ``3 s_w - 1`` below ``Dh/2``.
@@ -36,9 +36,6 @@ from posenc.encodings.base import Encoding, Geometry
 from posenc.encodings.options import Options, Rule, greater, option
 from posenc.encodings.registry import register
 from posenc.encodings.rotation import cos_sin, inverse_frequencies, turn
-
-AXES = ("t", "h", "w")
-
 
 def default_sections(half: int, interleaved: bool) -> tuple[int, int, int]:
   """``(s_t, s_h, s_w)`` for ``half = Dh/2`` pairs: the proportions of Qwen2-VL (chunked) or Qwen3-VL
