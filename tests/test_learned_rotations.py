@@ -61,6 +61,23 @@ def test_block_rotations_are_orthogonal_and_match_scipy_expm():
   np.testing.assert_allclose(rot[0, n, h, k], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.5, 7.0])
+def test_packed_integer_positions_share_rotations_and_gradients_with_scipy(offset):
+  """Rows of restarting integer positions take the table of 0..N-1 (offset 0); half-integer or
+  out-of-range ones compute each token's: both give scipy's expm and the same gradient."""
+  rng = np.random.default_rng(2)
+  gens = jnp.asarray(random_skew(rng, (1, 2, 2, 4, 4), scale=1.0))
+  positions = jnp.asarray(np.array([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]]) + offset, jnp.float32)[..., None]
+  rot = np.asarray(lr.generator_rotations(gens, positions), np.float64)
+  for b, n in [(0, 3), (1, 6), (1, 2)]:
+    want = scipy.linalg.expm(float(positions[b, n, 0]) * np.asarray(gens[0, 1, 1], np.float64))
+    np.testing.assert_allclose(rot[b, n, 1, 1], want, atol=1e-5)
+  weights = jnp.asarray(rng.standard_normal(rot.shape), jnp.float32)
+  loss = lambda g, pos, w: jnp.sum(w * lr.generator_rotations(g, pos))
+  per_row = sum(jax.grad(loss)(gens, positions[b:b + 1], weights[b:b + 1]) for b in range(2))  # no table
+  np.testing.assert_allclose(jax.grad(loss)(gens, positions, weights), per_row, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("angle", [0.3, 9.0, 60.0, 1000.0])
 def test_expm_of_a_rotation_generator_is_as_precise_as_cos_and_sin(angle):
   gen = jnp.asarray([[0.0, -angle], [angle, 0.0]], jnp.float32)

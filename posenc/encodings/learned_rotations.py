@@ -79,7 +79,25 @@ def axis_partition_mask(head_dim: int, ndim: int, block: int) -> np.ndarray:
 
 def generator_rotations(generators: jax.Array, positions: jax.Array) -> jax.Array:
   """``expm(sum_a p_a S_a)``: generators ``[ndim, H, nb, b, b]`` (skew-symmetric), positions
-  ``[B, N, ndim]`` -> rotations ``[B, N, H, nb, b, b]`` in float32."""
+  ``[B, N, ndim]`` -> rotations ``[B, N, H, nb, b, b]`` in float32.
+
+  Batched 1D positions that are integers in ``[0, N)`` (rows of packed documents, whose positions
+  restart) take the rotations of ``0..N-1`` once and gather them per token: the same matrices, for
+  ``1/B`` of the matrix exponentials. Other positions (scaled, past ``N``) compute each token's."""
+  if positions.shape[0] == 1 or positions.shape[-1] != 1:
+    return _rotations(generators, positions)
+  n = positions.shape[1]
+  index = jnp.clip(positions[..., 0], 0, n - 1).astype(jnp.int32)
+  on_table = jnp.all(index == positions[..., 0])
+
+  def from_table():
+    table = _rotations(generators, jnp.arange(n, dtype=jnp.float32)[None, :, None])[0]
+    return jnp.take(table, index, axis=0)
+
+  return jax.lax.cond(on_table, from_table, lambda: _rotations(generators, positions))
+
+
+def _rotations(generators: jax.Array, positions: jax.Array) -> jax.Array:
   gen = jnp.einsum("bna,ahkij->bnhkij", positions.astype(jnp.float32), generators.astype(jnp.float32),
                    precision=HIGHEST)
   return expm(gen)
