@@ -97,9 +97,12 @@ SCALED_SINCOS = (("sinusoidal_scaled", "posenc=sinusoidal,posenc_options.scale=0
 QUICK_TINY = "model_options.width=16,model_options.depth=1,model_options.num_heads=2,model_options.mlp_dim=32"
 GPT_ENCODINGS = ("learned", "learned+copy", "sinusoidal", "sinusoidal_scaled", "rope", "rope+pi", "rope+ntk",
                  "rope+yarn", "rope+llama3", "rope+longrope", "p-rope", "alibi", "rel_bias", "fire", "kerple",
-                 "string", "liere", "none")
-# p-RoPE at the fraction Barbero et al. (2025) recommend: the fastest 75 % of the frequencies rotate.
-P_ROPE = (("p-rope", "posenc=rope,posenc_options.frequency_fraction=0.75"),)
+                 "string", "liere", "rope+nope4", "cope", "forgetting", "none")
+# p-RoPE at the fraction Barbero et al. (2025) recommend: the fastest 75 % of the frequencies rotate;
+# a RoPE/NoPE schedule as SmolLM3's (every 4th layer NoPE: the last of the 4); CoPE and the forget gates
+# at their papers' defaults (npos_max 64 = L; gate bias 0).
+ROPE_OPTIONS = (("p-rope", "posenc=rope,posenc_options.frequency_fraction=0.75"),
+                ("rope+nope4", "posenc=rope,posenc_options.nope_every=4"))
 
 
 def longrope_long_factor(head_dim: int, length: int, factor: float) -> tuple[float, ...]:
@@ -159,7 +162,7 @@ PROFILES = {
                            "checkpoint_every=0",
                  base=64, factors=(1, 2, 4, 8, 16), stride=64, eval_tokens=32768, encodings=GPT_ENCODINGS,
                  variants=gpt_variants(64, 1024, 32),
-                 trained_variants=SCALED_SINCOS + P_ROPE
+                 trained_variants=SCALED_SINCOS + ROPE_OPTIONS
                  + (("rel_bias", "posenc=rel_bias,posenc_options.max_distance=64"),),
                  seeds=(0, 1, 2), failed=("sinusoidal",),
                  superseded=(("fire@512", "FIRE with init_threshold = 512 > L (the old default): the normaliser "
