@@ -137,7 +137,40 @@ def apply_block_rotations(x: jax.Array, rotations: jax.Array, order: np.ndarray)
   return y[..., np.argsort(order)].astype(x.dtype)
 
 
+@jax.custom_vjp
 def cayley(s: jax.Array) -> jax.Array:
-  """``(I - S)(I + S)^-1`` for skew-symmetric ``S [..., D, D]``: orthogonal, the identity at 0."""
-  eye = jnp.eye(s.shape[-1], dtype=s.dtype)
-  return jnp.linalg.solve(eye + s, eye - s)  # (I - S) and (I + S)^-1 commute
+  """``(I - S)(I + S)^-1 = 2 (I + S)^-1 - I`` for skew-symmetric ``S [..., D, D]``: orthogonal, the
+  identity at 0. The inverse is a Gauss-Jordan loop, not LAPACK: jaxlib's batched CPU LU fans out
+  into the intra-op thread pool from inside it, and a few concurrent ones deadlock a 2-core host."""
+  return _cayley_fwd(s)[0]
+
+
+def _cayley_fwd(s):
+  inv = unpivoted_inverse(jnp.eye(s.shape[-1], dtype=jnp.float32) + s.astype(jnp.float32))
+  return (2.0 * inv - jnp.eye(s.shape[-1], dtype=jnp.float32)).astype(s.dtype), inv
+
+
+def _cayley_bwd(inv, g):
+  """``dP = -2 A^-1 dS A^-1`` with ``A = I + S``, so ``dL/dS = -2 A^-T G A^-T``."""
+  inv_t = jnp.swapaxes(inv, -1, -2)
+  return (-2.0 * jnp.matmul(jnp.matmul(inv_t, g.astype(jnp.float32), precision=HIGHEST), inv_t,
+                            precision=HIGHEST).astype(g.dtype),)
+
+
+cayley.defvjp(_cayley_fwd, _cayley_bwd)
+
+
+def unpivoted_inverse(a: jax.Array) -> jax.Array:
+  """Inverse of ``[..., n, n]`` matrices whose symmetric part is >= I (``I + S``, S skew), by
+  Gauss-Jordan without pivoting. Every Schur complement of such a matrix again has symmetric part
+  >= I, so every pivot is >= 1: no pivoting is needed and none can vanish."""
+  n = a.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
+
+  def eliminate(k, m):
+    row = jax.lax.dynamic_index_in_dim(m, k, axis=-2, keepdims=False)  # [..., 2n]
+    row = row / jax.lax.dynamic_index_in_dim(row, k, axis=-1)
+    col = jax.lax.dynamic_index_in_dim(m, k, axis=-1) - jax.nn.one_hot(k, n, dtype=m.dtype)[:, None]
+    return m - col * row[..., None, :]  # row k becomes the scaled pivot row; the others lose column k
+
+  return jax.lax.fori_loop(0, n, eliminate, jnp.concatenate([a, eye], axis=-1))[..., n:]
