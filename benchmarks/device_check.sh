@@ -74,7 +74,7 @@ step() {  # step NAME LIMIT LOG COMMAND...: run it under its time limit, add a r
 }
 
 step "pytest -m accelerator" "$(limit tests)" "$OUT/pytest.log" \
-  python3 -m pytest -q -m accelerator -p no:cacheprovider tests/test_accelerator.py "${PYTEST_ARGS[@]}"
+  python3 -m pytest -q -n 0 -m accelerator -p no:cacheprovider tests/test_accelerator.py "${PYTEST_ARGS[@]}"
 for section in vit gpt headline restore eval; do
   step "benchmarks.speed ${SPEED[*]} --sections $section" "$(limit "$section")" "$OUT/speed.log" \
     python3 -m benchmarks.speed "${SPEED[@]}" --sections "$section" --out "$OUT"

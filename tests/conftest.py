@@ -22,6 +22,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+# Files of a minute or more (serially, on 2 cores) go first, so that under ``-n 2 --dist loadfile``
+# (pyproject's addopts) the last files handed out are short ones and both workers finish together.
+HEAVY_FILES = ("test_notebooks.py", "test_benchmarks.py", "test_cached_decoding.py", "test_training_runs.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in HEAVY_FILES)  # stable: file order kept otherwise
+
+
 # ------------------------------------------------------------------ shared data-test helpers
 # (after the environment above: posenc.data imports JAX; imported inside the helpers, as only the
 # data tests need it)
