@@ -1,5 +1,5 @@
 """Token geometry, low enough for every layer: ``Geometry`` (a 1D sequence, a 2D grid or a 3D
-``(t, h, w)`` grid such as video frames, plus prefix tokens), ``as_hw`` (an image size as ``(h, w)``) and ``patch_grid`` (the geometry of images cut into
+``(t, h, w)`` grid such as video frames, plus prefix tokens), ``as_hw`` (an image size as ``(h, w)``) and ``patch_grid`` (the geometry of images or clips cut into
 patches: the one place a ViT's token grid is computed, for the task and the model alike).
 
 Nothing here imports the encodings, the models or the data: they import this.
@@ -88,12 +88,19 @@ class Geometry:
     return f"{self.ndim}D {dims}" + (f" (+{self.num_prefix} prefix)" if self.num_prefix else "")
 
 
-def patch_grid(image_hw: tuple[int, int], patch_size: int, num_prefix: int = 0) -> Geometry:
-  """The tokens of an ``image_hw`` image cut into ``patch_size`` patches, after ``num_prefix`` prefix
-  tokens (a clear error if the patch doesn't divide the image)."""
-  h, w = image_hw
+def patch_grid(size, patch_size: int, num_prefix: int = 0, tubelet: int = 0) -> Geometry:
+  """The tokens of an ``(h, w)`` image cut into ``patch_size`` patches, or (``tubelet`` > 0) of a
+  ``(t, h, w)`` clip cut into tubelets of ``tubelet`` frames (ViViT), after ``num_prefix`` prefix
+  tokens; a clear error if the patch or the tubelet doesn't divide the input."""
+  *frames, h, w = size
   p = patch_size
   if h % p or w % p or h < p or w < p:
     raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}; resize or crop the "
                      f"images to multiples of {p} (e.g. {max(p, h // p * p)}x{max(p, w // p * p)}).")
-  return Geometry.grid(h // p, w // p, num_prefix=num_prefix)
+  if not tubelet:
+    return Geometry.grid(h // p, w // p, num_prefix=num_prefix)
+  (t,) = frames
+  if t % tubelet or t < tubelet:
+    raise ValueError(f"a clip of {t} frames is not divisible by the tubelet of {tubelet} frames; use "
+                     f"{max(tubelet, t // tubelet * tubelet)} frames or another tubelet.")
+  return Geometry.grid3d(t // tubelet, h // p, w // p, num_prefix=num_prefix)

@@ -5,6 +5,7 @@
     logits = vit(images)                  # images [B, H, W, C]; any H, W divisible by 4
     logits = vit(images, positions=pos)   # pos [B or 1, h*w, 2] patch coordinates (row, col)
     hybrid = ViT(..., stem=make_stem("conv"))   # 3x3 stride-2 convolutions instead of the patchify matmul
+    video = ViT(posenc="mrope", num_frames=8, tubelet=2, ...)  # clips [B, T, H, W, C]: a (t, h, w) grid
 
 The geometry (patch grid + prefix tokens) is derived statically from the
 input's shape, so each new size compiles once. Positions default to the
@@ -47,14 +48,16 @@ class ViT(Trunk):
   ``stem`` builds what maps the images to the token grid (``posenc.models.stems``): ``PatchStem``
   (the default; ``patch_embed [p, p, channels, width]``) or a ``ConvStem`` followed by a 1x1
   projection to ``width`` (``patch_embed [1, 1, its width, width]``); ``make_stem`` builds one from
-  a config's names. ``scan_layers`` (None: per backend) and ``attention_impl``: see
-  ``posenc.models.kernels``.
+  a config's names. ``num_frames`` > 0 builds a video ViT (ViViT's tubelet embedding, Arnab et al.
+  2021): clips ``[B, T, H, W, C]`` are cut into ``tubelet`` frames x ``p x p`` tubes
+  (``patch_embed [tubelet, p, p, channels, width]``), a ``(t, h, w)`` grid for 3D encodings.
+  ``scan_layers`` (None: per backend) and ``attention_impl``: see ``posenc.models.kernels``.
   """
 
   def __init__(self, *, posenc: str, rngs: nnx.Rngs, posenc_options: dict | None = None,
                num_classes: int = 10, image_size=32, patch_size: int = 4, channels: int = 3,
                width: int = 192, depth: int = 12, num_heads: int = 3, mlp_dim: int = 768,
-               stem: StemFactory = PatchStem, pool: str = "cls",
+               stem: StemFactory = PatchStem, pool: str = "cls", num_frames: int = 0, tubelet: int = 2,
                num_registers: int = 0, dropout: float = 0.0,
                attention_dropout: float = 0.0, drop_path: float = 0.0, gelu_approximate: bool = True,
                ln_eps: float = 1e-6, scan_layers: bool | None = None, attention_impl: str = "auto",
@@ -67,18 +70,25 @@ class ViT(Trunk):
                         attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype)
     self.patch_size, self.channels, self.pool = int(patch_size), int(channels), pool
     self.num_prefix = self.prefix_tokens(pool, num_registers)
+    self.num_frames, self.tubelet = int(num_frames), int(tubelet) if num_frames else 0
     self.stem = stem(self.patch_size, self.channels, width, ln_eps, dtype, param_dtype, rngs)
+    if self.num_frames and (not isinstance(self.stem, PatchStem) or self.tubelet < 1):
+      raise ValueError(f"a video ViT (num_frames={num_frames}) needs stem='patch' and a tubelet >= 1 (frames "
+                       f"per token), got stem {type(self.stem).__name__} and tubelet={tubelet}.")
     p = self.stem.embed_patch
+    shape = (self.tubelet,) * bool(self.tubelet) + (p, p, self.stem.out_channels, width)
     self.patch_embed = param(
-        jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2), out_axis=3),
-        rngs, (p, p, self.stem.out_channels, width), param_dtype, (None, None, None, "embed"))
+        jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(len(shape) - 1)),
+                                             out_axis=-1),
+        rngs, shape, param_dtype, (None,) * (len(shape) - 1) + ("embed",))
     self.patch_bias = param(jax.nn.initializers.zeros, rngs, (width,), param_dtype, ("embed",))
     self.cls_token = (param(jax.nn.initializers.zeros, rngs, (1, width), param_dtype, (None, "embed"))
                       if pool == "cls" else None)
     self.registers = (param(jax.nn.initializers.normal(0.02), rngs, (num_registers, width), param_dtype,
                             (None, "embed")) if num_registers else None)
     self._build_trunk(block, posenc=posenc, posenc_options=posenc_options,
-                      geometry=self.geometry_for(as_hw(image_size)), rngs=rngs, scan_layers=scan_layers)
+                      geometry=self.geometry_for((self.num_frames,) * bool(self.num_frames) + as_hw(image_size)),
+                      rngs=rngs, scan_layers=scan_layers)
     self.norm = layer_norm(width, ln_eps, dtype, param_dtype, rngs)
     self.head = param(jax.nn.initializers.truncated_normal(0.02), rngs, (width, num_classes), param_dtype,
                       ("embed", "vocab"))
@@ -90,24 +100,34 @@ class ViT(Trunk):
     """Tokens before the patches: the class token (``pool="cls"``) and the registers."""
     return (1 if pool == "cls" else 0) + int(num_registers)
 
-  def geometry_for(self, image_hw: tuple[int, int]) -> Geometry:
-    """The token geometry for images of size ``image_hw`` (a clear error if the patch doesn't divide it)."""
-    return patch_grid(image_hw, self.patch_size, self.num_prefix)
+  def geometry_for(self, size: tuple[int, ...]) -> Geometry:
+    """The token geometry for images ``(h, w)`` or clips ``(t, h, w)`` (a clear error if the patch or
+    the tubelet doesn't divide them)."""
+    return patch_grid(size, self.patch_size, self.num_prefix, self.tubelet)
+
+  def embed_patches(self, images: jax.Array) -> jax.Array:
+    """``images [B, H, W, C]`` (or clips ``[B, T, H, W, C]``) -> patch tokens ``[B, N, width]``, row-major."""
+    images = self.stem(images)  # its grid divides by the tube (the caller's geometry_for checked)
+    b, dt, p, c = images.shape[0], self.dtype, self.stem.embed_patch, images.shape[-1]
+    tube = (self.tubelet,) * bool(self.tubelet) + (p, p)
+    grid = [n // k for n, k in zip(images.shape[1:-1], tube)]
+    split = images.astype(dt).reshape(b, *(s for n, k in zip(grid, tube) for s in (n, k)), c)
+    order = [1 + 2 * i for i in range(len(grid))] + [2 + 2 * i for i in range(len(grid))]
+    patches = split.transpose(0, *order, split.ndim - 1).reshape(b, -1, *tube, c)
+    return dense(patches, self.patch_embed[...].astype(dt), self.patch_bias[...].astype(dt), in_dims=len(tube) + 1)
 
   def __call__(self, images: jax.Array, *, positions: jax.Array | None = None, train: bool = False) -> jax.Array:
-    """``images [B, H, W, C]`` -> float32 logits ``[B, num_classes]``; ``positions`` of the patches
-    ``[B or 1, h*w, 2]`` (default: the integer grid)."""
-    if images.ndim != 4 or images.shape[-1] != self.channels:
-      raise ValueError(f"ViT expects images [batch, height, width, {self.channels}], got shape {images.shape}.")
-    geometry = self.geometry_for(images.shape[1:3])
+    """``images [B, H, W, C]`` (a video ViT: ``[B, T, H, W, C]``) -> float32 logits ``[B, num_classes]``;
+    ``positions`` of the patches ``[B or 1, h*w, 2]`` (video: ``[B or 1, t*h*w, 3]``; default: the
+    integer grid)."""
+    want = "[batch, frames, height, width, {}]" if self.num_frames else "[batch, height, width, {}]"
+    if images.ndim != 4 + bool(self.num_frames) or images.shape[-1] != self.channels:
+      raise ValueError(f"{'a video ' if self.num_frames else ''}ViT expects "
+                       f"{'clips' if self.num_frames else 'images'} {want.format(self.channels)}, got shape {images.shape}.")
+    geometry = self.geometry_for(images.shape[1:-1])
     positions, key = self._start(positions, geometry, images.shape[0], train)
-
-    images = self.stem(images)
-    b, (h, w), dt = images.shape[0], geometry.shape, self.dtype
-    p, c = self.stem.embed_patch, images.shape[-1]
-    patches = images.astype(dt).reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = dense(patches.reshape(b, h * w, p, p, c), self.patch_embed[...].astype(dt),
-              self.patch_bias[...].astype(dt), in_dims=3)
+    b, dt = images.shape[0], self.dtype
+    x = self.embed_patches(images)
     prefix = [t[...] for t in (self.cls_token, self.registers) if t is not None]
     if prefix:
       prefix = jnp.concatenate(prefix, axis=0).astype(dt)
