@@ -48,6 +48,7 @@ from benchmarks.study_vit import ImageFamily
 from configs import algo_tiny, bert_small, gpt_tiny, vit_tiny
 from posenc.encodings import rope_scaling
 from posenc.training import train
+from posenc.training.guard import RunError
 
 
 # The published image orderings need these (RoPE-ViT: APE / Axial / Mixed; CPVT: PEG; DINOv3;
@@ -279,11 +280,16 @@ def main(argv=None) -> int:
   cells = open_cells(args.out, "quick" if args.quick else "full")
   if cells.stale:
     log(f"{cells.stale} recorded cells were measured under other settings; they are set aside")
-  for family in [] if args.report_only else families:
-    if args.encodings:
-      family = dataclasses.replace(family, encodings=tuple(e for e in family.encodings if e in args.encodings))
-    seeds = tuple(args.seeds or family.seeds or profile["seeds"])
-    family.study(seeds, cells, root, log, run)
+  try:
+    for family in [] if args.report_only else families:
+      if args.encodings:
+        family = dataclasses.replace(family, encodings=tuple(e for e in family.encodings if e in args.encodings))
+      seeds = tuple(args.seeds or family.seeds or profile["seeds"])
+      family.study(seeds, cells, root, log, run)
+  except RunError as e:  # preempted (SIGTERM: the run saved its step), a busy workdir, storage, divergence
+    print(f"{e}\nThe cells finished so far are kept in {args.out}; the same study command resumes the rest.",
+          file=sys.stderr)
+    return getattr(e, "exit_code", 1)
   all_seeds = {f.name: set(f.seeds or profile["seeds"]) for f in profile["families"]}
   if args.encodings or (args.seeds and any(set(args.seeds) != all_seeds[f.name] for f in families)):
     log("a share of the study is done; run without --seeds / --encodings for the report")

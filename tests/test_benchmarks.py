@@ -387,3 +387,23 @@ def test_longrope_row_past_the_trained_length_has_static_yarns_frequencies():
     np.testing.assert_allclose(got, want, rtol=1e-5)
   variants = {label: args for label, _, args in study.gpt_variants(64, 1024, 32)}
   assert "posenc_options.factor=16" in variants["rope+llama3"] and "long_factor=(1.0," in variants["rope+longrope"]
+
+
+def test_a_preempted_study_stops_with_one_message_and_keeps_its_cells(tmp_path, monkeypatch, capsys):
+  """SIGTERM reaches the study as the run's Preempted (its step saved): one message, exit 128 + 15."""
+  import signal
+
+  from benchmarks import study
+  from posenc.training.guard import Preempted
+
+  def preempted(family, overrides, workdir):
+    raise Preempted(f"Stopped by SIGTERM after step 7; saved {workdir}/checkpoints/7. Rerun the same command "
+                    f"to resume from it.", signal.SIGTERM)
+
+  monkeypatch.setattr(study, "run", preempted)
+  code = study.main(["--quick", "--families", "gpt", "--seeds", "0", "--workdir", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert code == 128 + signal.SIGTERM
+  assert "Traceback" not in err and "Stopped by SIGTERM after step 7" in err
+  assert f"The cells finished so far are kept in {tmp_path / 'out'}; the same study command resumes" in err
