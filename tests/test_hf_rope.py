@@ -153,7 +153,7 @@ def test_per_layer_types_as_transformers_reads_them():
 def test_unknown_types_and_keys_are_clear_errors_never_dropped():
   with pytest.raises(ConfigError, match="'su'.*choose one of"):
     hf_rope.from_hf({"rope_scaling": {"type": "su", "factor": 2.0}})
-  with pytest.raises(ConfigError, match=r"\['mrope_section'\]"):
+  with pytest.raises(ConfigError, match=r"M-RoPE \(mrope_section\) with rope type 'yarn' and key\(s\) \['factor'\]"):
     hf_rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mrope_section": [2, 2]}})
   with pytest.raises(ConfigError, match="only in the 'rope_parameters' dialect"):
     hf_rope.to_hf(hf_rope.from_hf(PER_LAYER), "legacy")
@@ -204,3 +204,27 @@ def test_layer_schedules_hf_cannot_hold_are_clear_errors():
     hf_rope.from_hf({**PER_LAYER, "no_rope_layer_interval": 4})
   assert hf_rope.to_hf({"scaling": "none", "nope_every": 3}) == {"rope_parameters": {"rope_type": "default"},
                                                                  "no_rope_layer_interval": 3}
+
+
+QWEN2_VL_HUB = {"rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+QWEN3_VL = {"rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True}}
+
+
+@pytest.mark.parametrize("config,cls", [(QWEN2_VL_HUB, "Qwen2VLTextConfig"), (QWEN3_VL, "Qwen3VLTextConfig")],
+                         ids=["qwen2-vl", "qwen3-vl"])
+def test_mrope_configs_read_into_mrope_options_and_round_trip(config, cls):
+  """Qwen2-VL's hub config (legacy ``type: mrope``) and Qwen3-VL's interleaved one: posenc's
+  ``mrope`` options, written back as read and as transformers standardises them."""
+  name, options = hf_rope.encoding_from_hf(copy.deepcopy(config))
+  section = (config.get("rope_scaling") or config.get("rope_parameters"))["mrope_section"]
+  assert name == "mrope" and options["mrope_section"] == section
+  assert hf_rope.to_hf(options, hf_rope.dialect_of(config)) == config
+  hf = dict(getattr(transformers, cls)(**copy.deepcopy(config)).rope_parameters)
+  hf.pop("type", None)
+  assert hf_rope.to_hf(options) == {"rope_parameters": hf}
+  assert hf_rope.from_hf({"rope_parameters": hf}) == options
+  enc = make(name, dim=256, num_heads=2, **options)  # head_dim 128: 64 pairs
+  assert tuple(enc.options.mrope_section) == tuple(options["mrope_section"])
+  assert hf_rope.encoding_from_hf({"rope_theta": 10000.0, "rope_scaling": None}) == ("rope", {"scaling": "none",
+                                                                                           "theta": 10000.0})

@@ -26,6 +26,11 @@ back ``c``'s rope keys exactly. The types map as:
 | ``proportional`` | ``none``, or ``linear`` with ``factor``; and ``frequency_fraction`` (p-RoPE) |
   ``partial_rotary_factor`` -> ``frequency_fraction``, ``factor`` |
 
+M-RoPE (Qwen2-VL, Qwen3-VL) is a ``mrope_section`` beside type ``default`` (``mrope`` in the hub's
+``rope_scaling``, which ``to_hf`` writes in the older dialects): it reads into posenc ``mrope``
+options (``theta``, ``mrope_section``, ``mrope_interleaved``); ``encoding_from_hf`` says which
+encoding a config's options are for.
+
 ``rope_theta`` is ``theta``; elsewhere HF's ``partial_rotary_factor`` (rotate the first fraction of
 each head over the whole spectrum) keeps its name. ``proportional`` options always hold the key
 ``frequency_fraction`` (None where HF's ``partial_rotary_factor`` is missing, HF's 1.0), which is
@@ -123,8 +128,22 @@ def _layer_types(params: dict) -> bool:
                               for v in params.values())
 
 
+MROPE_KEYS = {"rope_theta": "theta", "mrope_section": "mrope_section", "mrope_interleaved": "mrope_interleaved"}
+
+
+def _mrope_options(rope: dict, where: str) -> dict:
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  unknown = sorted(set(rope) - set(MROPE_KEYS) - {"rope_type", "type"})
+  if rope_type not in ("default", "mrope") or unknown:
+    raise ConfigError(f"{where}: M-RoPE (mrope_section) with rope type {rope_type!r} and key(s) {unknown}: posenc's "
+                      f"mrope reads type 'default' or 'mrope' with {sorted(MROPE_KEYS)}.")
+  return {MROPE_KEYS[k]: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in rope.items() if k in MROPE_KEYS}
+
+
 def _options(rope: dict, where: str, max_position_embeddings: int | None = None,
              original_max: int | None = None) -> dict:
+  if "mrope_section" in rope:
+    return _mrope_options(rope, where)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in KEYS:
     raise ConfigError(f"{where}: rope type {rope_type!r} is not one posenc implements; "
@@ -171,7 +190,20 @@ def from_hf(config: dict, max_position_embeddings: int | None = None) -> dict:
   return _options(rope, "rope_scaling", max_position_embeddings, original_max) | schedule
 
 
+def encoding_from_hf(config: dict, max_position_embeddings: int | None = None) -> tuple[str, dict]:
+  """``(encoding name, options)`` for an HF config: ``"mrope"`` where it has an ``mrope_section``,
+  else ``"rope"`` (``from_hf``'s options, per layer type where the config has them)."""
+  options = from_hf(config, max_position_embeddings)
+  return ("mrope" if "mrope_section" in options else "rope"), options
+
+
 def _hf_keys(options: dict) -> dict:
+  if "mrope_section" in options:
+    names = {v: k for k, v in MROPE_KEYS.items()}
+    stray = sorted(set(options) - set(names))
+    if stray:
+      raise ConfigError(f"mrope option(s) {stray} have no key in HF's M-RoPE; it writes {sorted(MROPE_KEYS)}.")
+    return {"rope_type": "default", **{names[k]: v for k, v in options.items()}}
   scaling = options.get("scaling", "none")
   if "frequency_fraction" in options:
     if scaling not in ("none", "linear"):
@@ -211,6 +243,8 @@ def _rope_keys(options: dict, dialect: str) -> dict:
   keys = _hf_keys(options)
   if dialect == "rope_parameters":
     return {"rope_parameters": keys}
+  if "mrope_section" in keys:
+    keys["rope_type"] = "mrope"  # as Qwen2-VL's config.json on the hub writes it
   out = {k: keys.pop(k) for k in list(keys) if k in COMMON}
   if keys["rope_type"] == "default" and len(keys) == 1:
     out["rope_scaling"] = None
