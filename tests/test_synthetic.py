@@ -13,7 +13,7 @@ from posenc.data import synthetic
 from posenc.training import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"vit_tiny": "eval_image_sizes=(14,56)", "bert_small": "max_len=32",
+CONFIGS = {"vit_tiny": "eval_image_sizes=(14,56)", "bert_small": "max_len=32", "video_tiny": "eval_num_frames=(4,)",
            "gpt_tiny": "max_len=32,eval_lengths=(64,),eval_stride=16"}
 
 

@@ -47,7 +47,7 @@ def test_every_preset_builds_a_valid_run(name):
 
 
 CONFIGS = {"vit_tiny": "image_classification", "bert_small": "masked_lm", "gpt_tiny": "causal_lm",
-           "algo_tiny": "algorithmic"}
+           "algo_tiny": "algorithmic", "video_tiny": "video_motion"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -32,6 +32,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, lab
   return stats["loss_sum"] / jnp.maximum(stats["count"], 1.0), stats
 
 
+
+def classify(model, batch: Batch, *, train: bool, position_scale: float = 1.0, label_smoothing: float = 0.0
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """A ViT's ``cross_entropy`` on ``batch["image"]`` (images, or clips for a video ViT), the positions
+  of its patches scaled by ``position_scale`` (position interpolation)."""
+  inputs = batch["image"]
+  positions = None
+  if position_scale != 1.0:
+    positions = model.geometry_for(inputs.shape[1:-1]).positions() * position_scale
+  logits = model(inputs, positions=positions, train=train)
+  return cross_entropy(logits, batch["label"], batch["valid"].astype(logits.dtype), label_smoothing)
+
 class Task(abc.ABC):
   """One kind of training problem. Subclasses set the class attributes and override the methods."""
 

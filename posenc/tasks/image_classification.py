@@ -19,7 +19,7 @@ from posenc.config import ConfigError
 from posenc.config_fields import (BOOL, INT, NUMBER, SIZE, SIZES, STR, TUPLE, Field, Rule, at_least,
                                   greater, one_of)
 from posenc.geometry import Geometry, as_hw, patch_grid
-from posenc.tasks.base import Task, build_model, cross_entropy, dataset_info
+from posenc.tasks.base import Task, build_model, classify, dataset_info
 
 
 def _crop_scale(v) -> bool:
@@ -140,12 +140,7 @@ class ImageClassification(Task):
     return config.object_size or config.image_size
 
   def forward(self, model, batch, *, train, position_scale=1.0, label_smoothing=0.0):
-    images = batch["image"]
-    positions = None
-    if position_scale != 1.0:
-      positions = model.geometry_for(images.shape[1:3]).positions() * position_scale
-    logits = model(images, positions=positions, train=train)
-    return cross_entropy(logits, batch["label"], batch["valid"].astype(logits.dtype), label_smoothing)
+    return classify(model, batch, train=train, position_scale=position_scale, label_smoothing=label_smoothing)
 
   def items(self, batch) -> int:
     return int(batch["label"].size)
