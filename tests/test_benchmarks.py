@@ -306,6 +306,24 @@ def test_bias_sharing_quick_prints_one_row_per_case(speed_env):
 
 
 @pytest.mark.slow
+def test_step_profile_quick_attributes_every_thunk_to_a_part_of_the_step(speed_env, tmp_path):
+  """The trace's thunks are found in the compiled module and sorted into the step's parts: the
+  matmuls and attention products in the forward and the backward pass, the update after them."""
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.step_profile", "--quick", "--steps", "2",
+                         "--out", str(tmp_path)], cwd=ROOT, env=speed_env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads((tmp_path / "step_profile.json").read_text())
+  parts = result["categories"]
+  for name in ("projection and MLP matmuls", "attention products (QKᵀ, PV, and what XLA fuses into them)"):
+    assert parts[name]["forward"] > 0 and parts[name]["backward"] > 0, parts
+  assert parts["optimizer update, gradient norm, finiteness"]["update"] > 0, parts
+  assert "other elementwise and reductions" not in parts, parts  # every thunk of the ViT step has its place
+  assert result["thunks"] > 20 and all(r["seconds"] > 0 for r in result["top"])
+  (table, top) = tables(proc.stdout)
+  assert len(table) == 1 + len(parts) and len(top) == 1 + len(result["top"])
+
+
+@pytest.mark.slow
 def test_study_quick_tables_follow_from_its_cells(study_run):
   first, again, root = study_run
   markdown = (root / "out" / "study.md").read_text()  # the second run's report
