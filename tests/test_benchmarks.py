@@ -324,6 +324,20 @@ def test_step_profile_quick_attributes_every_thunk_to_a_part_of_the_step(speed_e
 
 
 @pytest.mark.slow
+def test_loop_time_quick_reports_the_runs_own_phases(speed_env, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.loop_time", "--quick", "--out", str(tmp_path)],
+                        cwd=ROOT, env=speed_env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads((tmp_path / "loop_time.json").read_text())
+  p = result["phases"]
+  assert result["steps"] == 5 and set(p) == {"total", "steps", "data", "logging", "evaluation", "checkpoints"}
+  assert p["evaluation"] > 0 and abs(sum(v for k, v in p.items() if k != "total") - p["total"]) < 1e-6
+  assert result["host_share_of_steps"] == pytest.approx((p["data"] + p["logging"] + p["checkpoints"]) / p["steps"])
+  (table,) = tables(proc.stdout)
+  assert [row[0] for row in table[1:]] == ["steps", "data", "logging", "checkpoints", "evaluation", "all"]
+
+
+@pytest.mark.slow
 def test_study_quick_tables_follow_from_its_cells(study_run):
   first, again, root = study_run
   markdown = (root / "out" / "study.md").read_text()  # the second run's report

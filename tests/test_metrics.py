@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
-from conftest import REPO
+from conftest import REPO, load_config
+from posenc.training import setup, train
 from posenc.training.metrics import MetricLogger, read_history
 
 
@@ -68,3 +70,26 @@ def test_writing_events_imports_neither_torch_nor_tensorflow(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "[]"
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_the_loop_clock_puts_a_slow_input_pipeline_in_its_data_share(tmp_path, capsys):
+  """Each batch after the first (compiling) step waits 0.2 s for its data: the loop's record of where
+  its time went puts at least that in ``data``, and the phases add up to its wall time."""
+  run = setup(load_config("vit_tiny", "model_options.width=16,model_options.depth=1,model_options.num_heads=2,"
+                                      "model_options.mlp_dim=32,batch_size=16,eval_batch_size=64,eval_max_batches=1,"
+                                      "total_steps=6,warmup_steps=1,log_every=2,eval_every=3,checkpoint_every=3"))
+  loader = run.loader
+
+  def slow_loader(split, *, train, size=None):
+    batches = loader(split, train=train, size=size)
+    return batches.map(lambda b: (time.sleep(0.2), b)[1]) if train else batches
+
+  run.loader = slow_loader
+  train(run, str(tmp_path))
+  (clock,) = [r for r in read_history(str(tmp_path / "metrics.jsonl")) if "loop_time/total_s" in r]
+  phases = {k.split("/")[1][:-2]: v for k, v in clock.items() if k.startswith("loop_time/") and k != "loop_time/total_s"}
+  assert set(phases) == {"steps", "data", "logging", "evaluation", "checkpoints"}
+  assert phases["data"] >= 5 * 0.2 and phases["evaluation"] > 0 and phases["checkpoints"] > 0
+  assert min(phases.values()) >= 0
+  assert abs(sum(phases.values()) - clock["loop_time/total_s"]) < 1e-6
+  assert "loop time after the first step:" in capsys.readouterr().out

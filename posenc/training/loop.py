@@ -26,7 +26,7 @@ from posenc.training import sharding
 from posenc.training.checkpoint import Checkpointer, CheckpointError
 from posenc.training.guard import (DivergenceWatch, Interrupts, Preempted, RunError, WorkdirLock, os_error_in,
                                    silenced_stderr, storage_error)
-from posenc.training.metrics import MetricLogger
+from posenc.training.metrics import LoopClock, MetricLogger
 from posenc.training.run import Run, check_resume, setup
 from posenc.training.state import count_params
 
@@ -208,9 +208,11 @@ def _loop(run: Run, state: dict, step: int, ckpt: Checkpointer, log: MetricLogge
             f"parameters; mesh {', '.join(f'{a}={n}' for a, n in zip(run.mesh.axis_names, run.mesh_shape))} over "
             f"{jax.device_count()} device(s), {jax.process_count()} process(es); steps {step} -> {c.total_steps}")
   pending, results, last_loss = [], {}, None
+  clock = LoopClock()
   every = lambda n: bool(n) and step % n == 0  # noqa: E731
   while step < c.total_steps:
-    batch = next(train_iter)
+    with clock.phase("data"):
+      batch = next(train_iter)
     log.items = (run.task.ITEMS, run.task.items(batch) * jax.process_count())
     state, metrics = run.train_step(state, sharding.global_batch(batch, run.batch_sharding))
     step += 1
@@ -219,25 +221,30 @@ def _loop(run: Run, state: dict, step: int, ckpt: Checkpointer, log: MetricLogge
     if len(pending) == 1 and not log.started:
       jax.block_until_ready(metrics)  # compiled: start the clock for steps/s and ETA
       log.restart_clock(step - 1)
+      clock.begin()
     log.advance(step)
     signum = _agreed(interrupts.signum)
     last = step == c.total_steps
     do_eval = (last or every(c.eval_every)) and signum is None
     do_save = do_eval or every(c.checkpoint_every) or signum is not None
     if pending and (do_save or every(c.log_every)):
-      host = _check_loss(pending, c, watch, saved, ckpt)
-      last_loss = float(host[-1]["loss"])
-      keys = [k for k in host[0] if k != "finite"]
-      _write(lambda: log.log(pending[-1][0], {k: float(np.mean([m[k] for m in host])) for k in keys}, "train"),
-             "metrics.jsonl", ckpt, saved)
-      pending.clear()
+      jax.block_until_ready(pending[-1][1])  # the steps' own time, not the logging's
+      with clock.phase("logging"):
+        host = _check_loss(pending, c, watch, saved, ckpt)
+        last_loss = float(host[-1]["loss"])
+        keys = [k for k in host[0] if k != "finite"]
+        _write(lambda: log.log(pending[-1][0], {k: float(np.mean([m[k] for m in host])) for k in keys}, "train"),
+               "metrics.jsonl", ckpt, saved)
+        pending.clear()
     if do_eval:
-      results = evaluate(run, state, eval_split)
-      _write(lambda: log.log(step, results, eval_split), "metrics.jsonl", ckpt, saved)
+      with clock.phase("evaluation"):
+        results = evaluate(run, state, eval_split)
+        _write(lambda: log.log(step, results, eval_split), "metrics.jsonl", ckpt, saved)
     if do_save:
       meta = {**run.meta, "train_loss": last_loss}
-      _write(lambda: ckpt.save(step, state, train_iter, meta, metrics=results if do_eval else None),
-             "a checkpoint", ckpt, saved)
+      with clock.phase("checkpoints"):
+        _write(lambda: ckpt.save(step, state, train_iter, meta, metrics=results if do_eval else None),
+               "a checkpoint", ckpt, saved)
       if signum is not None:  # preempted: this step's checkpoint, complete, then stop
         interrupts.saving = True
         _write(ckpt.wait, "a checkpoint", ckpt, saved)
@@ -250,8 +257,10 @@ def _loop(run: Run, state: dict, step: int, ckpt: Checkpointer, log: MetricLogge
       log.restart_clock(step)  # steps/s counts training only
   if pending:
     _check_loss(pending, c, watch, saved, ckpt)
+  if timing := clock.summary():
+    _write(lambda: log.log(step, timing, "loop_time", quiet=True), "metrics.jsonl", ckpt, saved)
+    log.print(f"loop time after the first step: {timing['total_s']:.1f} s; {LoopClock.shares(timing)}")
   return results
-
 
 def _write(action, what: str, ckpt: Checkpointer | None, saved: dict):
   """``action()``, its storage failures (also from Orbax's writer threads) one ``StorageError``."""

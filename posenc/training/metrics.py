@@ -8,6 +8,7 @@ first write, so a run that fails before writing anything leaves none behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -69,7 +70,8 @@ class MetricLogger:
   def restart_clock(self, step: int) -> None:
     self._last = (step, time.perf_counter())
 
-  def log(self, step: int, metrics: dict[str, float], prefix: str) -> None:
+  def log(self, step: int, metrics: dict[str, float], prefix: str, *, quiet: bool = False) -> None:
+    """Write ``metrics`` as ``<prefix>/<name>``; a record other than "train" is also printed unless ``quiet``."""
     if not self.enabled:
       return
     record = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -84,7 +86,7 @@ class MetricLogger:
       self._last = (step, now)
       if self._bar is not None:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-    else:
+    elif not quiet:
       self.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
     jsonl, tb = self._sinks()
     for k, v in record.items():
@@ -99,6 +101,45 @@ class MetricLogger:
       if self._jsonl is not None:
         self._tb.close()
         self._jsonl.close()
+
+
+class LoopClock:
+  """Wall seconds of the training loop by phase, from the end of its first (compiling) step:
+  ``data`` waits for the next batch, ``logging`` copies metrics to the host (after the steps they
+  come from have finished) and writes them, ``evaluation`` and ``checkpoints`` (a save's blocking
+  part: Orbax writes asynchronously); ``steps`` is the rest: dispatching steps and waiting for them."""
+
+  PHASES = ("data", "logging", "evaluation", "checkpoints")
+
+  def __init__(self):
+    self.seconds = dict.fromkeys(self.PHASES, 0.0)
+    self.start: float | None = None
+
+  def begin(self) -> None:
+    self.start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self.start is not None:
+        self.seconds[name] += time.perf_counter() - start
+
+  def summary(self) -> dict[str, float]:
+    """Seconds per phase (``steps`` included) and in all (``total``); empty before ``begin``."""
+    if self.start is None:
+      return {}
+    total = time.perf_counter() - self.start
+    return {"total_s": total, "steps_s": total - sum(self.seconds.values()),
+            **{f"{p}_s": s for p, s in self.seconds.items()}}
+
+  @staticmethod
+  def shares(summary: dict[str, float]) -> str:
+    """``summary`` as shares of the loop's wall time, for the console."""
+    total = summary["total_s"]
+    return ", ".join(f"{k[:-2]} {v / total:.1%}" for k, v in summary.items() if k != "total_s" and total > 0)
 
 
 def read_history(path: str) -> list[dict]:
