@@ -41,21 +41,23 @@ def measure(config_arg: str) -> dict:
               checkpoint_every=c.checkpoint_every, phases=phases, host_share_of_steps=host / phases["steps"])
 
 
-def markdown(result: dict, command: str) -> str:
-  p = result["phases"]
-  total = p["total"]
-  lines = [f"# Where a training run's time goes: `{result['config']}`", "",
-           f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-           *(f"- {line}" for line in timing.machine_lines()), "",
-           f"{result['steps']:,} steps after the first (compiling) one; evaluation every {result['eval_every']}, "
-           f"logs every {result['log_every']}, checkpoints every {result['checkpoint_every']} steps.", "",
+def table(result: dict) -> list[str]:
+  """The run's phases (what RESULTS.md shows), after a line on the run."""
+  p, steps = result["phases"], result["steps"]
+  lines = [f"{steps:,} steps after the first (compiling) one; evaluation every {result['eval_every']}, logs every "
+           f"{result['log_every']}, checkpoints every {result['checkpoint_every']} steps.", "",
            "| phase | seconds | share of the loop | per step, ms |", "|---|---:|---:|---:|"]
-  for name in ("steps", "data", "logging", "checkpoints", "evaluation"):
-    lines.append(f"| {name} | {p[name]:,.1f} | {p[name] / total:.1%} | {p[name] / result['steps'] * 1e3:,.1f} |")
-  lines += [f"| all | {total:,.1f} | 100% | {total / result['steps'] * 1e3:,.1f} |", "",
-            f"Host work around the steps (data + logging + checkpoints) is {result['host_share_of_steps']:.1%} of "
-            "the steps' own time."]
-  return "\n".join(lines) + "\n"
+  for name in ("steps", "data", "logging", "checkpoints", "evaluation", "total"):
+    lines.append(f"| {'all' if name == 'total' else name} | {p[name]:,.1f} | {p[name] / p['total']:.1%} | "
+                 f"{p[name] / steps * 1e3:,.1f} |")
+  return lines + ["", f"Host work around the steps (data + logging + checkpoints): {result['host_share_of_steps']:.1%} "
+                  "of the steps' own time."]
+
+
+def markdown(result: dict, command: str) -> str:
+  return "\n".join([f"# Where a training run's time goes: `{result['config']}`", "",
+                    f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+                    *(f"- {line}" for line in result["machine"]), "", *table(result)]) + "\n"
 
 
 def main(argv=None) -> None:
@@ -65,8 +67,9 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=DEFAULT_OUT, help="directory for loop_time.md and loop_time.json")
   args = parser.parse_args(argv)
   config_arg = args.config + ((":" if ":" not in args.config else ",") + QUICK if args.quick else "")
+  machine = timing.machine_lines()  # the load before measuring
   result = measure(config_arg)
-  result["machine"] = timing.machine_lines()
+  result["machine"] = machine
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "loop_time.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -18,7 +18,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks import speed_headline, speed_report, study, study_report, study_stats, study_tables
+from benchmarks import (loop_time, speed_headline, speed_report, step_profile, study, study_report, study_stats,
+                        study_tables)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TEMPLATE = os.path.join(ROOT, "benchmarks", "RESULTS.template.md")
@@ -33,7 +34,7 @@ def load_records(results_dir: str = RESULTS) -> dict:
   records = dict(study=study.collect("full", cells), raw_cells=[])
   with open(os.path.join(results_dir, "study_cells.jsonl"), encoding="utf-8") as f:
     records["raw_cells"] = [json.loads(line) for line in f if line.strip()]
-  for name in ("speed", "speed_gpu"):
+  for name in ("speed", "speed_gpu", "step_profile", "loop_time"):
     path = os.path.join(results_dir, f"{name}.json")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
@@ -126,6 +127,13 @@ def namespace(records: dict) -> dict:
     cpus = sorted({f"{r['cpu']}, {r['cores']} cores" for r in rows})
     return "\n".join(lines) + f"\n\nMachine: {'; '.join(cpus)}."
 
+  def recorded(name, table):
+    """``table(record)``'s lines for results/<name>.json, after the machine it was measured on."""
+    if name not in records:
+      return f"(no `results/{name}.json` recorded)"
+    machine = "; ".join(line for line in records[name]["machine"] if not line.startswith(("XLA_FLAGS", "JAX ")))
+    return "\n".join(table(records[name])) + f"\n\nMachine: {machine}."
+
   def seeds(family, label=None):
     found = sorted({c["seed"] for c in cells if c["family"] == family and label in (None, c["posenc"])})
     return ", ".join(map(str, found))
@@ -154,6 +162,8 @@ def namespace(records: dict) -> dict:
 
   return dict(mean=mean, diff=diff, resolved=resolved, compare=compare, order=order, seeds=seeds, tables=tables,
               speed_summary=speed_summary, tree_compare=tree_compare,
+              step_profile=lambda: recorded("step_profile", step_profile.table),
+              loop_time=lambda: recorded("loop_time", loop_time.table),
               baseline=baseline, protocol_table=protocol_table, records=records, statistics=statistics)
 
 

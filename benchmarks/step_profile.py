@@ -193,12 +193,10 @@ def profile(config, steps: int) -> dict:
               top=[dict(seconds=s, name=n, category=c, part=p, ops=o) for s, n, c, p, o in top[:15]])
 
 
-def markdown(result: dict, title: str, command: str) -> str:
+def table(result: dict) -> list[str]:
+  """The step's thunk time by part and pass (what RESULTS.md shows), after a line on what was measured."""
   total = sum(sum(v.values()) for v in result["categories"].values())
-  lines = [f"# Where the train step's time goes: {title}", "",
-           f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-           *(f"- {line}" for line in timing.machine_lines()), "",
-           f"Median step, untraced: {result['step_s'] * 1e3:,.0f} ms. Thunk time per step (traced, "
+  lines = [f"Median step, untraced: {result['step_s'] * 1e3:,.0f} ms. Thunk time per step (traced, "
            f"{result['steps']} steps, {result['thunks']} thunks): {total * 1e3:,.0f} ms; thunks may overlap on "
            "the intra-op threads, and what the step spends outside them (the executor, waits) is the rest.", "",
            "| where | forward ms | backward ms | update ms | total ms | share of thunk time |",
@@ -207,6 +205,13 @@ def markdown(result: dict, title: str, command: str) -> str:
     t = sum(parts.values())
     lines.append(f"| {category} | " + " | ".join(f"{parts.get(p, 0) * 1e3:,.1f}" for p in ("forward", "backward", "update"))
                  + f" | {t * 1e3:,.1f} | {t / total:.0%} |")
+  return lines
+
+
+def markdown(result: dict, title: str, command: str) -> str:
+  lines = [f"# Where the train step's time goes: {title}", "",
+           f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+           *(f"- {line}" for line in result["machine"]), "", *table(result)]
   lines += ["", "The 15 slowest thunks:", "", "| thunk | where | part | ms per step | fuses |", "|---|---|---|---:|---|"]
   lines += [f"| `{r['name']}` | {r['category']} | {r['part']} | {r['seconds'] * 1e3:,.1f} | {', '.join(r['ops'])} |"
             for r in result["top"]]
@@ -225,11 +230,13 @@ def main(argv=None) -> None:
   config = vit_config(p, args.posenc, size, batch, model)
   if args.quick:
     config.model_options.update(TINY)
+  machine = timing.machine_lines()  # the load before measuring
   result = profile(config, args.steps)
   title = f"`{model}`/{p.patch} {size} px, batch {batch}, `{args.posenc}`, {p.dtype}"
+  result.update(title=title, machine=machine)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "step_profile.json"), "w") as f:
-    json.dump(dict(result, title=title, machine=timing.machine_lines()), f, indent=1)
+    json.dump(result, f, indent=1)
   command = "python -m benchmarks.step_profile" + (" --quick" if args.quick else "")
   text = markdown(result, title, command)
   with open(os.path.join(args.out, "step_profile.md"), "w") as f:
