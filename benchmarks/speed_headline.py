@@ -59,7 +59,8 @@ def headline(section: dict, goals: dict | None, dataset: str | None = None) -> l
   if not groups:
     return []
   if section.get("timm"):
-    timm_line = (f"timm: {section['timm']}, on {section['device']}"
+    timm_line = (f"timm: {section['timm']}, on {section['device']}, timed in-process beside the JAX contenders "
+                 "(torch's threads and XLA's share the cores)"
                  + (f" with {section['threads']} torch threads "
                     + (f"(= the host's {section['cores']} cores)" if section["threads"] == section["cores"] else
                        f"(`--torch-threads`; the host has {section['cores']} cores)")
