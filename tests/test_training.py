@@ -207,3 +207,27 @@ def test_late_shard_reads_of_a_damaged_checkpoint_print_no_traceback(caplog):
   assert errors() == []
   fail_with("something else")
   assert errors() == ["something else"]
+
+
+def test_collected_reads_of_a_damaged_checkpoint_print_no_traceback(monkeypatch):
+  """The same abandoned reads, when Python collects their coroutines (at exit, or in the garbage
+  collector), reach ``sys.unraisablehook`` ("Exception ignored in ..."): dropped; others are not."""
+  import types
+  seen = []
+  monkeypatch.setattr(ckpt_lib, "_PREVIOUS_UNRAISABLEHOOK", seen.append)
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  async def another_coroutine():
+    pass
+
+  for fn, message in ((_read_array_index_and_device_put, "Encountered error while reading array index: (...)"),
+                      (another_coroutine, "Encountered error while reading array index: (...)"),
+                      (_read_array_index_and_device_put, "something else")):
+    coroutine = fn()
+    ckpt_lib._drop_abandoned_reads(types.SimpleNamespace(exc_value=Exception(message), object=coroutine))
+    coroutine.close()
+  assert [(u.object.__qualname__.rsplit(".", 1)[-1], str(u.exc_value)) for u in seen] == [
+      ("another_coroutine", "Encountered error while reading array index: (...)"),
+      ("_read_array_index_and_device_put", "something else")]

@@ -23,6 +23,7 @@ import functools
 import logging as py_logging
 import os
 import shutil
+import sys
 import time
 from typing import Callable
 
@@ -93,8 +94,22 @@ class _StorageFailures(py_logging.Filter):
     return "thread (save_finalize) failed" not in record.getMessage()
 
 
+def _drop_abandoned_reads(unraisable) -> None:
+  """``sys.unraisablehook`` that drops what ``_DroppedShardReads`` drops when it reaches Python as an
+  "Exception ignored in" a collected read coroutine (at exit, or when the garbage collector closes
+  it); anything else goes to the hook that was installed before."""
+  error, obj = unraisable.exc_value, unraisable.object
+  if not ("_read_array_index" in getattr(obj, "__qualname__", "") and "Encountered error while reading array"
+          in str(error)):
+    _PREVIOUS_UNRAISABLEHOOK(unraisable)
+
+
+_PREVIOUS_UNRAISABLEHOOK = sys.unraisablehook
+
+
 @functools.cache
 def _register_array_handler() -> None:
+  sys.unraisablehook = _drop_abandoned_reads
   for logger in ("asyncio", "concurrent.futures"):
     py_logging.getLogger(logger).addFilter(_DroppedShardReads())
   py_logging.getLogger("absl").addFilter(_StorageFailures())
