@@ -196,8 +196,7 @@ class _BlockRotary(_LearnedRotary):
     gens = _block_generators(self._at(self.generators, layer), self.head_dim, self.ndim, self.block,
                              self.commuting)
     pos = jnp.pad(pos, ((0, 0), (num_prefix, 0), (0, 0)))  # a prefix token at 0 turns by expm(0) = I
-    rot = lr.generator_rotations(gens, pos)
-    rot = jnp.broadcast_to(rot, (q.shape[0], *rot.shape[1:]))
+    rot = lr.generator_rotations(gens, pos)  # [1, N, ...] for the batch's shared positions
     order = lr.pair_order(self.head_dim, self.ndim)
     return lr.apply_block_rotations(q, rot, order), lr.apply_block_rotations(k, rot, order)
 

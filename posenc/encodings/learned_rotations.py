@@ -129,11 +129,16 @@ def expm(a: jax.Array, order: int = 10) -> jax.Array:
 
 def apply_block_rotations(x: jax.Array, rotations: jax.Array, order: np.ndarray) -> jax.Array:
   """``x [B, N, H, Dh]`` turned by block rotations ``[B or 1, N, H, nb, b, b]`` that act in pair
-  order ``order``; returned in ``x``'s layout and dtype."""
+  order ``order``; returned in ``x``'s layout and dtype. One set of rotations for the whole batch is
+  one matmul per (token, head, block) over the batch, never broadcast into B * N * H * nb matvecs."""
   *lead, head_dim = x.shape
   nb, b = rotations.shape[-3], rotations.shape[-1]
   y = x.astype(jnp.float32)[..., order].reshape(*lead, nb, b)
-  y = jnp.einsum("...kij,...kj->...ki", rotations, y, precision=HIGHEST).reshape(*lead, head_dim)
+  if rotations.shape[0] == 1:
+    y = jnp.einsum("nhkij,bnhkj->bnhki", rotations[0], y, precision=HIGHEST)
+  else:
+    y = jnp.einsum("bnhkij,bnhkj->bnhki", rotations, y, precision=HIGHEST)
+  y = y.reshape(*lead, head_dim)
   return y[..., np.argsort(order)].astype(x.dtype)
 
 
