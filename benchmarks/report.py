@@ -127,6 +127,23 @@ def namespace(records: dict) -> dict:
     cpus = sorted({f"{r['cpu']}, {r['cores']} cores" for r in rows})
     return "\n".join(lines) + f"\n\nMachine: {'; '.join(cpus)}."
 
+  def overhead(family, size, names, name="speed"):
+    """Step time of each of ``names`` against `none` at ``size`` in results/<name>.json (timed in the same
+    interleaved rounds): one row per encoding."""
+    if name not in records:
+      return f"(no `results/{name}.json` recorded)"
+    groups = [g for g in speed_report.from_json(records[name]).get(family, []) if g["size"] == size]
+    if not groups:
+      return f"(no {family} group at {size} in `results/{name}.json`)"
+    (g,) = groups
+    none = speed_headline.find_entry(g, "none")
+    lines = ["| posenc | step ms | vs `none` |", "|---|---:|---:|"]
+    for label in names:
+      e = speed_headline.find_entry(g, label)
+      lines.append(f"| `{label}` | " + ("not timed | — |" if e is None else
+                   f"{1e3 * e.seconds:,.0f} | {100 * (e.seconds / none.seconds - 1):+.0f}% |"))
+    return "\n".join(lines)
+
   def recorded(name, table):
     """``table(record)``'s lines for results/<name>.json, after the machine it was measured on."""
     if name not in records:
@@ -162,7 +179,7 @@ def namespace(records: dict) -> dict:
 
   return dict(mean=mean, diff=diff, resolved=resolved, compare=compare, order=order, seeds=seeds, tables=tables,
               speed_summary=speed_summary, tree_compare=tree_compare,
-              step_profile=lambda: recorded("step_profile", step_profile.table),
+              overhead=overhead, step_profile=lambda: recorded("step_profile", step_profile.table),
               loop_time=lambda: recorded("loop_time", loop_time.table),
               baseline=baseline, protocol_table=protocol_table, records=records, statistics=statistics)
 
