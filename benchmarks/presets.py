@@ -85,7 +85,7 @@ def final_metrics(workdir: str, results: dict) -> tuple[dict, str]:
     if line["step"] == last["step"]:
       for key, value in line.items():
         split, _, name = key.partition("/")
-        if name and split != "train":
+        if name and split not in ("train", "loop_time"):  # loop_time: where the run's time went, not a split
           out.setdefault(split, {})[name] = value
   final = next(iter(k for k in last if "/" in k)).split("/")[0]
   out[final] = {k: float(v) for k, v in results.items()}  # train()'s return: the numbers of its last line
